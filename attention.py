@@ -1,0 +1,131 @@
+"""Per-tap attention branch and attention classifier (paper Sec. 3.2, Fig. 2), and their trainers.
+
+For a feature map k_i taken from the backbone at tap i:
+
+* ``f_att`` gives attention logits Z_i with one channel per attribute; a spatial softmax over the
+  H*W positions of every (sample, attribute) turns them into maps A_i that each sum to 1.
+* the confidence conv gives S_i = sigmoid(Conv1x1_C(k_i)).
+* the attended features A_i * S_i (C channels, H x W) go through ``f_cls`` (called ``fsr`` in the
+  authors' code) to give the tap's attribute logits y_ai.
+
+The blocks keep the authors' module boundaries (``fatt``, ``fconv``, ``fsr``) so that every module can
+have its own ``gluon.Trainer`` and its weights can be written to and read from the authors'
+``saved_models/*_stage_N.params`` files (see ``checkpoints.py``).
+"""
+import mxnet as mx
+from mxnet import gluon
+from mxnet.gluon import nn
+
+# SPEC 3: every head weight is Xavier(gaussian, "in", 2); biases start at zero.
+HEAD_INIT = mx.init.Xavier(rnd_type='gaussian', factor_type='in', magnitude=2)
+
+
+def spatial_softmax(F, logits):
+    """Softmax over the H*W positions of each (sample, attribute) map: every output map sums to 1."""
+    flat = F.reshape(logits, shape=(0, 0, -1))          # N x C x (H*W)
+    return F.reshape_like(F.softmax(flat, axis=-1), logits)
+
+
+def _conv_bn_relu(seq, channels, kernel, padding=0):
+    seq.add(nn.Conv2D(channels, kernel_size=kernel, padding=padding, weight_initializer=HEAD_INIT))
+    seq.add(nn.BatchNorm())
+    seq.add(nn.Activation('relu'))
+
+
+class AttentionBranch(gluon.HybridBlock):
+    """f_att (attention logits), spatial softmax and the confidence conv for one tap.
+
+    Parameters
+    ----------
+    num_classes : int
+        C, the number of attributes (one attention map per attribute).
+    channels : (int, int)
+        Widths of the two hidden convs of f_att: (256, 256) in the paper's supplement, (512, 512) in
+        the released code.
+    second_kernel : int
+        Kernel of the second hidden conv: 1 (paper) or 3 with padding 1 (released code).
+
+    Returns ``(attention, confidence, attention_logits)``, each N x C x H x W.
+    """
+
+    def __init__(self, num_classes, channels=(256, 256), second_kernel=1, **kwargs):
+        super(AttentionBranch, self).__init__(**kwargs)
+        with self.name_scope():
+            self.fatt = nn.HybridSequential(prefix='fatt_')
+            with self.fatt.name_scope():
+                _conv_bn_relu(self.fatt, channels[0], 1)
+                _conv_bn_relu(self.fatt, channels[1], second_kernel, padding=second_kernel // 2)
+                self.fatt.add(nn.Conv2D(num_classes, kernel_size=1, weight_initializer=HEAD_INIT))
+            self.fconv = nn.HybridSequential(prefix='fconv_')
+            with self.fconv.name_scope():
+                self.fconv.add(nn.Conv2D(num_classes, kernel_size=1, weight_initializer=HEAD_INIT))
+                self.fconv.add(nn.Activation('sigmoid'))
+
+    def hybrid_forward(self, F, features):
+        logits = self.fatt(features)                      # Z_i
+        attention = spatial_softmax(F, logits)            # A_i, Eq. 1
+        confidence = self.fconv(features)                 # S_i = sigmoid(conv(k_i))
+        return attention, confidence, logits
+
+
+class AttentionClassifier(gluon.HybridBlock):
+    """f_cls: attended features (C x H x W) -> attribute logits (C).
+
+    Two 1x1 conv+BN+ReLU layers, one conv whose kernel covers the whole H x W map (no padding, so the
+    output is 1 x 1) + BN + ReLU, and a Dense layer. ``channels`` is (256, 512, 512) in the paper's
+    supplement and (256, 512, 1024) in the released code; ``map_size`` is the tap's H (= W).
+    """
+
+    def __init__(self, num_classes, map_size, channels=(256, 512, 512), **kwargs):
+        super(AttentionClassifier, self).__init__(**kwargs)
+        with self.name_scope():
+            self.fsr = nn.HybridSequential(prefix='fsr_')
+            with self.fsr.name_scope():
+                _conv_bn_relu(self.fsr, channels[0], 1)
+                _conv_bn_relu(self.fsr, channels[1], 1)
+                _conv_bn_relu(self.fsr, channels[2], map_size)
+                self.fsr.add(nn.Dense(num_classes, flatten=True, weight_initializer=HEAD_INIT))
+
+    def hybrid_forward(self, F, attended):
+        return self.fsr(attended)
+
+
+def module_params(net):
+    """The network's trainable modules, in the authors' split: ``{name: ParameterDict}``.
+
+    ``backbone`` holds the backbone and its new output layer; for each tap, ``stage_N/fconv``,
+    ``stage_N/fatt`` and ``stage_N/fsr`` hold the confidence conv, the attention convs and the
+    classifier (N = 2, 3, 4 as in the authors' file names; see ``VAANet.stage_numbers``).
+    """
+    modules = {'backbone': net.backbone.collect_params()}
+    for number, branch, classifier in zip(net.stage_numbers, net.branches, net.classifiers):
+        modules['stage_%d/fconv' % number] = branch.fconv.collect_params()
+        modules['stage_%d/fatt' % number] = branch.fatt.collect_params()
+        modules['stage_%d/fsr' % number] = classifier.fsr.collect_params()
+    return modules
+
+
+def build_stage_trainers(net, optimizer='sgd', optimizer_params=None, freeze_backbone=False,
+                         kvstore='device', update_on_kvstore=None):
+    """One ``gluon.Trainer`` per module (SPEC 5), as the authors' training loop had.
+
+    With ``freeze_backbone`` the backbone's parameters get ``grad_req='null'`` and no trainer, so no
+    gradient is computed for them and nothing steps them. Returns ``{module name: Trainer}``.
+    """
+    optimizer_params = dict(optimizer_params or {})
+    trainers = {}
+    for name, params in module_params(net).items():
+        if name == 'backbone' and freeze_backbone:
+            params.setattr('grad_req', 'null')
+            continue
+        if name == 'backbone':
+            params.setattr('grad_req', 'write')
+        trainers[name] = gluon.Trainer(params, optimizer, dict(optimizer_params), kvstore=kvstore,
+                                       update_on_kvstore=update_on_kvstore)
+    return trainers
+
+
+def set_learning_rate(trainers, lr):
+    """Set one learning rate on every trainer (the authors shared one scheduler between them)."""
+    for trainer in trainers.values():
+        trainer.set_learning_rate(lr)

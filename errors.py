@@ -1,0 +1,26 @@
+"""User-facing errors.
+
+Anything a user can get wrong (a flag, a path, a missing weight file, a checkpoint from another model)
+raises :class:`UserError` with a message that names the problem and how to fix it. The command-line
+scripts print that one line and exit with status 2; ``--debug`` shows the traceback instead.
+"""
+import logging
+import sys
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as one line without a traceback."""
+
+
+def run_main(main, argv=None):
+    """Run ``main(argv)``; turn a :class:`UserError` into ``error: ...`` on stderr and exit code 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = '--debug' in argv
+    try:
+        return main(argv)
+    except UserError as err:
+        if debug:
+            raise
+        logging.getLogger(__name__).debug('user error', exc_info=True)
+        sys.stderr.write('error: %s\n' % err)
+        sys.exit(2)

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One command from a fresh clone: make .venv, install the project, run a job.
+#
+#   ./run.sh test [pytest args]      install with the test tools and run the test suite
+#   ./run.sh train [train.py args]   install and train (default: the embedded demo dataset, CPU)
+#   ./run.sh eval [eval.py args]     install and evaluate
+#
+# VAA_MXNET=cu112 ./run.sh train --gpus 0   installs the CUDA 11.2 build of mxnet instead of the CPU one.
+# VAA_PYTHON=python3.11 picks the interpreter used to create .venv (default: python3).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+job="${1:-}"
+case "$job" in
+  test|train|eval) shift ;;
+  *) echo "usage: ./run.sh test|train|eval [args...]" >&2; exit 2 ;;
+esac
+
+flavour="${VAA_MXNET:-cpu}"
+venv=.venv
+if [ ! -x "$venv/bin/python" ]; then
+  # mxnet 1.9.1 needs NumPy < 1.24, which has wheels up to Python 3.11: pick such an interpreter.
+  python="${VAA_PYTHON:-}"
+  if [ -z "$python" ]; then
+    for candidate in python3 python3.11 python3.10 python3.9 python3.8; do
+      if command -v "$candidate" >/dev/null 2>&1 &&
+         "$candidate" -c 'import sys; sys.exit(not ((3, 8) <= sys.version_info[:2] <= (3, 11)))'; then
+        python="$candidate"; break
+      fi
+    done
+  fi
+  if [ -z "$python" ]; then
+    echo "run.sh: error: need Python 3.8-3.11 (mxnet 1.9.1 requires NumPy < 1.24); install one and" \
+         "set VAA_PYTHON=/path/to/python3.11" >&2
+    exit 2
+  fi
+  echo "run.sh: creating $venv with $("$python" --version 2>&1)"
+  if ! "$python" -m venv "$venv"; then
+    rm -rf "$venv"
+    echo "run.sh: error: '$python -m venv' failed; on Debian/Ubuntu install python3-venv" >&2
+    exit 2
+  fi
+fi
+# Reinstall only when setup.py or the mxnet flavour changed since the last install.
+stamp="$venv/.installed-$(cat setup.py | "$venv/bin/python" -c 'import hashlib,sys; print(hashlib.sha1(sys.stdin.buffer.read()).hexdigest()[:12])')-$flavour"
+if [ ! -f "$stamp" ]; then
+  echo "run.sh: installing the project and its dependencies (mxnet flavour: $flavour)"
+  "$venv/bin/python" -m pip install --quiet --upgrade pip
+  "$venv/bin/python" -m pip install --quiet -e ".[$flavour,test]"
+  rm -f "$venv"/.installed-*
+  touch "$stamp"
+fi
+
+# MXNet uses one OpenMP thread unless told otherwise; default to every core.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)}"
+case "$job" in
+  test)  exec "$venv/bin/python" -m pytest tests "$@" ;;
+  train) exec "$venv/bin/python" train.py "$@" ;;
+  eval)  exec "$venv/bin/python" eval.py "$@" ;;
+esac

@@ -1,0 +1,35 @@
+"""Install the project's flat modules and their dependencies.
+
+    pip install -e .[cpu,test]     # CPU (mxnet 1.9.1), with the test tools
+    pip install -e .[cu112]        # GPU (mxnet-cu112 1.9.1; needs CUDA 11.2 + cuDNN 8 on the host)
+
+mxnet 1.9.1 is built against NumPy 1.x, hence numpy<1.24 and opencv-python<4.9 (newer OpenCV wheels
+require NumPy 2). The ranges below resolve on Python 3.8-3.11.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name='vaa-attributes',
+    version='0.1.0',
+    description='Visual Attention Aggregation for imbalanced attribute classification (ECCV 2018) '
+                'in MXNet Gluon',
+    long_description=open('README.md').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.8,<3.12',
+    py_modules=['attention', 'checkpoints', 'errors', 'losses', 'model', 'upstream_reference'],
+    packages=find_packages(include=['datasets', 'datasets.*']),
+    install_requires=[
+        'numpy>=1.21,<1.24',
+        'gluoncv==0.10.5.post0',
+        'scipy>=1.8,<1.16',
+        'opencv-python>=4.5,<4.9',
+        'matplotlib>=3.5,<3.11',
+        'tqdm>=4.60',
+    ],
+    extras_require={
+        'cpu': ['mxnet==1.9.1'],
+        'cu112': ['mxnet-cu112==1.9.1'],
+        'test': ['pytest>=7', 'scikit-learn>=1.1,<1.8'],
+    },
+    classifiers=['Programming Language :: Python :: 3', 'License :: OSI Approved :: MIT License'],
+)

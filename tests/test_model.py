@@ -1,0 +1,222 @@
+"""The network: shapes, taps, attention maps, hybridization, presets, pretrained weights, trainers."""
+import os
+import time
+
+import numpy as np
+import pytest
+import mxnet as mx
+from mxnet import autograd, gluon, nd
+from mxnet.gluon.model_zoo import vision
+
+import attention
+from errors import UserError
+from model import PRESETS, VAANet, get_vaa_net, model_zoo_file, tap_names
+
+
+def _zoo_tap_nodes(backbone, taps):
+    """Tap node names in the model zoo's own symbol graph, worked out from the network spec."""
+    if backbone.startswith('resnet'):
+        depth = int(backbone[6:-3])
+        s3 = {18: 2, 34: 6, 50: 6, 101: 23, 152: 36}[depth]
+        s4 = 3 if depth > 18 else 2
+        names = {'s3': 'stage3_activation%d' % (s3 - 1), 's4': 'stage4_activation%d' % (s4 - 1),
+                 's3-3': 'stage3_activation%d' % (max(s3 - 3, 1) - 1)}
+        return ['resnetv10_%s_output' % names[t] for t in taps]
+    blocks = {121: (24, 16), 201: (48, 32)}[int(backbone[8:])]
+    names = {'s3': 'conv3_fwd', 's4': 'stage4_concat%d' % (blocks[1] - 1),
+             's3-3': 'stage3_concat%d' % (blocks[0] - 4)}
+    return ['densenet0_%s_output' % names[t] for t in taps]
+
+
+@pytest.mark.parametrize('backbone', ['resnet18_v1', 'resnet50_v1', 'resnet101_v1', 'densenet121'])
+@pytest.mark.parametrize('preset', ['paper', 'upstream'])
+def test_output_shapes_and_taps_match_model_zoo_graph(backbone, preset):
+    """Logit shapes, and every tap equals the model zoo's own graph node (shape and values)."""
+    num_classes, size, batch = 6, 64, 2
+    net = get_vaa_net(backbone, num_classes, preset, size)
+    x = nd.random.normal(shape=(batch, 3, size, size))
+    primary, taps, fused = net(x)
+    assert primary.shape == fused.shape == (batch, num_classes)
+    assert len(taps) == len(PRESETS[preset]['taps'])
+    assert all(t.shape == (batch, num_classes) for t in taps)
+    # The fusion of SPEC 3: mean of primary and tap logits.
+    expected = (primary.asnumpy() + sum(t.asnumpy() for t in taps)) / (1 + len(taps))
+    np.testing.assert_allclose(fused.asnumpy(), expected, rtol=1e-5, atol=1e-5)
+
+    # Independent route to the taps: the zoo network's symbol graph with the same weights.
+    prefix = 'resnetv10_' if backbone.startswith('resnet') else 'densenet0_'
+    zoo = vision.get_model(backbone, prefix=prefix)
+    ours = {n[len(net.backbone.zoo_prefix):]: p for n, p in net.backbone.collect_params().items()}
+    for name, param in zoo.features.collect_params().items():
+        param._load_init(ours[name[len(prefix):]].data(), mx.cpu())
+    sym = zoo.features(mx.sym.var('data'))
+    nodes = _zoo_tap_nodes(backbone, net.taps)
+    block = gluon.SymbolBlock([sym.get_internals()[n] for n in nodes], mx.sym.var('data'),
+                              params=zoo.features.collect_params())
+    ref_taps = block(x)
+    ref_taps = ref_taps if isinstance(ref_taps, list) else [ref_taps]
+    ours_taps = net.backbone(x)[:-1]
+    for ref, got, shape in zip(ref_taps, ours_taps, net.tap_shapes):
+        assert got.shape[1:] == shape == ref.shape[1:]
+        np.testing.assert_allclose(got.asnumpy(), ref.asnumpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_resnet101_taps_at_224_are_the_spec_table():
+    net = VAANet('resnet101_v1', 14, 'upstream', 224)
+    assert tap_names('resnet101_v1', net.taps) == ['s3b20', 's3', 's4']
+    assert net.tap_shapes == [(1024, 14, 14), (1024, 14, 14), (2048, 7, 7)]
+    assert net.stage_numbers == [2, 3, 4]
+    paper = VAANet('resnet101_v1', 14, 'paper', 224)
+    assert paper.tap_shapes == [(1024, 14, 14), (2048, 7, 7)] and paper.stage_numbers == [3, 4]
+
+
+@pytest.mark.parametrize('preset', ['paper', 'upstream'])
+def test_head_architecture_follows_preset_and_input_size(preset):
+    net = VAANet('resnet18_v1', 5, preset, 96)        # taps 6x6 (s3) and 3x3 (s4)
+    cfg = PRESETS[preset]
+    branch, classifier = net.branches[-1], net.classifiers[-1]
+    convs = [b for b in branch.fatt if isinstance(b, gluon.nn.Conv2D)]
+    assert [c._channels for c in convs] == list(cfg['att_channels']) + [5]
+    assert [c._kwargs['kernel'] for c in convs] == [(1, 1), (cfg['att_second_kernel'],) * 2, (1, 1)]
+    convs = [b for b in classifier.fsr if isinstance(b, gluon.nn.Conv2D)]
+    assert [c._channels for c in convs] == list(cfg['cls_channels'])
+    assert [c._kwargs['kernel'] for c in convs] == [(1, 1), (1, 1), (3, 3)]
+    assert [c._kwargs['kernel'] for c in net.classifiers[0].fsr if isinstance(c, gluon.nn.Conv2D)][2] \
+        == (6, 6)
+    assert all(c._kwargs['pad'] == (0, 0) for c in convs)
+
+
+def test_attention_maps_sum_to_one_and_are_the_spatial_softmax():
+    net = get_vaa_net('resnet18_v1', 4, 'upstream', 64)
+    net.return_attention = True
+    x = nd.random.normal(shape=(3, 3, 64, 64))
+    _, _, _, maps = net(x)
+    assert len(maps) == 3
+    for a, shape in zip(maps, net.tap_shapes):
+        a = a.asnumpy()
+        assert a.shape == (3, 4) + shape[1:]
+        assert (a >= 0).all()
+        np.testing.assert_allclose(a.sum(axis=(2, 3)), np.ones((3, 4)), rtol=1e-5)
+    # spatial_softmax against the NumPy formula exp(z) / sum_hw exp(z)
+    z = np.random.randn(2, 3, 4, 5).astype(np.float32) * 3
+    got = attention.spatial_softmax(nd, nd.array(z)).asnumpy()
+    e = np.exp(z - z.max(axis=(2, 3), keepdims=True))
+    np.testing.assert_allclose(got, e / e.sum(axis=(2, 3), keepdims=True), rtol=1e-5, atol=1e-7)
+    # Switching it off again gives the three outputs.
+    net.return_attention = False
+    assert len(net(x)) == 3
+
+
+@pytest.mark.parametrize('backbone', ['resnet18_v1', 'densenet121'])
+def test_hybridized_equals_imperative(backbone):
+    x = nd.random.normal(shape=(2, 3, 64, 64))
+    label = nd.array(np.random.randint(0, 2, (2, 5)))
+    results = []
+    for hybrid in (False, True):
+        mx.random.seed(1)
+        np.random.seed(1)
+        net = get_vaa_net(backbone, 5, 'upstream', 64)
+        if hybrid:
+            net.hybridize(static_alloc=True, static_shape=True)
+        infer = [o.asnumpy() for o in _flat(net(x))]
+        loss_fn = gluon.loss.SigmoidBinaryCrossEntropyLoss()
+        with autograd.record():
+            outs = net(x)
+            loss = loss_fn(outs[0], label) + sum(loss_fn(t, label) for t in outs[1])
+        loss.backward()
+        grads = {k[len(net.prefix):]: p.grad().asnumpy() for k, p in net.collect_params().items()
+                 if p.grad_req != 'null'}
+        results.append((infer, [o.asnumpy() for o in _flat(outs)], grads))
+    (i0, t0, g0), (i1, t1, g1) = results
+    for a, b in zip(i0 + t0, i1 + t1):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert g0.keys() == g1.keys()
+    for k in g0:
+        np.testing.assert_allclose(g0[k], g1[k], rtol=1e-3, atol=1e-5, err_msg=k)
+
+
+def _flat(outs):
+    flat = []
+    for o in outs:
+        flat.extend(o if isinstance(o, list) else [o])
+    return flat
+
+
+def test_pretrained_missing_cache_fails_at_once_with_the_file_to_place(tmp_path, monkeypatch):
+    monkeypatch.setenv('MXNET_HOME', str(tmp_path))
+    path, url = model_zoo_file('resnet18_v1')
+    start = time.time()
+    with pytest.raises(UserError) as err:
+        VAANet('resnet18_v1', 3, 'paper', 64, pretrained=True)
+    assert time.time() - start < 5
+    message = str(err.value)
+    assert os.path.basename(path) in message and str(tmp_path / 'models') in message and url in message
+    assert not os.listdir(tmp_path) or not os.listdir(tmp_path / 'models')   # nothing downloaded
+
+
+def test_pretrained_loads_the_cached_file(tmp_path, monkeypatch):
+    monkeypatch.setenv('MXNET_HOME', str(tmp_path))
+    path, _ = model_zoo_file('resnet18_v1')
+    os.makedirs(os.path.dirname(path))
+    zoo = vision.resnet18_v1()
+    zoo.initialize(mx.init.Normal(0.5))
+    zoo(nd.zeros((1, 3, 32, 32)))
+    zoo.save_parameters(path)
+    net = get_vaa_net('resnet18_v1', 3, 'paper', 64, pretrained=True)
+    ours = {n[len(net.backbone.zoo_prefix):]: p for n, p in net.backbone.collect_params().items()}
+    theirs = {n[len(zoo.prefix):]: p for n, p in zoo.features.collect_params().items()}
+    assert set(theirs) <= set(ours)
+    for name, param in theirs.items():
+        np.testing.assert_array_equal(ours[name].data().asnumpy(), param.data().asnumpy())
+    # A damaged file is named in the error.
+    with open(path, 'wb') as f:
+        f.write(b'not a parameter file')
+    with pytest.raises(UserError, match='could not read'):
+        VAANet('resnet18_v1', 3, 'paper', 64, pretrained=True)
+
+
+def test_unknown_backbone_preset_and_tap_are_user_errors():
+    with pytest.raises(UserError, match='unknown backbone'):
+        VAANet('vgg16', 3)
+    with pytest.raises(UserError, match='unknown preset'):
+        VAANet('resnet18_v1', 3, 'best')
+    with pytest.raises(UserError, match='unknown tap'):
+        VAANet('resnet18_v1', 3, taps=('s9',))
+
+
+def test_stage_trainers_cover_every_parameter_once_and_freezing_skips_backbone():
+    net = get_vaa_net('resnet18_v1', 4, 'upstream', 64)
+    trainers = attention.build_stage_trainers(net, 'sgd', {'learning_rate': 0.1})
+    assert sorted(trainers) == sorted(['backbone'] + ['stage_%d/%s' % (n, m) for n in (2, 3, 4)
+                                                       for m in ('fconv', 'fatt', 'fsr')])
+    owned = [p.name for t in trainers.values() for p in t._params]
+    assert sorted(owned) == sorted(net.collect_params().keys()) and len(owned) == len(set(owned))
+
+    frozen = attention.build_stage_trainers(net, 'sgd', {'learning_rate': 0.1}, freeze_backbone=True)
+    assert 'backbone' not in frozen
+    before = {k: p.data().copy() for k, p in net.collect_params().items()}
+    x, y = nd.random.normal(shape=(2, 3, 64, 64)), nd.array(np.random.randint(0, 2, (2, 4)))
+    loss_fn = gluon.loss.SigmoidBinaryCrossEntropyLoss()
+    with autograd.record():
+        outs = net(x)
+        loss = sum(loss_fn(t, y) for t in outs[1])
+    loss.backward()
+    for t in frozen.values():
+        t.step(2)
+    for k, p in net.collect_params().items():
+        changed = not np.array_equal(before[k].asnumpy(), p.data().asnumpy())
+        if k.startswith(net.backbone.prefix):
+            # frozen weights never move (BN running statistics still track the batches)
+            assert not changed or 'running' in k, k
+        elif k.endswith('weight'):
+            assert changed, k
+    attention.set_learning_rate(frozen, 0.01)
+    assert all(t.learning_rate == 0.01 for t in frozen.values())
+
+
+def test_two_cpu_contexts_hold_identical_copies():
+    net = get_vaa_net('resnet18_v1', 3, 'paper', 64, ctx=[mx.cpu(0), mx.cpu(1)])
+    x = nd.random.normal(shape=(2, 3, 64, 64))
+    a = net(x.as_in_context(mx.cpu(0)))[2].asnumpy()
+    b = net(x.as_in_context(mx.cpu(1)))[2].asnumpy()
+    np.testing.assert_array_equal(a, b)
