@@ -106,11 +106,13 @@ def module_params(net):
 
 
 def build_stage_trainers(net, optimizer='sgd', optimizer_params=None, freeze_backbone=False,
-                         kvstore='device', update_on_kvstore=None):
+                         kvstore='device', update_on_kvstore=False):
     """One ``gluon.Trainer`` per module (SPEC 5), as the authors' training loop had.
 
     With ``freeze_backbone`` the backbone's parameters get ``grad_req='null'`` and no trainer, so no
-    gradient is computed for them and nothing steps them. Returns ``{module name: Trainer}``.
+    gradient is computed for them and nothing steps them. Updates run on the workers
+    (``update_on_kvstore=False``) so that optimizer states can be checkpointed
+    (``checkpoints.save_training``). Returns ``{module name: Trainer}``.
     """
     optimizer_params = dict(optimizer_params or {})
     trainers = {}
@@ -123,6 +125,15 @@ def build_stage_trainers(net, optimizer='sgd', optimizer_params=None, freeze_bac
         trainers[name] = gluon.Trainer(params, optimizer, dict(optimizer_params), kvstore=kvstore,
                                        update_on_kvstore=update_on_kvstore)
     return trainers
+
+
+def freeze_backbone_features(net, frozen):
+    """Freeze (or unfreeze) the backbone's convolutional layers but keep its new output layer
+    trainable: the first phase of the paper's schedule. Call ``net.hybridize`` again afterwards."""
+    output = set(net.backbone.output.collect_params().keys())
+    for name, param in net.backbone.collect_params().items():
+        if name not in output and not name.endswith(('running_mean', 'running_var')):
+            param.grad_req = 'null' if frozen else 'write'
 
 
 def set_learning_rate(trainers, lr):

@@ -116,3 +116,126 @@ def load_upstream(net, folder, ctx=None):
 
 def _short(keys, limit=6):
     return '[%s%s]' % (', '.join(keys[:limit]), ', ...' if len(keys) > limit else '')
+
+
+# ----------------------------------------------------------------------------------------------
+# Training checkpoints (ours): one NDArray file per checkpoint, nothing pickled
+# ----------------------------------------------------------------------------------------------
+#
+# Keys: ``param/<name>`` for every network parameter (name without the network's instance prefix),
+# ``opt/<module>/<param name>/<k>`` for the optimizer state of each Trainer, ``history/buffer`` and
+# ``history/counts`` for the prediction history, and ``meta/json``: a uint8 array holding the JSON of
+# the training state (epoch, learning rate, plateau counters, best metric, config, update counts).
+
+def _param_names(net):
+    return {name[len(net.prefix):]: param for name, param in net.collect_params().items()}
+
+
+def _json_array(obj):
+    import json
+    return nd.array(np.frombuffer(json.dumps(obj, sort_keys=True).encode('utf-8'), dtype=np.uint8),
+                    dtype='uint8')
+
+
+def _array_json(arr):
+    import json
+    return json.loads(arr.asnumpy().astype(np.uint8).tobytes().decode('utf-8'))
+
+
+def _optimizer_arrays(name, trainer, arrays, counts):
+    """Add a Trainer's optimizer state to ``arrays`` (states of its first device; all are in sync)."""
+    updater = trainer._updaters[0]  # pylint: disable=protected-access
+    index_to_name = {i: p.name for i, p in enumerate(trainer._params)}  # pylint: disable=protected-access
+    for index, state in updater.states.items():
+        parts = state if isinstance(state, (list, tuple)) else [state]
+        for k, part in enumerate(parts):
+            if part is not None:
+                arrays['opt/%s/%s/%d' % (name, index_to_name[index], k)] = part.copyto(mx.cpu())
+    opt = trainer._optimizer  # pylint: disable=protected-access
+    counts[name] = dict(num_update=int(opt.num_update), lr=float(trainer.learning_rate),
+                        index_update_count={index_to_name[i]: int(c) for i, c in
+                                            opt._index_update_count.items()})  # pylint: disable=protected-access
+
+
+def save_training(path, net, trainers, history, meta):
+    """Write everything needed to continue training to ``path`` atomically."""
+    arrays = {'param/' + k: p._reduce() for k, p in _param_names(net).items()}  # pylint: disable=protected-access
+    counts = {}
+    for name, trainer in trainers.items():
+        if trainer._update_on_kvstore:  # pylint: disable=protected-access
+            raise ValueError('save_training needs trainers built with update_on_kvstore=False')
+        _optimizer_arrays(name, trainer, arrays, counts)
+    if history is not None:
+        arrays['history/buffer'] = history.buffer.copyto(mx.cpu())
+        arrays['history/counts'] = history.counts.copyto(mx.cpu())
+    meta = dict(meta, optimizer_counts=counts, format='vaa-checkpoint-1')
+    arrays['meta/json'] = _json_array(meta)
+    atomic_save_ndarrays(path, arrays)
+
+
+def read_meta(path):
+    """The JSON state of a training checkpoint (reads the whole file)."""
+    arrays = _load_ndarray_file(path)
+    if 'meta/json' not in arrays:
+        raise UserError('%s is not a training checkpoint of this project (no meta/json entry)' % path)
+    return _array_json(arrays['meta/json']), arrays
+
+
+def load_weights(path, net, arrays=None):
+    """Load the network weights of a training checkpoint into ``net``; returns its meta."""
+    if arrays is None:
+        meta, arrays = read_meta(path)
+    else:
+        meta = _array_json(arrays['meta/json'])
+    params = _param_names(net)
+    stored = {k[len('param/'):]: v for k, v in arrays.items() if k.startswith('param/')}
+    missing, extra = sorted(set(params) - set(stored)), sorted(set(stored) - set(params))
+    if missing or extra:
+        cfg = meta.get('config', {})
+        raise UserError('%s was written for another model (%s, preset %s, %s classes) than this one '
+                        '(%s, preset %s, %d classes): missing %s, unexpected %s'
+                        % (path, cfg.get('backbone'), cfg.get('preset'), cfg.get('num_classes'),
+                           net.backbone_name, net.preset, net.num_classes, _short(missing), _short(extra)))
+    for key, param in params.items():
+        if tuple(param.shape) != tuple(stored[key].shape):
+            raise UserError('%s: %s has shape %s, this model needs %s (another class count, preset or '
+                            'input size?)' % (path, key, stored[key].shape, param.shape))
+        param.set_data(stored[key])
+    return meta
+
+
+def load_training(path, net, trainers, history):
+    """Restore weights, optimizer states and prediction history; returns the checkpoint's meta."""
+    meta, arrays = read_meta(path)
+    load_weights(path, net, arrays)
+    counts = meta.get('optimizer_counts', {})
+    for name, trainer in trainers.items():
+        updaters = trainer._updaters  # pylint: disable=protected-access
+        opt = trainer._optimizer  # pylint: disable=protected-access
+        for index, param in enumerate(trainer._params):  # pylint: disable=protected-access
+            prefix = 'opt/%s/%s/' % (name, param.name)
+            parts = sorted((int(k[len(prefix):]), v) for k, v in arrays.items() if k.startswith(prefix))
+            if not parts:
+                continue
+            for updater, ctx in zip(updaters, trainer._contexts):  # pylint: disable=protected-access
+                values = [v.as_in_context(ctx) for _, v in parts]
+                updater.states[index] = values[0] if len(values) == 1 else tuple(values)
+                updater.states_synced[index] = True
+        if name in counts:
+            opt.num_update = counts[name]['num_update']
+            name_to_index = {p.name: i for i, p in enumerate(trainer._params)}  # pylint: disable=protected-access
+            restored = {name_to_index[n]: c for n, c in counts[name]['index_update_count'].items()
+                        if n in name_to_index}
+            # The optimizer keeps one update count per device (Adam's bias correction reads it).
+            per_device = opt._all_index_update_counts  # pylint: disable=protected-access
+            for device in set(per_device) | {c.device_id for c in trainer._contexts}:  # pylint: disable=protected-access
+                per_device[device] = dict(restored)
+            opt._index_update_count = per_device[trainer._contexts[0].device_id]  # pylint: disable=protected-access
+            trainer.set_learning_rate(counts[name]['lr'])
+    if history is not None and 'history/buffer' in arrays:
+        if tuple(arrays['history/buffer'].shape) != tuple(history.buffer.shape):
+            raise UserError('%s: the prediction history holds %s but this run needs %s (another '
+                            'training split?)' % (path, arrays['history/buffer'].shape, history.buffer.shape))
+        history.buffer[:] = arrays['history/buffer'].as_in_context(history.ctx)
+        history.counts[:] = arrays['history/counts'].as_in_context(history.ctx)
+    return meta

@@ -16,7 +16,8 @@ setup(
     long_description=open('README.md').read(),
     long_description_content_type='text/markdown',
     python_requires='>=3.8,<3.12',
-    py_modules=['attention', 'checkpoints', 'errors', 'losses', 'model', 'upstream_reference'],
+    py_modules=['attention', 'checkpoints', 'errors', 'eval', 'losses', 'metrics', 'model', 'plots', 'train',
+                'upstream_reference'],
     packages=find_packages(include=['datasets', 'datasets.*']),
     install_requires=[
         'numpy>=1.21,<1.24',
@@ -25,11 +26,12 @@ setup(
         'opencv-python>=4.5,<4.9',
         'matplotlib>=3.5,<3.11',
         'tqdm>=4.60',
+        'scikit-learn>=1.1,<1.8',     # its bundled digits make the embedded demo dataset
     ],
     extras_require={
         'cpu': ['mxnet==1.9.1'],
         'cu112': ['mxnet-cu112==1.9.1'],
-        'test': ['pytest>=7', 'scikit-learn>=1.1,<1.8'],
+        'test': ['pytest>=7'],
     },
     classifiers=['Programming Language :: Python :: 3', 'License :: OSI Approved :: MIT License'],
 )

@@ -1,0 +1,132 @@
+"""What every dataset provides, and the image transforms of SPEC 5.
+
+A dataset is a ``gluon.data.Dataset`` of ``(image, index)`` where ``image`` is an RGB uint8 H x W x 3
+array, with ``labels`` (N x C float32 in {0, 1}) and ``mask`` (N x C, 1 = specified) held as arrays so
+that class priors and metrics never touch the images. :func:`make_loader` applies the transforms and
+returns batches ``(data, label, mask, index)``.
+"""
+import numpy as np
+import cv2
+from mxnet import gluon
+
+from errors import UserError
+
+# Normalisation per preset (SPEC 5): ImageNet mean/std for model-zoo weights; the released code
+# subtracted 104/117/123 from R/G/B and did not divide.
+NORMALISATION = {
+    'paper': (np.array([123.675, 116.28, 103.53], np.float32), np.array([58.395, 57.12, 57.375], np.float32)),
+    'upstream': (np.array([104.0, 117.0, 123.0], np.float32), np.array([1.0, 1.0, 1.0], np.float32)),
+}
+
+
+class AttributeDataset(gluon.data.Dataset):
+    """Base class: subclasses set ``attribute_names``, ``labels``, ``mask`` and implement ``image``."""
+
+    attribute_names = ()
+    labels = None
+    mask = None
+
+    def image(self, index):
+        raise NotImplementedError
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return self.image(index), index
+
+    @property
+    def num_classes(self):
+        return len(self.attribute_names)
+
+
+class Transform(object):
+    """Resize, crop (random for training, centre for evaluation), mirror, normalise, HWC -> CHW.
+
+    Training (the paper's augmentation): resize to ``resize`` x ``resize``, crop a random square whose
+    side is drawn from ``crop_range`` (in pixels of the resized image) at a random place, resize it to
+    ``input_size``, mirror with probability 1/2. Evaluation: resize, centre crop ``input_size``.
+    The random draws depend only on (seed, epoch, sample index), so they are the same whatever the
+    number of loader workers and after a resume.
+    """
+
+    def __init__(self, input_size, resize, crop_range, train, normalisation='paper', mirror=True, seed=0):
+        self.input_size, self.resize = int(input_size), int(resize)
+        self.crop_range = (int(crop_range[0]), int(crop_range[1]))
+        if not 1 <= self.crop_range[0] <= self.crop_range[1] <= self.resize:
+            raise UserError('crop range %s must lie within 1..%d (the resize)' % (crop_range, self.resize))
+        if self.input_size > self.resize:
+            raise UserError('input size %d is larger than the resize %d' % (input_size, resize))
+        self.train, self.mirror, self.seed = train, mirror, int(seed)
+        self.mean, self.std = NORMALISATION[normalisation]
+
+    def __call__(self, image, index, epoch=0):
+        img = cv2.resize(image, (self.resize, self.resize), interpolation=cv2.INTER_LINEAR)
+        if self.train:
+            rng = np.random.RandomState((self.seed * 7919 + epoch * 104729 + index) % (2 ** 32))
+            side = rng.randint(self.crop_range[0], self.crop_range[1] + 1)
+            y0 = rng.randint(0, self.resize - side + 1)
+            x0 = rng.randint(0, self.resize - side + 1)
+            img = img[y0:y0 + side, x0:x0 + side]
+            if side != self.input_size:
+                img = cv2.resize(img, (self.input_size, self.input_size), interpolation=cv2.INTER_LINEAR)
+            if self.mirror and rng.rand() < 0.5:
+                img = img[:, ::-1]
+        else:
+            y0 = (self.resize - self.input_size) // 2
+            img = img[y0:y0 + self.input_size, y0:y0 + self.input_size]
+        img = (img.astype(np.float32) - self.mean) / self.std
+        return np.ascontiguousarray(img.transpose(2, 0, 1))
+
+
+class EpochSampler(gluon.data.Sampler):
+    """Sample order for one epoch at a time, deterministic in (seed, epoch).
+
+    Yields ``epoch * N + index`` so that the dataset side (possibly in worker processes) knows the
+    epoch for its augmentation draws. Call :meth:`set_epoch` before iterating.
+    """
+
+    def __init__(self, length, shuffle, seed=0):
+        self.length, self.shuffle, self.seed, self.epoch = length, shuffle, int(seed), 0
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def order(self):
+        if not self.shuffle:
+            return np.arange(self.length)
+        return np.random.RandomState((self.seed * 15485863 + self.epoch) % (2 ** 32)).permutation(self.length)
+
+    def __iter__(self):
+        base = self.epoch * self.length
+        return iter((base + self.order()).tolist())
+
+    def __len__(self):
+        return self.length
+
+
+class _Transformed(gluon.data.Dataset):
+    """(data CHW float32, label, mask, index) for an ``epoch * N + index`` key."""
+
+    def __init__(self, dataset, transform):
+        self._dataset, self._transform = dataset, transform
+        self._labels = np.asarray(dataset.labels, np.float32)
+        self._mask = np.asarray(dataset.mask, np.float32)
+
+    def __len__(self):
+        return len(self._dataset)
+
+    def __getitem__(self, key):
+        epoch, index = divmod(int(key), len(self._dataset))
+        image, index = self._dataset[index]
+        data = self._transform(image, index, epoch)
+        return data, self._labels[index], self._mask[index], np.int64(index)
+
+
+def make_loader(dataset, transform, batch_size, shuffle, num_workers=0, last_batch='keep', seed=0):
+    """(DataLoader, EpochSampler) over ``dataset``; batches are (data, label, mask, index) NDArrays."""
+    sampler = EpochSampler(len(dataset), shuffle, seed)
+    batches = gluon.data.BatchSampler(sampler, batch_size, last_batch)
+    loader = gluon.data.DataLoader(_Transformed(dataset, transform), batch_sampler=batches,
+                                   num_workers=num_workers, thread_pool=False)
+    return loader, sampler

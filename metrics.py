@@ -1,0 +1,153 @@
+"""Evaluation protocols (SPEC 6), shared by train.py and eval.py.
+
+Labels come as y in {0, 1} plus a mask (1 = specified); :func:`to_signed` gives WIDER's 1 / -1 / 0
+encoding.
+
+* WIDER mAP (the paper's protocol, the authors' test function): per attribute, rank the samples by
+  score; label 1 is positive, -1 negative, 0 (unspecified) ignored; AP is the all-point interpolated
+  area (precision made monotone from the right, summed over the recall steps); mAP is the mean.
+  Tied scores are handled as one threshold, so the result does not depend on the order of equal
+  scores; without ties it equals the authors' function exactly. An attribute with no positive gets
+  AP = NaN and is left out of the mean.
+* PETA / PA-100K / RAP metrics at threshold 0.5: label-based mA = mean over attributes of
+  (TPR + TNR) / 2; instance-based accuracy |P n G| / |P u G|, precision |P n G| / |P|, recall
+  |P n G| / |G| averaged over samples, F1 = 2 P R / (P + R) from the mean P and R. Only specified
+  entries count. As in the usual pedestrian-attribute evaluation code, samples with no positive
+  label are left out of the instance metrics, and an empty prediction has precision 0.
+"""
+import numpy as np
+
+# The paper's numbers (ResNet-101 + VAA), for `eval.py --compare paper`.
+PAPER_WIDER_AP = {
+    'Male': 96, 'longHair': 88, 'sunglass': 74, 'Hat': 93, 'Tshiirt': 83, 'longSleeve': 96,
+    'formal': 85, 'shorts': 93, 'jeans': 81, 'longPants': 96, 'skirt': 85, 'faceMask': 78,
+    'logo': 90, 'stripe': 68}
+PAPER_WIDER_MAP = 86.4
+PAPER_WIDER_RESNET101_MAP = 83.7
+PAPER_PETA = {'mA': 84.59, 'accuracy': 78.56, 'precision': 86.79, 'recall': 86.12, 'f1': 86.46}
+
+
+def to_signed(labels, mask):
+    """{0,1} labels + mask -> WIDER's 1 (positive) / -1 (negative) / 0 (unspecified)."""
+    labels = np.asarray(labels)
+    return np.where(np.asarray(mask) > 0, 2 * (labels > 0.5) - 1, 0).astype(np.int8)
+
+
+def average_precision(scores, signed):
+    """All-point interpolated AP of one attribute; ``signed`` in {1, -1, 0}. NaN without positives."""
+    scores = np.asarray(scores, dtype=np.float64)
+    signed = np.asarray(signed)
+    keep = signed != 0
+    scores, positive = scores[keep], signed[keep] == 1
+    num_pos = int(positive.sum())
+    if num_pos == 0:
+        return float('nan')
+    order = np.argsort(-scores, kind='mergesort')
+    scores, positive = scores[order], positive[order]
+    tp = np.cumsum(positive)
+    fp = np.cumsum(~positive)
+    # Only the last position of each run of equal scores is a threshold.
+    last = np.r_[scores[1:] != scores[:-1], True]
+    tp, fp = tp[last], fp[last]
+    recall = tp / float(num_pos)
+    precision = tp / (tp + fp).astype(np.float64)
+    mrec = np.concatenate(([0.0], recall, [1.0]))
+    mpre = np.concatenate(([0.0], precision, [0.0]))
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]            # monotone from the right
+    steps = np.where(mrec[1:] != mrec[:-1])[0] + 1
+    return float(np.sum((mrec[steps] - mrec[steps - 1]) * mpre[steps]))
+
+
+def wider_map(scores, labels, mask):
+    """(mAP, per-attribute APs) under the WIDER protocol; NaN APs (no positives) are not averaged."""
+    signed = to_signed(labels, mask)
+    aps = np.array([average_precision(scores[:, c], signed[:, c]) for c in range(signed.shape[1])])
+    valid = ~np.isnan(aps)
+    return (float(aps[valid].mean()) if valid.any() else float('nan')), aps
+
+
+def label_based(scores, labels, mask, threshold=0.5):
+    """Per-attribute (TPR + TNR) / 2 and its mean mA; NaN where a class has no specified sample."""
+    pred = np.asarray(scores) >= threshold
+    gt = np.asarray(labels) > 0.5
+    m = np.asarray(mask) > 0
+    pos, neg = (gt & m).sum(0), (~gt & m).sum(0)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        tpr = (pred & gt & m).sum(0) / pos.astype(np.float64)
+        tnr = (~pred & ~gt & m).sum(0) / neg.astype(np.float64)
+    per_attr = (tpr + tnr) / 2
+    valid = ~np.isnan(per_attr)
+    return (float(per_attr[valid].mean()) if valid.any() else float('nan')), per_attr
+
+
+def instance_based(scores, labels, mask, threshold=0.5):
+    """Instance accuracy, precision, recall and F1 (see the module docstring for empty sets)."""
+    m = np.asarray(mask) > 0
+    pred = (np.asarray(scores) >= threshold) & m
+    gt = (np.asarray(labels) > 0.5) & m
+    inter = (pred & gt).sum(1).astype(np.float64)
+    union = (pred | gt).sum(1).astype(np.float64)
+    n_pred, n_gt = pred.sum(1).astype(np.float64), gt.sum(1).astype(np.float64)
+    eff = n_gt > 0
+    if not eff.any():
+        return dict(accuracy=float('nan'), precision=float('nan'), recall=float('nan'), f1=float('nan'))
+    acc = np.mean(inter[eff] / union[eff])
+    prec = np.mean(np.where(n_pred[eff] > 0, inter[eff] / np.maximum(n_pred[eff], 1), 0.0))
+    rec = np.mean(inter[eff] / n_gt[eff])
+    f1 = 2 * prec * rec / (prec + rec) if prec + rec > 0 else 0.0
+    return dict(accuracy=float(acc), precision=float(prec), recall=float(rec), f1=float(f1))
+
+
+def evaluate(scores, labels, mask, names=None):
+    """Every metric at once, as a JSON-ready dict (fractions in [0, 1])."""
+    names = list(names) if names is not None else ['attr%d' % i for i in range(scores.shape[1])]
+    m_ap, aps = wider_map(scores, labels, mask)
+    m_a, per_ma = label_based(scores, labels, mask)
+    inst = instance_based(scores, labels, mask)
+    out = dict(mAP=m_ap, mA=m_a, **inst)
+    out['per_attribute'] = [dict(name=n, ap=_num(a), ma=_num(b),
+                                 positives=int(((labels[:, i] > 0.5) & (mask[:, i] > 0)).sum()),
+                                 specified=int((mask[:, i] > 0).sum()))
+                            for i, (n, a, b) in enumerate(zip(names, aps, per_ma))]
+    return out
+
+
+def chance_map(labels, mask):
+    """Expected mAP of random scores: AP of a random ranking is about the positive rate."""
+    signed = to_signed(labels, mask)
+    rates = []
+    for c in range(signed.shape[1]):
+        spec = signed[:, c] != 0
+        if (signed[spec, c] == 1).any():
+            rates.append((signed[spec, c] == 1).mean())
+    return float(np.mean(rates)) if rates else float('nan')
+
+
+def _num(x):
+    return None if x is None or np.isnan(x) else float(x)
+
+
+def format_table(result, compare=None, title=None):
+    """A per-attribute table (AP and mA in %), with the paper's AP and the delta when given."""
+    lines = []
+    if title:
+        lines.append(title)
+    header = '%-16s %8s %8s %7s %9s' % ('attribute', 'AP', 'mA', 'pos', 'specified')
+    if compare:
+        header += ' %8s %7s' % ('paper AP', 'delta')
+    lines.append(header)
+    lines.append('-' * len(header))
+    for row in result['per_attribute']:
+        ap = '%8.2f' % (100 * row['ap']) if row['ap'] is not None else '%8s' % 'n/a'
+        ma = '%8.2f' % (100 * row['ma']) if row['ma'] is not None else '%8s' % 'n/a'
+        line = '%-16s %s %s %7d %9d' % (row['name'][:16], ap, ma, row['positives'], row['specified'])
+        if compare:
+            ref = compare.get(row['name'])
+            if ref is not None and row['ap'] is not None:
+                line += ' %8.1f %+7.1f' % (ref, 100 * row['ap'] - ref)
+        lines.append(line)
+    lines.append('-' * len(header))
+    lines.append('mAP %.2f   mA %.2f   instance acc %.2f  prec %.2f  rec %.2f  F1 %.2f' % tuple(
+        100 * result[k] if result[k] is not None and not np.isnan(result[k]) else float('nan')
+        for k in ('mAP', 'mA', 'accuracy', 'precision', 'recall', 'f1')))
+    return '\n'.join(lines)

@@ -1,0 +1,484 @@
+#!/usr/bin/env python
+"""Train the Visual Attention Aggregation network (Sarafianos et al., ECCV 2018).
+
+    python train.py                                   # the embedded demo dataset, CPU, a few minutes
+    python train.py --dataset wider --data_path /data/WIDER --pretrained --gpus 0
+    python train.py --preset upstream ...             # the authors' released configuration
+
+Accepts the authors' flag names (--data_path --epochs --lr --wd --mom --batch_size --num_classes
+--finetune --test) with their meanings. Every run writes a folder (``--out``, default
+``runs/<dataset>-<backbone>-<preset>-<time>``) with the resolved config, a log, per-epoch metrics (CSV
+and JSON), checkpoints (``last.params``, ``best.params``), plots, and the final test metrics.
+"""
+import os
+import sys
+
+if 'OMP_NUM_THREADS' not in os.environ:        # must be set before mxnet is imported
+    os.environ['OMP_NUM_THREADS'] = str(os.cpu_count() or 1)
+    _OMP_NOTE = 'OMP_NUM_THREADS was not set; using %s (the number of cores)' % os.environ['OMP_NUM_THREADS']
+else:
+    _OMP_NOTE = 'OMP_NUM_THREADS=%s' % os.environ['OMP_NUM_THREADS']
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import mxnet as mx  # noqa: E402
+from mxnet import autograd, gluon, nd  # noqa: E402
+
+import attention  # noqa: E402
+import checkpoints  # noqa: E402
+import datasets  # noqa: E402
+import metrics  # noqa: E402
+import plots  # noqa: E402
+from datasets.base import Transform, make_loader  # noqa: E402
+from errors import UserError, run_main  # noqa: E402
+from losses import AttentionHistoryLoss, PredictionHistory, WeightedFocalLoss, class_prior_weights  # noqa: E402
+from model import BACKBONES, PRESETS, get_vaa_net  # noqa: E402
+
+LOG = logging.getLogger('vaa')
+
+# Schedules (SPEC 5). Patience p means: divide the learning rate by 10 once the monitored validation
+# metric has not improved for more than p epochs, at most `lr_drops` times.
+SCHEDULES = {
+    ('paper', 'wider'): dict(optimizer='sgd', lr=1e-3, lr_patience=3, lr_drops=2, batch_size=32, epochs=40),
+    ('upstream', 'wider'): dict(optimizer='sgd', lr=1e-4, lr_patience=10, lr_drops=3, batch_size=24,
+                                epochs=250),
+    ('paper', 'peta'): dict(optimizer='adam', lr=1e-4, lr_patience=8, lr_drops=2, batch_size=32, epochs=60),
+}
+# What the upstream preset switches on (SPEC 4), each also a flag.
+UPSTREAM_QUIRKS = dict(plain_bce=True, history_zero_rows=True, normalisation='upstream')
+PAPER_SETTINGS = dict(plain_bce=False, history_zero_rows=False, normalisation='paper')
+
+CHECKPOINT_DIR = 'checkpoints'
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description='Train (or with --test evaluate) the Visual Attention Aggregation network.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    # The authors' flags, same names and meanings.
+    a('--data_path', help='dataset root (the demo dataset is cached in data/demo when not given)')
+    a('--epochs', type=int, help='number of epochs (default: per preset and dataset)')
+    a('--lr', type=float, help='initial learning rate (default: per preset and dataset)')
+    a('--wd', type=float, default=5e-4, help='weight decay')
+    a('--mom', type=float, default=0.9, help='SGD momentum')
+    a('--batch_size', type=int, help='total batch size over all devices (default: per preset and dataset)')
+    a('--num_classes', type=int, help='number of attributes; checked against the dataset')
+    a('--finetune', action='store_true',
+      help="the authors' meaning: freeze the whole backbone and drop the primary-branch loss")
+    a('--test', action='store_true',
+      help='evaluate on the test split instead of training: the best checkpoint of --resume RUN_DIR, or '
+           "the authors' saved_models/ folder given by --upstream-weights")
+    # Ours.
+    a('--dataset', default='demo', choices=datasets.names(), help='dataset')
+    a('--preset', default='paper', choices=sorted(PRESETS),
+      help='paper: the supplement architecture with the focal/history losses; upstream: the released code')
+    a('--backbone', choices=BACKBONES, help='backbone (default: resnet101_v1; resnet18_v1 for the demo)')
+    a('--pretrained', action='store_true', help='start the backbone from ImageNet weights (model-zoo cache)')
+    a('--input-size', type=int, help='square input side (default: 224; 48 for the demo)')
+    a('--gpus', help="GPU ids, e.g. '0' or '0,1'; CPU when not given")
+    a('--optimizer', choices=['sgd', 'adam'], help='optimizer (default: per preset and dataset)')
+    a('--freeze-epochs', type=int, default=0,
+      help="paper schedule: train only the heads (and the new output layer) for this many epochs, "
+           "then everything")
+    a('--gamma', type=float, default=0.5, help='focusing parameter of the weighted focal loss (Eq. 4)')
+    a('--class-weights', default='deepmar', choices=['deepmar', 'paper'],
+      help="form of the class-prior weights in Eq. 4: deepmar (the authors' code) or paper (exp(-a_c))")
+    a('--history-start', type=int, default=2, help='first epoch whose predictions are stored')
+    a('--history-track', type=int, default=5,
+      help='predictions kept per sample; the history weighting starts at this epoch')
+    a('--plain-bce', dest='plain_bce', action='store_true', default=None,
+      help='upstream quirk: plain sigmoid BCE for every branch (default on for --preset upstream)')
+    a('--no-plain-bce', dest='plain_bce', action='store_false', help='use the paper losses with any preset')
+    a('--history-zero-rows', dest='history_zero_rows', action='store_true', default=None,
+      help='upstream quirk: count the zero-initialised history rows (default on for --preset upstream)')
+    a('--no-history-zero-rows', dest='history_zero_rows', action='store_false',
+      help='use only stored predictions with any preset')
+    a('--lr-patience', type=int, help='epochs without val improvement before the lr is divided by 10')
+    a('--lr-drops', type=int, help='maximum number of learning-rate drops')
+    a('--monitor', choices=['mAP', 'mA', 'f1'], help='validation metric for best checkpoint and lr drops')
+    a('--seed', type=int, default=0, help='random seed (initialisation, data order, augmentation)')
+    a('--num-workers', type=int, help='data-loader worker processes')
+    a('--out', help='run folder (default: runs/<dataset>-<backbone>-<preset>-<time>)')
+    a('--resume', help='run folder to continue from its last checkpoint (with --test: to evaluate)')
+    a('--upstream-weights', help="with --test: the authors' saved_models/ folder")
+    a('--limit', type=int, help='use only the first N samples of every split (quick checks)')
+    a('--log-interval', type=int, default=20, help='batches between progress lines when not on a terminal')
+    a('--no-hybridize', dest='hybridize', action='store_false', help='run the network imperatively')
+    a('--debug', action='store_true', help='show tracebacks')
+    return p
+
+
+def resolve_config(args):
+    """Flags > dataset defaults > preset/dataset schedule; returns a plain dict (saved as config.json)."""
+    cfg = dict(vars(args))
+    data_defaults = datasets.defaults(args.dataset)
+    family = args.dataset if args.dataset in ('wider', 'peta') else None
+    schedule = SCHEDULES.get((args.preset, family)) or SCHEDULES.get(('paper', family)) or {}
+    for key in ('backbone', 'input_size', 'epochs', 'batch_size', 'lr', 'optimizer', 'lr_patience',
+                'lr_drops', 'monitor', 'num_workers'):
+        if cfg.get(key) is None:
+            cfg[key] = data_defaults.get(key, schedule.get(key))
+    fallbacks = dict(backbone='resnet101_v1', input_size=224, epochs=30, batch_size=32, lr=1e-3,
+                     optimizer='sgd', lr_patience=3, lr_drops=2, monitor='mAP', num_workers=4)
+    for key, value in fallbacks.items():
+        if cfg.get(key) is None:
+            cfg[key] = value
+    # Augmentation geometry: the dataset's numbers at its default input size, scaled to ours.
+    scale = cfg['input_size'] / float(data_defaults.get('input_size', 224))
+    cfg['resize'] = int(round(data_defaults.get('resize', 256) * scale))
+    crop = data_defaults.get('crop_range', (128, 224))
+    cfg['crop_range'] = [int(round(crop[0] * scale)), int(round(crop[1] * scale))]
+    quirks = UPSTREAM_QUIRKS if args.preset == 'upstream' else PAPER_SETTINGS
+    for key, value in quirks.items():
+        if cfg.get(key) is None:
+            cfg[key] = value
+    if cfg['freeze_epochs'] < 0 or cfg['epochs'] < 1 or cfg['batch_size'] < 1:
+        raise UserError('--epochs and --batch_size must be positive and --freeze-epochs non-negative')
+    if cfg['finetune'] and cfg['freeze_epochs']:
+        raise UserError('--finetune freezes the backbone for the whole run; drop --freeze-epochs')
+    if cfg['lr'] <= 0:
+        raise UserError('--lr must be positive, got %g' % cfg['lr'])
+    return cfg
+
+
+def parse_contexts(gpus):
+    """'' -> [cpu()], '0,1' -> [gpu(0), gpu(1)]."""
+    gpus = (gpus or '').strip()
+    if not gpus:
+        return [mx.cpu()]
+    try:
+        ids = [int(g) for g in gpus.split(',') if g.strip() != '']
+    except ValueError:
+        raise UserError("--gpus takes comma-separated GPU ids such as '0' or '0,1', got %r" % gpus)
+    available = mx.context.num_gpus()
+    missing = [i for i in ids if i >= available]
+    if missing:
+        raise UserError('--gpus %s: this machine has %d GPU(s) visible to mxnet%s' % (
+            gpus, available, '' if available else ' (is the CPU build of mxnet installed? pip install '
+            'mxnet-cu112 for CUDA 11.2)'))
+    return [mx.gpu(i) for i in ids]
+
+
+def setup_logging(run_dir):
+    LOG.setLevel(logging.INFO)
+    LOG.handlers[:] = []
+    fmt = logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S')
+    for handler in (logging.StreamHandler(sys.stdout),
+                    logging.FileHandler(os.path.join(run_dir, 'train.log'))):
+        handler.setFormatter(fmt)
+        LOG.addHandler(handler)
+    LOG.propagate = False
+
+
+def prepare_run_dir(cfg):
+    """Create the run folder; never reuse one that already holds a run unless resuming it."""
+    if cfg['resume']:
+        run_dir = cfg['resume']
+        if not os.path.isfile(os.path.join(run_dir, CHECKPOINT_DIR, 'last.params')):
+            raise UserError('--resume %s: no %s/last.params there; give the folder of an earlier run'
+                            % (run_dir, CHECKPOINT_DIR))
+        return run_dir
+    run_dir = cfg['out'] or os.path.join('runs', '%s-%s-%s-%s' % (
+        cfg['dataset'], cfg['backbone'], cfg['preset'], time.strftime('%Y%m%d-%H%M%S')))
+    if os.path.isfile(os.path.join(run_dir, CHECKPOINT_DIR, 'last.params')):
+        raise UserError('%s already holds a run; continue it with --resume %s or choose another --out'
+                        % (run_dir, run_dir))
+    try:
+        os.makedirs(os.path.join(run_dir, CHECKPOINT_DIR), exist_ok=True)
+        probe = os.path.join(run_dir, '.write-test')
+        with open(probe, 'w') as f:
+            f.write('ok')
+        os.remove(probe)
+    except OSError as err:
+        raise UserError('cannot write the run folder %s (%s); choose another --out' % (run_dir, err.strerror))
+    return run_dir
+
+
+def load_split(cfg, split):
+    kwargs = {'limit': cfg['limit']} if cfg.get('limit') else {}
+    data = datasets.get_split(cfg['dataset'], cfg['data_path'], split, **kwargs)
+    if len(data) == 0:
+        raise UserError('the %s split of %s (%s) is empty' % (split, cfg['dataset'], cfg['data_path']))
+    if cfg.get('num_classes') and cfg['num_classes'] != data.num_classes:
+        raise UserError('--num_classes %d but the %s labels have %d attributes; drop --num_classes or '
+                        'fix it' % (cfg['num_classes'], cfg['dataset'], data.num_classes))
+    return data
+
+
+def eval_loader(cfg, data):
+    transform = Transform(cfg['input_size'], cfg['resize'], cfg['crop_range'], train=False,
+                          normalisation=cfg['normalisation'])
+    loader, _ = make_loader(data, transform, cfg['batch_size'], shuffle=False,
+                            num_workers=cfg['num_workers'])
+    return loader
+
+
+def split_batch(batch, ctx):
+    """Split (data, label, mask, index) over the devices."""
+    data, label, mask, index = batch
+    if data.shape[0] < len(ctx):
+        ctx = ctx[:data.shape[0]]
+    parts = [gluon.utils.split_and_load(x, ctx, even_split=False) for x in (data, label, mask)]
+    index = index.asnumpy().astype(np.int64)
+    bounds = np.cumsum([0] + [p.shape[0] for p in parts[0]])
+    indices = [index[bounds[i]:bounds[i + 1]] for i in range(len(parts[0]))]
+    return list(zip(parts[0], parts[1], parts[2], indices))
+
+
+def predict(net, loader, ctx, loss_fns=None):
+    """Sigmoid of the fused logits for a whole split, with labels and mask (NumPy), and mean loss."""
+    scores, labels, masks, total, count = [], [], [], 0.0, 0
+    for batch in loader:
+        for x, y, m, _ in split_batch(batch, ctx):
+            primary, taps, fused = net(x)[:3]
+            scores.append(nd.sigmoid(fused))
+            labels.append(y)
+            masks.append(m)
+            if loss_fns is not None:
+                focal, att = loss_fns
+                loss = focal(primary, y, m) + nd.add_n(*[att(t, y, m) for t in taps])
+                total += float(loss.sum().asscalar())
+                count += x.shape[0]
+    to_np = lambda arrs: np.concatenate([a.asnumpy() for a in arrs]) if arrs else np.zeros((0, 0))
+    return to_np(scores), to_np(labels), to_np(masks), (total / count if count else float('nan'))
+
+
+def _monitor_value(result, monitor):
+    return {'mAP': result['mAP'], 'mA': result['mA'], 'f1': result['f1']}[monitor]
+
+
+def write_metrics(run_dir, rows):
+    with open(os.path.join(run_dir, 'metrics.json'), 'w') as f:
+        json.dump(rows, f, indent=1)
+    keys = [k for k in rows[0] if not isinstance(rows[0][k], (list, dict))]
+    with open(os.path.join(run_dir, 'metrics.csv'), 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction='ignore')
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+class Progress(object):
+    """tqdm bar on a terminal; otherwise a log line every ``interval`` batches with samples/sec."""
+
+    def __init__(self, total, desc, interval):
+        self.total, self.desc, self.interval = total, desc, max(1, interval)
+        self.count, self.samples, self.start = 0, 0, time.time()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def update(self, samples, loss_fn):
+        """Count a batch; ``loss_fn()`` gives the running loss (called only when shown: it syncs)."""
+        self.count += 1
+        self.samples += samples
+        if self.bar is not None:
+            loss = loss_fn()                # waits for the batch, so the speed below is real
+            self.bar.update(1)
+            self.bar.set_postfix_str('%.1f samples/s loss %.4f' % (self.speed(), loss))
+        elif self.count % self.interval == 0 or self.count == self.total:
+            loss = loss_fn()
+            LOG.info('%s [%d/%d] Speed: %.1f samples/sec loss=%.4f', self.desc, self.count, self.total,
+                     self.speed(), loss)
+
+    def speed(self):
+        return self.samples / max(time.time() - self.start, 1e-9)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        return self.speed()
+
+
+# What a resumed run may change; everything else comes from the run's saved config.
+RESUME_OVERRIDES = ('epochs', 'data_path', 'gpus', 'num_workers', 'log_interval', 'debug')
+
+
+def train(cfg, explicit=()):
+    """Train with the resolved ``cfg``; ``explicit`` names the flags the user gave (for --resume)."""
+    run_dir = prepare_run_dir(cfg)
+    setup_logging(run_dir)
+    resume_meta = None
+    if cfg['resume']:
+        resume_meta, _ = checkpoints.read_meta(os.path.join(run_dir, CHECKPOINT_DIR, 'last.params'))
+        saved = resume_meta['config']
+        for key in RESUME_OVERRIDES:
+            if key in explicit:
+                saved[key] = cfg[key]
+        saved['resume'] = cfg['resume']
+        cfg = saved
+    with open(os.path.join(run_dir, 'config.json'), 'w') as f:
+        json.dump(cfg, f, indent=1, sort_keys=True)
+    LOG.info('run folder: %s', run_dir)
+    LOG.info(_OMP_NOTE)
+    ctx = parse_contexts(cfg['gpus'])
+    LOG.info('devices: %s', ', '.join(str(c) for c in ctx))
+    mx.random.seed(cfg['seed'])
+    np.random.seed(cfg['seed'])
+
+    # Data
+    train_data, val_data, test_data = (load_split(cfg, s) for s in ('train', 'val', 'test'))
+    names = list(train_data.attribute_names)
+    cfg['num_classes'] = len(names)
+    LOG.info('%s: %d train, %d val, %d test samples, %d attributes', cfg['dataset'], len(train_data),
+             len(val_data), len(test_data), len(names))
+    if cfg['batch_size'] > len(train_data):
+        raise UserError('--batch_size %d is larger than the training split (%d samples)'
+                        % (cfg['batch_size'], len(train_data)))
+    train_tf = Transform(cfg['input_size'], cfg['resize'], cfg['crop_range'], train=True,
+                         normalisation=cfg['normalisation'], seed=cfg['seed'])
+    remainder = len(train_data) % cfg['batch_size']
+    last_batch = 'discard' if 0 < remainder < max(2, len(ctx)) else 'keep'   # BN needs 2+ samples
+    train_loader, sampler = make_loader(train_data, train_tf, cfg['batch_size'], shuffle=True,
+                                        num_workers=cfg['num_workers'], last_batch=last_batch,
+                                        seed=cfg['seed'])
+    val_loader, test_loader = eval_loader(cfg, val_data), eval_loader(cfg, test_data)
+
+    # Model, losses, trainers
+    net = get_vaa_net(cfg['backbone'], len(names), cfg['preset'], cfg['input_size'], cfg['pretrained'], ctx)
+    pos_w, neg_w = class_prior_weights(train_data.labels, train_data.mask, cfg['class_weights'])
+    focal = WeightedFocalLoss(pos_w, neg_w, gamma=cfg['gamma'], plain_bce=cfg['plain_bce'])
+    att_loss = AttentionHistoryLoss(plain_bce=cfg['plain_bce'])
+    history = PredictionHistory(len(train_data), len(names), track=cfg['history_track'],
+                                start_epoch=cfg['history_start'], ctx=ctx[0],
+                                upstream_zero_rows=cfg['history_zero_rows'])
+    opt_params = {'learning_rate': cfg['lr'], 'wd': cfg['wd']}
+    if cfg['optimizer'] == 'sgd':
+        opt_params['momentum'] = cfg['mom']
+    trainers = attention.build_stage_trainers(net, cfg['optimizer'], opt_params, freeze_backbone=cfg['finetune'])
+    use_primary_loss = not cfg['finetune']
+    state = dict(epoch=0, lr=cfg['lr'], best=-1.0, best_epoch=-1, patience=0, drops=0)
+    rows = []
+    if resume_meta is not None:
+        checkpoints.load_training(os.path.join(run_dir, CHECKPOINT_DIR, 'last.params'), net, trainers, history)
+        state = resume_meta['state']
+        rows = json.load(open(os.path.join(run_dir, 'metrics.json'))) if os.path.isfile(
+            os.path.join(run_dir, 'metrics.json')) else []
+        attention.set_learning_rate(trainers, state['lr'])
+        LOG.info('resumed from epoch %d (lr %g, best %s %.4f)', state['epoch'], state['lr'], cfg['monitor'],
+                 state['best'])
+    frozen = None
+
+    def set_frozen(value):
+        attention.freeze_backbone_features(net, value)
+        if cfg['hybridize']:
+            net.hybridize(static_alloc=True, static_shape=True)   # rebuild the graph for the new grad_req
+
+    LOG.info('model: %s, preset %s, taps %s, input %d; %s lr %g, batch %d, %d epochs; losses: %s',
+             cfg['backbone'], cfg['preset'], '/'.join(net.taps), cfg['input_size'], cfg['optimizer'], cfg['lr'],
+             cfg['batch_size'], cfg['epochs'], 'plain BCE (upstream)' if cfg['plain_bce'] else
+             'weighted focal (gamma %g, %s weights) + history-weighted BCE' % (cfg['gamma'], cfg['class_weights']))
+    if cfg['hybridize']:
+        net.hybridize(static_alloc=True, static_shape=True)
+
+    for epoch in range(state['epoch'], cfg['epochs']):
+        if not cfg['finetune'] and (epoch < cfg['freeze_epochs']) != frozen:
+            frozen = epoch < cfg['freeze_epochs']
+            set_frozen(frozen)
+            if frozen:
+                LOG.info('epochs 0-%d: backbone frozen, training the heads', cfg['freeze_epochs'] - 1)
+        tic = time.time()
+        sampler.set_epoch(epoch)
+        progress = Progress(len(train_loader), 'epoch %d' % epoch, cfg['log_interval'])
+        loss_sum, seen, train_scores, train_labels, train_masks = nd.zeros((1,), ctx=ctx[0]), 0, [], [], []
+        for batch in train_loader:
+            parts = split_batch(batch, ctx)
+            weights = [history.weights(idx, epoch, ctx=x.context) for x, _, _, idx in parts]
+            losses, fused_parts = [], []
+            with autograd.record():
+                for (x, y, m, _), w in zip(parts, weights):
+                    primary, taps, fused = net(x)
+                    loss = nd.add_n(*[att_loss(t, y, m, w) for t in taps])
+                    if use_primary_loss:
+                        loss = loss + focal(primary, y, m)
+                    losses.append(loss)
+                    fused_parts.append(fused)
+            autograd.backward(losses)
+            batch_size = batch[0].shape[0]
+            for trainer in trainers.values():
+                trainer.step(batch_size)
+            for (x, y, m, idx), fused in zip(parts, fused_parts):
+                probs = nd.sigmoid(fused.detach())
+                history.update(idx, probs, epoch)
+                train_scores.append(probs)
+                train_labels.append(y)
+                train_masks.append(m)
+            loss_sum += nd.add_n(*[l.sum().as_in_context(ctx[0]) for l in losses])
+            seen += batch_size
+            progress.update(batch_size, lambda: float((loss_sum / seen).asscalar()))
+        speed = progress.close()
+        train_loss = float((loss_sum / max(seen, 1)).asscalar())
+        if not np.isfinite(train_loss):
+            raise UserError('the training loss became %s in epoch %d; lower --lr (now %g)' % (
+                train_loss, epoch, state['lr']))
+        t_scores = np.concatenate([s.asnumpy() for s in train_scores])
+        t_result = metrics.evaluate(t_scores, np.concatenate([l.asnumpy() for l in train_labels]),
+                                    np.concatenate([m.asnumpy() for m in train_masks]), names)
+        v_scores, v_labels, v_masks, val_loss = predict(net, val_loader, ctx, (focal, att_loss))
+        v_result = metrics.evaluate(v_scores, v_labels, v_masks, names)
+        value = _monitor_value(v_result, cfg['monitor'])
+        improved = value > state['best']
+        if improved:
+            state.update(best=value, best_epoch=epoch, patience=0)
+        else:
+            state['patience'] += 1
+            if state['patience'] > cfg['lr_patience'] and state['drops'] < cfg['lr_drops']:
+                state['lr'] /= 10.0
+                state['drops'] += 1
+                state['patience'] = 0
+                attention.set_learning_rate(trainers, state['lr'])
+                LOG.info('no val %s gain for more than %d epochs: learning rate -> %g', cfg['monitor'],
+                         cfg['lr_patience'], state['lr'])
+        row = dict(epoch=epoch, lr=trainers[next(iter(trainers))].learning_rate, train_loss=train_loss,
+                   val_loss=val_loss, train_mAP=t_result['mAP'], val_mAP=v_result['mAP'], val_mA=v_result['mA'],
+                   val_f1=v_result['f1'], samples_per_sec=speed, seconds=time.time() - tic,
+                   val_ap=[r['ap'] for r in v_result['per_attribute']])
+        rows.append(row)
+        LOG.info('Epoch [%d]: train loss %.4f  val loss %.4f  train mAP %.2f  val mAP %.2f  val mA %.2f  '
+                 '(%.1f samples/sec, %.0fs)%s', epoch, train_loss, val_loss, 100 * t_result['mAP'],
+                 100 * v_result['mAP'], 100 * v_result['mA'], speed, row['seconds'],
+                 '  * best' if improved else '')
+        state['epoch'] = epoch + 1
+        meta = dict(state=state, config=cfg, attribute_names=names)
+        checkpoints.save_training(os.path.join(run_dir, CHECKPOINT_DIR, 'last.params'), net, trainers,
+                                  history, meta)
+        if improved:
+            checkpoints.save_training(os.path.join(run_dir, CHECKPOINT_DIR, 'best.params'), net, {}, None, meta)
+        write_metrics(run_dir, rows)
+        plots.curves(rows, os.path.join(run_dir, 'curves.png'))
+
+    # Test with the best checkpoint.
+    best_path = os.path.join(run_dir, CHECKPOINT_DIR, 'best.params')
+    checkpoints.load_weights(best_path, net)
+    scores, labels, masks, _ = predict(net, test_loader, ctx)
+    result = metrics.evaluate(scores, labels, masks, names)
+    result.update(split='test', checkpoint=best_path, best_epoch=state['best_epoch'])
+    with open(os.path.join(run_dir, 'test_metrics.json'), 'w') as f:
+        json.dump(result, f, indent=1)
+    plots.ap_bars(result, os.path.join(run_dir, 'test_ap.png'), 'test (epoch %d)' % state['best_epoch'])
+    chance = metrics.chance_map(labels, masks)
+    print(metrics.format_table(result, title='Test split, best checkpoint (epoch %d of %s):'
+                               % (state['best_epoch'], run_dir)))
+    LOG.info('test mAP %.2f (chance level from the label priors: %.2f); run folder %s',
+             100 * result['mAP'], 100 * chance, run_dir)
+    return result
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    cfg = resolve_config(args)
+    if cfg['test']:
+        import eval as evaluation
+        return evaluation.test_from_train_flags(cfg)
+    explicit = [k for k, v in vars(args).items() if v is not None and v != build_parser().get_default(k)]
+    return train(cfg, explicit)
+
+
+if __name__ == '__main__':
+    run_main(main)
