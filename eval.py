@@ -52,6 +52,9 @@ def build_parser():
     a('--batch_size', type=int, help='evaluation batch size (default: the run\'s)')
     a('--num-workers', type=int, help='data-loader worker processes')
     a('--limit', type=int, help='evaluate only the first N samples')
+    a('--partition', type=int, help='PETA partition (default: the run\'s, else 0)')
+    a('--cache-dir', help='WIDER: folder of the cached person crops')
+    a('--skip-bad-samples', action='store_true', default=None, help='skip unreadable or malformed samples')
     # For the authors' saved_models/ (no config there).
     a('--preset', choices=sorted(PRESETS), default='upstream', help="preset of the authors' files")
     a('--backbone', choices=BACKBONES, default='resnet101_v1', help="backbone of the authors' files")
@@ -106,7 +109,7 @@ def load_model(args, ctx):
         net = get_vaa_net(cfg['backbone'], len(names), cfg['preset'], cfg['input_size'], False, ctx)
         checkpoints.load_upstream(net, path)
         cfg['num_classes'] = len(names)
-    for key in ('dataset', 'data_path', 'batch_size', 'limit'):
+    for key in ('dataset', 'data_path', 'batch_size', 'limit', 'partition', 'cache_dir', 'skip_bad_samples'):
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)
     if getattr(args, 'num_workers', None) is not None:

@@ -49,6 +49,9 @@ SCHEDULES = {
                                 epochs=250),
     ('paper', 'peta'): dict(optimizer='adam', lr=1e-4, lr_patience=8, lr_drops=2, batch_size=32, epochs=60),
 }
+# Which schedule a dataset follows (the demo has its own defaults in datasets/digits.py).
+DATASET_FAMILY = {'wider': 'wider', 'csv': 'wider', 'lst': 'wider', 'rec': 'wider', 'peta': 'peta',
+                  'pa100k': 'peta'}
 # What the upstream preset switches on (SPEC 4), each also a flag.
 UPSTREAM_QUIRKS = dict(plain_bce=True, history_zero_rows=True, normalisation='upstream')
 PAPER_SETTINGS = dict(plain_bce=False, history_zero_rows=False, normalisation='paper')
@@ -102,6 +105,14 @@ def build_parser():
     a('--lr-patience', type=int, help='epochs without val improvement before the lr is divided by 10')
     a('--lr-drops', type=int, help='maximum number of learning-rate drops')
     a('--monitor', choices=['mAP', 'mA', 'f1'], help='validation metric for best checkpoint and lr drops')
+    a('--train-split', default='train', help="training split (WIDER: the paper used 'train'; 'trainval' too)")
+    a('--val-split', default='val', help='validation split')
+    a('--test-split', default='test', help='test split')
+    a('--partition', type=int, default=0, help='PETA partition (0-4)')
+    a('--all-attributes', action='store_true', help='PETA: all 105 attributes instead of the usual 35')
+    a('--cache-dir', help='WIDER: folder for the cached person crops (default: <data_path>/crops256)')
+    a('--skip-bad-samples', action='store_true',
+      help='skip (and count) missing or unreadable images and malformed labels instead of stopping')
     a('--seed', type=int, default=0, help='random seed (initialisation, data order, augmentation)')
     a('--num-workers', type=int, help='data-loader worker processes')
     a('--out', help='run folder (default: runs/<dataset>-<backbone>-<preset>-<time>)')
@@ -118,7 +129,7 @@ def resolve_config(args):
     """Flags > dataset defaults > preset/dataset schedule; returns a plain dict (saved as config.json)."""
     cfg = dict(vars(args))
     data_defaults = datasets.defaults(args.dataset)
-    family = args.dataset if args.dataset in ('wider', 'peta') else None
+    family = DATASET_FAMILY.get(args.dataset)
     schedule = SCHEDULES.get((args.preset, family)) or SCHEDULES.get(('paper', family)) or {}
     for key in ('backbone', 'input_size', 'epochs', 'batch_size', 'lr', 'optimizer', 'lr_patience',
                 'lr_drops', 'monitor', 'num_workers'):
@@ -201,8 +212,11 @@ def prepare_run_dir(cfg):
 
 
 def load_split(cfg, split):
-    kwargs = {'limit': cfg['limit']} if cfg.get('limit') else {}
-    data = datasets.get_split(cfg['dataset'], cfg['data_path'], split, **kwargs)
+    data = datasets.get_split(cfg['dataset'], cfg['data_path'], split, limit=cfg.get('limit'),
+                              skip_bad=cfg.get('skip_bad_samples'), partition=cfg.get('partition'),
+                              all_attributes=cfg.get('all_attributes'), cache_dir=cfg.get('cache_dir'))
+    if getattr(data, 'skipped', 0):
+        LOG.warning('%s %s: %d bad sample(s) skipped (--skip-bad-samples)', cfg['dataset'], split, data.skipped)
     if len(data) == 0:
         raise UserError('the %s split of %s (%s) is empty' % (split, cfg['dataset'], cfg['data_path']))
     if cfg.get('num_classes') and cfg['num_classes'] != data.num_classes:
@@ -323,7 +337,7 @@ def train(cfg, explicit=()):
     np.random.seed(cfg['seed'])
 
     # Data
-    train_data, val_data, test_data = (load_split(cfg, s) for s in ('train', 'val', 'test'))
+    train_data, val_data, test_data = (load_split(cfg, cfg[k]) for k in ('train_split', 'val_split', 'test_split'))
     names = list(train_data.attribute_names)
     cfg['num_classes'] = len(names)
     LOG.info('%s: %d train, %d val, %d test samples, %d attributes', cfg['dataset'], len(train_data),

@@ -1,28 +1,38 @@
 """Datasets, one module per dataset, behind one registry.
 
-``get_split(name, data_path, split)`` returns an :class:`datasets.base.AttributeDataset`;
-``defaults(name)`` gives the settings ``train.py`` uses for that dataset unless told otherwise
-(backbone, input size, resize and crop range of the augmentation, schedule).
+========  ===================================================  =============================
+name      layout under ``--data_path``                         module
+========  ===================================================  =============================
+demo      (built from scikit-learn's digits, cached)           ``datasets/digits.py``
+wider     Annotations/wider_attribute_*.json + Image/          ``datasets/wider.py``
+peta      PETA.mat + images/00001.png ...                      ``datasets/peta.py``
+pa100k    annotation.mat + data/ (or images/)                  ``datasets/pa100k.py``
+csv       train.csv, val.csv, test.csv                         ``datasets/csvlist.py``
+lst       train.lst, val.lst, test.lst (the authors' format)   ``datasets/lst.py``
+rec       train.rec/.idx, ... (packed by datasets.recordio)    ``datasets/recordio.py``
+========  ===================================================  =============================
+
+``get_split(name, data_path, split, **options)`` returns an :class:`datasets.base.AttributeDataset`;
+options a dataset does not take (e.g. ``partition`` for WIDER) are ignored. ``defaults(name)`` gives
+the settings ``train.py`` uses for that dataset unless told otherwise.
 """
+import importlib
+import inspect
 import os
 
 from errors import UserError
 
 REPO_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data')
 
-
-def _demo(data_path, split, **kwargs):
-    from datasets.digits import DigitsCanvas
-    return DigitsCanvas(data_path or os.path.join(REPO_DATA, 'demo'), split, **kwargs)
-
-
-def _demo_defaults():
-    from datasets.digits import DEFAULTS
-    return dict(DEFAULTS)
-
-
+# name: (module, class)
 REGISTRY = {
-    'demo': (_demo, _demo_defaults),
+    'demo': ('datasets.digits', 'DigitsCanvas'),
+    'wider': ('datasets.wider', 'WiderAttribute'),
+    'peta': ('datasets.peta', 'Peta'),
+    'pa100k': ('datasets.pa100k', 'PA100K'),
+    'csv': ('datasets.csvlist', 'CsvDataset'),
+    'lst': ('datasets.lst', 'LstDataset'),
+    'rec': ('datasets.recordio', 'RecordDataset'),
 }
 
 
@@ -30,14 +40,23 @@ def names():
     return sorted(REGISTRY)
 
 
-def get_split(name, data_path, split, **kwargs):
-    """One split (``train``, ``val``, ``test``...) of dataset ``name`` read from ``data_path``."""
+def _entry(name):
     if name not in REGISTRY:
         raise UserError('unknown dataset %r: choose one of %s' % (name, ', '.join(names())))
-    return REGISTRY[name][0](data_path, split, **kwargs)
+    module = importlib.import_module(REGISTRY[name][0])
+    return module, getattr(module, REGISTRY[name][1])
+
+
+def get_split(name, data_path, split, **options):
+    """One split (``train``, ``val``, ``test``...) of dataset ``name`` read from ``data_path``."""
+    _, cls = _entry(name)
+    if name == 'demo' and not data_path:
+        data_path = os.path.join(REPO_DATA, 'demo')
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in options.items() if k in accepted and v is not None}
+    return cls(data_path, split, **kwargs)
 
 
 def defaults(name):
-    if name not in REGISTRY:
-        raise UserError('unknown dataset %r: choose one of %s' % (name, ', '.join(names())))
-    return REGISTRY[name][1]()
+    module, _ = _entry(name)
+    return dict(module.DEFAULTS)

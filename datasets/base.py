@@ -5,11 +5,20 @@ array, with ``labels`` (N x C float32 in {0, 1}) and ``mask`` (N x C, 1 = specif
 that class priors and metrics never touch the images. :func:`make_loader` applies the transforms and
 returns batches ``(data, label, mask, index)``.
 """
+import logging
+import os
+
 import numpy as np
 import cv2
 from mxnet import gluon
 
 from errors import UserError
+
+LOG = logging.getLogger('vaa')
+
+# The WIDER-Attribute attributes in their official order (the JSON's attribute_id_map; "Tshiirt" sic).
+WIDER_ATTRIBUTES = ('Male', 'longHair', 'sunglass', 'Hat', 'Tshiirt', 'longSleeve', 'formal', 'shorts',
+                    'jeans', 'longPants', 'skirt', 'faceMask', 'logo', 'stripe')
 
 # Normalisation per preset (SPEC 5): ImageNet mean/std for model-zoo weights; the released code
 # subtracted 104/117/123 from R/G/B and did not divide.
@@ -38,6 +47,105 @@ class AttributeDataset(gluon.data.Dataset):
     @property
     def num_classes(self):
         return len(self.attribute_names)
+
+
+class BadSamples(object):
+    """Problems found while reading a dataset: raise at the first one, or (``skip``) count and drop."""
+
+    def __init__(self, skip=False, what='dataset'):
+        self.skip, self.what, self.problems = skip, what, []
+
+    def report(self, where, problem):
+        """``where``: the file (and line or entry); ``problem``: what is wrong with it."""
+        message = '%s: %s' % (where, problem)
+        if not self.skip:
+            raise UserError('%s (fix it, or pass --skip-bad-samples to skip such samples)' % message)
+        self.problems.append(message)
+
+    def log(self):
+        if self.problems:
+            LOG.warning('%s: skipped %d bad sample(s), e.g. %s', self.what, len(self.problems),
+                        '; '.join(self.problems[:3]))
+
+
+def decode_image(path):
+    """RGB uint8 H x W x 3 of the image file ``path``; UserError naming the file otherwise."""
+    data = np.fromfile(path, dtype=np.uint8) if os.path.isfile(path) else None
+    if data is None:
+        raise UserError('image %s does not exist' % path)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise UserError('%s is not a readable image (empty, truncated or not JPEG/PNG/BMP)' % path)
+    return image[:, :, ::-1]
+
+
+def check_images(paths, bad, verify=False):
+    """Indices of ``paths`` that exist (and, with ``verify``, decode); the others go to ``bad``."""
+    keep = []
+    for i, path in enumerate(paths):
+        if not os.path.isfile(path):
+            bad.report(path, 'image file does not exist')
+            continue
+        if verify:
+            try:
+                decode_image(path)
+            except UserError as err:
+                bad.report(path, str(err))
+                continue
+        keep.append(i)
+    return keep
+
+
+def parse_signed(values, where, bad, num_classes=None):
+    """Label strings in WIDER's encoding (1 positive, -1 negative, 0 unspecified) -> signed int row.
+
+    Returns None (after reporting to ``bad``) for a row of the wrong length or with another value.
+    """
+    if num_classes is not None and len(values) != num_classes:
+        bad.report(where, 'has %d labels, expected %d' % (len(values), num_classes))
+        return None
+    try:
+        row = [float(v) for v in values]
+    except ValueError:
+        bad.report(where, 'labels must be numbers 1, -1 or 0, got %s' % ' '.join(values))
+        return None
+    if any(v not in (1.0, -1.0, 0.0) for v in row):
+        bad.report(where, 'label values must be 1 (positive), -1 (negative) or 0 (unspecified), got %s'
+                   % ' '.join(values))
+        return None
+    return np.array(row, np.int8)
+
+
+class ImageFileDataset(AttributeDataset):
+    """Samples that are image files with signed labels (1 / -1 / 0)."""
+
+    def __init__(self, paths, signed, attribute_names, split):
+        signed = np.asarray(signed, np.int8).reshape(len(paths), len(attribute_names))
+        self.paths = list(paths)
+        self.labels = (signed == 1).astype(np.float32)
+        self.mask = (signed != 0).astype(np.float32)
+        self.attribute_names = tuple(attribute_names)
+        self.split = split
+
+    def image(self, index):
+        return decode_image(self.paths[index])
+
+
+def find_file(folder, candidates, what):
+    """The first of ``candidates`` that exists in ``folder``; UserError listing them otherwise."""
+    for name in candidates:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    raise UserError('%s: no %s found (looked for %s)' % (folder, what, ', '.join(candidates)))
+
+
+def require_dir(path, what):
+    if not path:
+        raise UserError('--data_path is required for %s' % what)
+    if not os.path.isdir(path):
+        raise UserError('--data_path %s does not exist (expected the %s folder)' % (path, what))
+    return path
 
 
 class Transform(object):

@@ -1,0 +1,224 @@
+#!/usr/bin/env python
+"""Speed figures: our training/evaluation step vs the authors' execution style, the bare backbone, and
+the data pipeline.
+
+    python benchmark.py                                  # resnet101_v1, 224, batch 8, CPU
+    python benchmark.py --backbone resnet50_v1 --batch 32 --gpus 0
+    python benchmark.py --only data                      # just the data pipeline
+
+Rows (images/sec, higher is better):
+
+* ``ours train`` / ``ours eval``: ``VAANet`` hybridized with static allocation, the paper's losses
+  with the prediction history, one Trainer per module (what ``train.py`` runs).
+* ``reference train`` / ``reference eval``: the same architecture executed the way the authors' code
+  does it (``upstream_reference.py``: SymbolBlock backbone, per-stage non-hybridized Sequentials, eager
+  NDArray spatial softmax, one Trainer per module, sigmoid BCE).
+* ``bare backbone train``: the model-zoo backbone alone with a Dense(C) output, hybridized, forward +
+  backward + SGD step: the ceiling for anything built on it.
+* ``data (files)`` / ``data (RecordIO)``: the training DataLoader (decode, random crop, mirror,
+  normalise) over 256x256 JPEG files and over the same images packed with im2rec.
+
+Ratios printed at the end: ours/reference, ours/bare backbone, data/ours train.
+"""
+import os
+
+if 'OMP_NUM_THREADS' not in os.environ:
+    os.environ['OMP_NUM_THREADS'] = str(os.cpu_count() or 1)
+
+import argparse  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import mxnet as mx  # noqa: E402
+from mxnet import autograd, gluon, nd  # noqa: E402
+
+import attention  # noqa: E402
+from errors import run_main  # noqa: E402
+from losses import AttentionHistoryLoss, PredictionHistory, WeightedFocalLoss  # noqa: E402
+from model import get_vaa_net  # noqa: E402
+
+
+def _timed(step, warmup, iters, sync):
+    for _ in range(warmup):
+        step()
+    sync()
+    start = time.time()
+    for _ in range(iters):
+        step()
+    sync()
+    return (time.time() - start) / iters
+
+
+def bench_ours(args, ctx, x, y, m):
+    net = get_vaa_net(args.backbone, args.classes, args.preset, args.input_size, ctx=[ctx])
+    net.hybridize(static_alloc=True, static_shape=True)
+    trainers = attention.build_stage_trainers(net, 'sgd', {'learning_rate': 1e-4, 'momentum': 0.9, 'wd': 5e-4})
+    focal, att = WeightedFocalLoss(gamma=0.5), AttentionHistoryLoss()
+    history = PredictionHistory(args.batch * 4, args.classes, start_epoch=0, use_epoch=0, ctx=ctx)
+    idx = np.arange(args.batch)
+    history.update(idx, nd.random.uniform(shape=(args.batch, args.classes), ctx=ctx), 0)
+    history.update(idx, nd.random.uniform(shape=(args.batch, args.classes), ctx=ctx), 1)
+
+    def train_step():
+        w = history.weights(idx, 2, ctx=ctx)
+        with autograd.record():
+            primary, taps, fused = net(x)
+            loss = focal(primary, y, m) + nd.add_n(*[att(t, y, m, w) for t in taps])
+        loss.backward()
+        for trainer in trainers.values():
+            trainer.step(args.batch)
+        history.update(idx, nd.sigmoid(fused), 2)
+
+    def eval_step():
+        net(x)[2].wait_to_read()
+    sync = nd.waitall
+    train_s = _timed(train_step, args.warmup, args.iters, sync)
+    eval_s = _timed(eval_step, args.warmup, args.iters, sync)
+    return args.batch / train_s, args.batch / eval_s
+
+
+def bench_reference(args, ctx, x, y, m):
+    from upstream_reference import UpstreamReference
+    depth = int(args.backbone[len('resnet'):-len('_v1')])
+    ref = UpstreamReference(depth, args.classes, args.preset, args.input_size, ctx)
+    opt = {'learning_rate': 1e-4, 'momentum': 0.9, 'wd': 5e-4}
+    trainers = [gluon.Trainer(block.collect_params(), 'sgd', dict(opt)) for block in ref.modules().values()]
+    bce = gluon.loss.SigmoidBinaryCrossEntropyLoss()
+
+    def train_step():
+        with autograd.record():
+            primary, taps, fused = ref(x)
+            loss = bce(primary, y) + sum(bce(t, y) for t in taps)
+        loss.backward()
+        for trainer in trainers:
+            trainer.step(args.batch)
+        fused.asnumpy()               # the authors' loop pulled predictions to NumPy every batch
+
+    def eval_step():
+        ref(x)[2].asnumpy()
+    train_s = _timed(train_step, args.warmup, args.iters, nd.waitall)
+    eval_s = _timed(eval_step, args.warmup, args.iters, nd.waitall)
+    return args.batch / train_s, args.batch / eval_s
+
+
+def bench_backbone(args, ctx, x, y):
+    from mxnet.gluon.model_zoo import vision
+    zoo = vision.get_model(args.backbone)
+    with zoo.name_scope():
+        zoo.output = gluon.nn.Dense(args.classes)
+    zoo.initialize(mx.init.Xavier(), ctx=ctx)
+    zoo.hybridize(static_alloc=True, static_shape=True)
+    trainer = gluon.Trainer(zoo.collect_params(), 'sgd', {'learning_rate': 1e-4, 'momentum': 0.9, 'wd': 5e-4})
+    bce = gluon.loss.SigmoidBinaryCrossEntropyLoss()
+
+    def train_step():
+        with autograd.record():
+            loss = bce(zoo(x), y)
+        loss.backward()
+        trainer.step(args.batch)
+    return args.batch / _timed(train_step, args.warmup, args.iters, nd.waitall)
+
+
+def _sample_images(folder, count):
+    """``count`` 256x256 JPEG crops of scikit-learn's two bundled photos."""
+    import cv2
+    from sklearn.datasets import load_sample_images
+    photos = load_sample_images().images
+    rng = np.random.RandomState(0)
+    rows = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        h, w = photo.shape[:2]
+        side = rng.randint(120, min(h, w))
+        y0, x0 = rng.randint(0, h - side), rng.randint(0, w - side)
+        crop = cv2.resize(photo[y0:y0 + side, x0:x0 + side], (256, 256), interpolation=cv2.INTER_AREA)
+        rel = 'img/%05d.jpg' % i
+        os.makedirs(os.path.join(folder, 'img'), exist_ok=True)
+        cv2.imwrite(os.path.join(folder, rel), crop[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+        rows.append(rel)
+    return rows
+
+
+def bench_data(args):
+    """Images/sec of the training loader over JPEG files and over RecordIO."""
+    import datasets
+    from datasets.base import Transform, make_loader
+    from datasets.recordio import prepare
+    tmp = tempfile.mkdtemp(prefix='vaa-bench-')
+    try:
+        src, rec = os.path.join(tmp, 'csv'), os.path.join(tmp, 'rec')
+        os.makedirs(src)
+        rows = _sample_images(src, args.data_images)
+        for split in ('train', 'val', 'test'):
+            with open(os.path.join(src, '%s.csv' % split), 'w') as f:
+                f.write('path,a,b\n' + ''.join('%s,1,0\n' % r for r in rows))
+        prepare('csv', src, rec, splits=('train',))
+        resize = int(round(256 * args.input_size / 224.0))
+        crop = (int(round(128 * args.input_size / 224.0)), args.input_size)
+        out = {}
+        for name, dataset, path in (('files', 'csv', src), ('RecordIO', 'rec', rec)):
+            ds = datasets.get_split(dataset, path, 'train')
+            tf = Transform(args.input_size, resize, crop, train=True)
+            loader, sampler = make_loader(ds, tf, args.batch, shuffle=True, num_workers=args.workers,
+                                          last_batch='discard')
+            sampler.set_epoch(0)
+            for _ in loader:                      # warm up the worker processes and the page cache
+                break
+            sampler.set_epoch(1)
+            start, seen = time.time(), 0
+            for batch in loader:
+                seen += batch[0].shape[0]
+            out[name] = seen / (time.time() - start)
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--backbone', default='resnet101_v1', help='ResNet v1 backbone')
+    p.add_argument('--preset', default='upstream', choices=['paper', 'upstream'])
+    p.add_argument('--input-size', type=int, default=224)
+    p.add_argument('--batch', type=int, default=8, help='batch size')
+    p.add_argument('--classes', type=int, default=14)
+    p.add_argument('--gpus', help="GPU id, e.g. '0'; CPU when not given")
+    p.add_argument('--warmup', type=int, default=2, help='untimed steps first')
+    p.add_argument('--iters', type=int, default=5, help='timed steps')
+    p.add_argument('--workers', type=int, default=os.cpu_count() or 1, help='data-loader workers')
+    p.add_argument('--data-images', type=int, default=256, help='images for the data-pipeline rows')
+    p.add_argument('--only', choices=['model', 'data'], help='run one part only')
+    p.add_argument('--debug', action='store_true')
+    args = p.parse_args(argv)
+    ctx = mx.gpu(int(args.gpus)) if args.gpus else mx.cpu()
+    print('benchmark: %s, preset %s, input %d, batch %d, %s, OMP_NUM_THREADS=%s' % (
+        args.backbone, args.preset, args.input_size, args.batch, ctx, os.environ.get('OMP_NUM_THREADS')))
+    rows = {}
+    if args.only != 'data':
+        x = nd.random.normal(shape=(args.batch, 3, args.input_size, args.input_size), ctx=ctx)
+        y = nd.array(np.random.randint(0, 2, (args.batch, args.classes)), ctx=ctx)
+        m = nd.ones_like(y)
+        rows['ours train'], rows['ours eval'] = bench_ours(args, ctx, x, y, m)
+        rows['reference train'], rows['reference eval'] = bench_reference(args, ctx, x, y, m)
+        rows['bare backbone train'] = bench_backbone(args, ctx, x, y)
+    if args.only != 'model':
+        data = bench_data(args)
+        rows['data (files, %d workers)' % args.workers] = data['files']
+        rows['data (RecordIO, %d workers)' % args.workers] = data['RecordIO']
+    print('%-32s %12s' % ('', 'images/sec'))
+    for name, value in rows.items():
+        print('%-32s %12.2f' % (name, value))
+    if 'ours train' in rows:
+        print('ours / reference: train %.2fx, eval %.2fx' % (rows['ours train'] / rows['reference train'],
+                                                             rows['ours eval'] / rows['reference eval']))
+        print('ours train / bare backbone train: %.0f%%' % (100 * rows['ours train'] / rows['bare backbone train']))
+        if args.only is None:
+            for name in rows:
+                if name.startswith('data'):
+                    print('%s / ours train: %.1fx' % (name, rows[name] / rows['ours train']))
+    return rows
+
+
+if __name__ == '__main__':
+    run_main(main)
