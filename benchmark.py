@@ -35,6 +35,8 @@ import mxnet as mx  # noqa: E402
 from mxnet import autograd, gluon, nd  # noqa: E402
 
 import attention  # noqa: E402
+import distributed  # noqa: E402
+import mixed_precision  # noqa: E402
 from errors import run_main  # noqa: E402
 from losses import AttentionHistoryLoss, PredictionHistory, WeightedFocalLoss  # noqa: E402
 from model import get_vaa_net  # noqa: E402
@@ -54,8 +56,13 @@ def _timed(step, warmup, iters, sync):
 def bench_ours(args, ctx, x, y, m):
     net = get_vaa_net(args.backbone, args.classes, args.preset, args.input_size, ctx=[ctx])
     net.hybridize(static_alloc=True, static_shape=True)
-    trainers = attention.build_stage_trainers(net, 'sgd', {'learning_rate': 1e-4, 'momentum': 0.9, 'wd': 5e-4})
+    trainers = attention.build_stage_trainers(net, 'sgd', {'learning_rate': 1e-4, 'momentum': 0.9, 'wd': 5e-4},
+                                              kvstore=None)
+    sync, scaling = distributed.GradientSync(net, [ctx]), mixed_precision.LossScaling(False)
+    params = list(net.collect_params().values())
     focal, att = WeightedFocalLoss(gamma=0.5), AttentionHistoryLoss()
+    for loss in (focal, att):
+        loss.hybridize(static_alloc=True, static_shape=True)
     history = PredictionHistory(args.batch * 4, args.classes, start_epoch=0, use_epoch=0, ctx=ctx)
     idx = np.arange(args.batch)
     history.update(idx, nd.random.uniform(shape=(args.batch, args.classes), ctx=ctx), 0)
@@ -67,15 +74,13 @@ def bench_ours(args, ctx, x, y, m):
             primary, taps, fused = net(x)
             loss = focal(primary, y, m) + nd.add_n(*[att(t, y, m, w) for t in taps])
         loss.backward()
-        for trainer in trainers.values():
-            trainer.step(args.batch)
+        scaling.step(sync, trainers, args.batch, params)
         history.update(idx, nd.sigmoid(fused), 2)
 
     def eval_step():
         net(x)[2].wait_to_read()
-    sync = nd.waitall
-    train_s = _timed(train_step, args.warmup, args.iters, sync)
-    eval_s = _timed(eval_step, args.warmup, args.iters, sync)
+    train_s = _timed(train_step, args.warmup, args.iters, nd.waitall)
+    eval_s = _timed(eval_step, args.warmup, args.iters, nd.waitall)
     return args.batch / train_s, args.batch / eval_s
 
 

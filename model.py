@@ -314,6 +314,39 @@ class VAANet(gluon.HybridBlock):
         return primary, tap_logits, fused
 
 
+def use_sync_batchnorm(net, num_devices):
+    """Swap every BatchNorm of ``net`` for a SyncBatchNorm over ``num_devices`` devices, keeping the same
+    parameters (so weights load and save unchanged); statistics are then computed over the whole batch
+    instead of each device's slice. Call before hybridizing."""
+    from mxnet.gluon.contrib.nn import SyncBatchNorm
+    swapped = 0
+    for block in _all_blocks(net):
+        for key, child in list(block._children.items()):  # pylint: disable=protected-access
+            if isinstance(child, nn.BatchNorm) and not isinstance(child, SyncBatchNorm):
+                kwargs = dict(child._kwargs)  # pylint: disable=protected-access
+                sync = SyncBatchNorm(in_channels=child.gamma.shape[0], num_devices=num_devices,
+                                     momentum=kwargs['momentum'], epsilon=kwargs['eps'],
+                                     prefix=child.prefix, params=child.params)
+                block._children[key] = sync  # pylint: disable=protected-access
+                for attr, value in list(vars(block).items()):
+                    if value is child:
+                        object.__setattr__(block, attr, sync)
+                swapped += 1
+    net._clear_cached_op()  # pylint: disable=protected-access
+    return swapped
+
+
+def _all_blocks(block, seen=None):
+    seen = set() if seen is None else seen
+    if id(block) in seen:
+        return []
+    seen.add(id(block))
+    out = [block]
+    for child in block._children.values():  # pylint: disable=protected-access
+        out.extend(_all_blocks(child, seen))
+    return out
+
+
 def initialize(net, ctx=None):
     """Initialise every parameter that has no data yet (Xavier gaussian "in" 2 unless the layer set
     its own initializer; pretrained zoo weights are kept) and move everything to ``ctx``."""

@@ -32,12 +32,14 @@ from mxnet import autograd, gluon, nd  # noqa: E402
 import attention  # noqa: E402
 import checkpoints  # noqa: E402
 import datasets  # noqa: E402
+import distributed  # noqa: E402
 import metrics  # noqa: E402
+import mixed_precision  # noqa: E402
 import plots  # noqa: E402
 from datasets.base import Transform, make_loader  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
 from losses import AttentionHistoryLoss, PredictionHistory, WeightedFocalLoss, class_prior_weights  # noqa: E402
-from model import BACKBONES, PRESETS, get_vaa_net  # noqa: E402
+from model import BACKBONES, PRESETS, get_vaa_net, use_sync_batchnorm  # noqa: E402
 
 LOG = logging.getLogger('vaa')
 
@@ -85,6 +87,8 @@ def build_parser():
     a('--pretrained', action='store_true', help='start the backbone from ImageNet weights (model-zoo cache)')
     a('--input-size', type=int, help='square input side (default: 224; 48 for the demo)')
     a('--gpus', help="GPU ids, e.g. '0' or '0,1'; CPU when not given")
+    a('--cpus', type=int, default=1, help='without --gpus: split each batch over this many CPU contexts '
+                                          '(exercises the multi-device path)')
     a('--optimizer', choices=['sgd', 'adam'], help='optimizer (default: per preset and dataset)')
     a('--freeze-epochs', type=int, default=0,
       help="paper schedule: train only the heads (and the new output layer) for this many epochs, "
@@ -121,6 +125,13 @@ def build_parser():
     a('--limit', type=int, help='use only the first N samples of every split (quick checks)')
     a('--log-interval', type=int, default=20, help='batches between progress lines when not on a terminal')
     a('--no-hybridize', dest='hybridize', action='store_false', help='run the network imperatively')
+    a('--kvstore', default='device',
+      help='gradient exchange: device (one machine, several devices) or dist_sync (several machines; '
+           'start with launch.py or the DMLC_* variables)')
+    a('--syncbn', action='store_true', help='batch-norm statistics over all devices of a machine (SyncBatchNorm)')
+    a('--amp', action='store_true', help='float16 training with dynamic loss scaling (GPU only)')
+    a('--save-all-ranks', action='store_true',
+      help='distributed check: every worker writes its final weights to <out>/rank<k>.params')
     a('--debug', action='store_true', help='show tracebacks')
     return p
 
@@ -158,11 +169,13 @@ def resolve_config(args):
     return cfg
 
 
-def parse_contexts(gpus):
-    """'' -> [cpu()], '0,1' -> [gpu(0), gpu(1)]."""
+def parse_contexts(gpus, cpus=1):
+    """None -> [cpu()] (or ``cpus`` CPU contexts), '0,1' -> [gpu(0), gpu(1)]."""
     gpus = (gpus or '').strip()
     if not gpus:
-        return [mx.cpu()]
+        if cpus < 1:
+            raise UserError('--cpus must be at least 1')
+        return [mx.cpu(i) for i in range(cpus)]
     try:
         ids = [int(g) for g in gpus.split(',') if g.strip() != '']
     except ValueError:
@@ -176,12 +189,15 @@ def parse_contexts(gpus):
     return [mx.gpu(i) for i in ids]
 
 
-def setup_logging(run_dir):
+def setup_logging(run_dir, rank=None):
+    """Log to stdout and (rank 0) ``<run_dir>/train.log``; other workers prefix their rank."""
     LOG.setLevel(logging.INFO)
     LOG.handlers[:] = []
-    fmt = logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S')
-    for handler in (logging.StreamHandler(sys.stdout),
-                    logging.FileHandler(os.path.join(run_dir, 'train.log'))):
+    fmt = logging.Formatter('%(asctime)s ' + ('[worker %d] ' % rank if rank else '') + '%(message)s', '%H:%M:%S')
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if run_dir:
+        handlers.append(logging.FileHandler(os.path.join(run_dir, 'train.log')))
+    for handler in handlers:
         handler.setFormatter(fmt)
         LOG.addHandler(handler)
     LOG.propagate = False
@@ -263,10 +279,6 @@ def predict(net, loader, ctx, loss_fns=None):
     return to_np(scores), to_np(labels), to_np(masks), (total / count if count else float('nan'))
 
 
-def _monitor_value(result, monitor):
-    return {'mAP': result['mAP'], 'mA': result['mA'], 'f1': result['f1']}[monitor]
-
-
 def write_metrics(run_dir, rows):
     with open(os.path.join(run_dir, 'metrics.json'), 'w') as f:
         json.dump(rows, f, indent=1)
@@ -311,177 +323,246 @@ class Progress(object):
 
 
 # What a resumed run may change; everything else comes from the run's saved config.
-RESUME_OVERRIDES = ('epochs', 'data_path', 'gpus', 'num_workers', 'log_interval', 'debug')
+RESUME_OVERRIDES = ('epochs', 'data_path', 'gpus', 'cpus', 'num_workers', 'log_interval', 'debug', 'kvstore')
 
 
-def train(cfg, explicit=()):
-    """Train with the resolved ``cfg``; ``explicit`` names the flags the user gave (for --resume)."""
-    run_dir = prepare_run_dir(cfg)
-    setup_logging(run_dir)
-    resume_meta = None
-    if cfg['resume']:
-        resume_meta, _ = checkpoints.read_meta(os.path.join(run_dir, CHECKPOINT_DIR, 'last.params'))
-        saved = resume_meta['config']
-        for key in RESUME_OVERRIDES:
-            if key in explicit:
-                saved[key] = cfg[key]
-        saved['resume'] = cfg['resume']
-        cfg = saved
-    with open(os.path.join(run_dir, 'config.json'), 'w') as f:
-        json.dump(cfg, f, indent=1, sort_keys=True)
-    LOG.info('run folder: %s', run_dir)
-    LOG.info(_OMP_NOTE)
-    ctx = parse_contexts(cfg['gpus'])
-    LOG.info('devices: %s', ', '.join(str(c) for c in ctx))
-    mx.random.seed(cfg['seed'])
-    np.random.seed(cfg['seed'])
+class Run(object):
+    """Everything the loop needs, built from the config in the order of the method section."""
 
-    # Data
-    train_data, val_data, test_data = (load_split(cfg, cfg[k]) for k in ('train_split', 'val_split', 'test_split'))
-    names = list(train_data.attribute_names)
-    cfg['num_classes'] = len(names)
-    LOG.info('%s: %d train, %d val, %d test samples, %d attributes', cfg['dataset'], len(train_data),
-             len(val_data), len(test_data), len(names))
-    if cfg['batch_size'] > len(train_data):
-        raise UserError('--batch_size %d is larger than the training split (%d samples)'
-                        % (cfg['batch_size'], len(train_data)))
-    train_tf = Transform(cfg['input_size'], cfg['resize'], cfg['crop_range'], train=True,
-                         normalisation=cfg['normalisation'], seed=cfg['seed'])
-    remainder = len(train_data) % cfg['batch_size']
-    last_batch = 'discard' if 0 < remainder < max(2, len(ctx)) else 'keep'   # BN needs 2+ samples
-    train_loader, sampler = make_loader(train_data, train_tf, cfg['batch_size'], shuffle=True,
-                                        num_workers=cfg['num_workers'], last_batch=last_batch,
-                                        seed=cfg['seed'])
-    val_loader, test_loader = eval_loader(cfg, val_data), eval_loader(cfg, test_data)
+    def __init__(self, cfg, explicit=()):
+        ctx = parse_contexts(cfg['gpus'], cfg.get('cpus', 1))
+        kvstore = distributed.create_kvstore(cfg['kvstore'], len(ctx))
+        self.rank = kvstore.rank if kvstore is not None else 0
+        self.num_workers = kvstore.num_workers if kvstore is not None else 1
+        self.lead = self.rank == 0                      # only rank 0 writes logs and checkpoints
+        self.run_dir = prepare_run_dir(cfg) if self.lead else (cfg['resume'] or cfg['out'] or '.')
+        setup_logging(self.run_dir if self.lead else None, self.rank if self.num_workers > 1 else None)
+        resume_meta = None
+        if cfg['resume']:
+            resume_meta, _ = checkpoints.read_meta(os.path.join(self.run_dir, CHECKPOINT_DIR, 'last.params'))
+            saved = resume_meta['config']
+            for key in RESUME_OVERRIDES:
+                if key in explicit:
+                    saved[key] = cfg[key]
+            saved['resume'] = cfg['resume']
+            cfg = saved
+        self.cfg, self.ctx = cfg, ctx
+        if self.lead:
+            with open(os.path.join(self.run_dir, 'config.json'), 'w') as f:
+                json.dump(cfg, f, indent=1, sort_keys=True)
+        LOG.info('run folder: %s', self.run_dir)
+        LOG.info(_OMP_NOTE)
+        LOG.info('devices: %s%s', ', '.join(str(c) for c in ctx), '; worker %d of %d (%s)' % (
+            self.rank, self.num_workers, cfg['kvstore']) if self.num_workers > 1 else '')
+        mx.random.seed(cfg['seed'])
+        np.random.seed(cfg['seed'])
+        if cfg['amp']:
+            mixed_precision.init_amp(ctx)           # before the network is built
 
-    # Model, losses, trainers
-    net = get_vaa_net(cfg['backbone'], len(names), cfg['preset'], cfg['input_size'], cfg['pretrained'], ctx)
-    pos_w, neg_w = class_prior_weights(train_data.labels, train_data.mask, cfg['class_weights'])
-    focal = WeightedFocalLoss(pos_w, neg_w, gamma=cfg['gamma'], plain_bce=cfg['plain_bce'])
-    att_loss = AttentionHistoryLoss(plain_bce=cfg['plain_bce'])
-    history = PredictionHistory(len(train_data), len(names), track=cfg['history_track'],
-                                start_epoch=cfg['history_start'], ctx=ctx[0],
-                                upstream_zero_rows=cfg['history_zero_rows'])
-    opt_params = {'learning_rate': cfg['lr'], 'wd': cfg['wd']}
-    if cfg['optimizer'] == 'sgd':
-        opt_params['momentum'] = cfg['mom']
-    trainers = attention.build_stage_trainers(net, cfg['optimizer'], opt_params, freeze_backbone=cfg['finetune'])
-    use_primary_loss = not cfg['finetune']
-    state = dict(epoch=0, lr=cfg['lr'], best=-1.0, best_epoch=-1, patience=0, drops=0)
-    rows = []
-    if resume_meta is not None:
-        checkpoints.load_training(os.path.join(run_dir, CHECKPOINT_DIR, 'last.params'), net, trainers, history)
-        state = resume_meta['state']
-        rows = json.load(open(os.path.join(run_dir, 'metrics.json'))) if os.path.isfile(
-            os.path.join(run_dir, 'metrics.json')) else []
-        attention.set_learning_rate(trainers, state['lr'])
-        LOG.info('resumed from epoch %d (lr %g, best %s %.4f)', state['epoch'], state['lr'], cfg['monitor'],
-                 state['best'])
-    frozen = None
+        # Data
+        self.train_data, self.val_data, self.test_data = (
+            load_split(cfg, cfg[k]) for k in ('train_split', 'val_split', 'test_split'))
+        self.names = list(self.train_data.attribute_names)
+        cfg['num_classes'] = len(self.names)
+        LOG.info('%s: %d train, %d val, %d test samples, %d attributes', cfg['dataset'], len(self.train_data),
+                 len(self.val_data), len(self.test_data), len(self.names))
+        shard_size = len(self.train_data) // self.num_workers
+        if cfg['batch_size'] > shard_size:
+            raise UserError('--batch_size %d is larger than the training split (%d samples%s); lower it'
+                            % (cfg['batch_size'], shard_size, ' per worker' if self.num_workers > 1 else ''))
+        train_tf = Transform(cfg['input_size'], cfg['resize'], cfg['crop_range'], train=True,
+                             normalisation=cfg['normalisation'], seed=cfg['seed'])
+        remainder = shard_size % cfg['batch_size']
+        last_batch = 'discard' if 0 < remainder < max(2, len(ctx)) else 'keep'   # BN needs 2+ samples
+        self.train_loader, self.sampler = make_loader(
+            self.train_data, train_tf, cfg['batch_size'], shuffle=True, num_workers=cfg['num_workers'],
+            last_batch=last_batch, seed=cfg['seed'], shard=self.rank, num_shards=self.num_workers)
+        self.val_loader = eval_loader(cfg, self.val_data)
+        self.test_loader = eval_loader(cfg, self.test_data)
 
-    def set_frozen(value):
-        attention.freeze_backbone_features(net, value)
+        # Model, losses, history, trainers
+        self.net = net = get_vaa_net(cfg['backbone'], len(self.names), cfg['preset'], cfg['input_size'],
+                                     cfg['pretrained'], ctx)
+        if cfg['syncbn'] and len(ctx) > 1 and ctx[0].device_type == 'cpu':
+            raise UserError('--syncbn needs GPUs: mxnet 1.9\'s SyncBatchNorm deadlocks across CPU contexts; '
+                            'drop --syncbn or use --gpus 0,1')
+        if cfg['syncbn'] and len(ctx) > 1:
+            LOG.info('SyncBatchNorm over %d devices: %d layers', len(ctx), use_sync_batchnorm(net, len(ctx)))
+        pos_w, neg_w = class_prior_weights(self.train_data.labels, self.train_data.mask, cfg['class_weights'])
+        self.focal = WeightedFocalLoss(pos_w, neg_w, gamma=cfg['gamma'], plain_bce=cfg['plain_bce'])
+        self.att_loss = AttentionHistoryLoss(plain_bce=cfg['plain_bce'])
+        self.history = PredictionHistory(len(self.train_data), len(self.names), track=cfg['history_track'],
+                                         start_epoch=cfg['history_start'], ctx=ctx[0],
+                                         upstream_zero_rows=cfg['history_zero_rows'])
+        opt_params = {'learning_rate': cfg['lr'], 'wd': cfg['wd']}
+        if cfg['optimizer'] == 'sgd':
+            opt_params['momentum'] = cfg['mom']
+        if cfg['amp']:
+            opt_params['multi_precision'] = True
+        self.trainers = attention.build_stage_trainers(net, cfg['optimizer'], opt_params,
+                                                       freeze_backbone=cfg['finetune'], kvstore=None)
+        self.sync = distributed.GradientSync(net, ctx, kvstore)
+        self.scaling = mixed_precision.LossScaling(cfg['amp'])
+        self.state = dict(epoch=0, lr=cfg['lr'], best=-1.0, best_epoch=-1, patience=0, drops=0)
+        self.rows = []
+        if resume_meta is not None:
+            checkpoints.load_training(self.checkpoint('last'), net, self.trainers, self.history)
+            self.state = resume_meta['state']
+            metrics_file = os.path.join(self.run_dir, 'metrics.json')
+            self.rows = json.load(open(metrics_file)) if os.path.isfile(metrics_file) else []
+            attention.set_learning_rate(self.trainers, self.state['lr'])
+            LOG.info('resumed from epoch %d (lr %g, best %s %.4f)', self.state['epoch'], self.state['lr'],
+                     cfg['monitor'], self.state['best'])
+        LOG.info('model: %s, preset %s, taps %s, input %d; %s lr %g, batch %d, %d epochs; losses: %s',
+                 cfg['backbone'], cfg['preset'], '/'.join(net.taps), cfg['input_size'], cfg['optimizer'],
+                 cfg['lr'], cfg['batch_size'], cfg['epochs'], 'plain BCE (upstream)' if cfg['plain_bce'] else
+                 'weighted focal (gamma %g, %s weights) + history-weighted BCE' % (cfg['gamma'], cfg['class_weights']))
+        self.frozen = None
         if cfg['hybridize']:
-            net.hybridize(static_alloc=True, static_shape=True)   # rebuild the graph for the new grad_req
+            net.hybridize(static_alloc=True, static_shape=True)
+            for loss in (self.focal, self.att_loss):
+                loss.hybridize(static_alloc=True, static_shape=True)
 
-    LOG.info('model: %s, preset %s, taps %s, input %d; %s lr %g, batch %d, %d epochs; losses: %s',
-             cfg['backbone'], cfg['preset'], '/'.join(net.taps), cfg['input_size'], cfg['optimizer'], cfg['lr'],
-             cfg['batch_size'], cfg['epochs'], 'plain BCE (upstream)' if cfg['plain_bce'] else
-             'weighted focal (gamma %g, %s weights) + history-weighted BCE' % (cfg['gamma'], cfg['class_weights']))
-    if cfg['hybridize']:
-        net.hybridize(static_alloc=True, static_shape=True)
+    def checkpoint(self, which):
+        return os.path.join(self.run_dir, CHECKPOINT_DIR, '%s.params' % which)
 
-    for epoch in range(state['epoch'], cfg['epochs']):
-        if not cfg['finetune'] and (epoch < cfg['freeze_epochs']) != frozen:
-            frozen = epoch < cfg['freeze_epochs']
-            set_frozen(frozen)
-            if frozen:
-                LOG.info('epochs 0-%d: backbone frozen, training the heads', cfg['freeze_epochs'] - 1)
-        tic = time.time()
-        sampler.set_epoch(epoch)
-        progress = Progress(len(train_loader), 'epoch %d' % epoch, cfg['log_interval'])
-        loss_sum, seen, train_scores, train_labels, train_masks = nd.zeros((1,), ctx=ctx[0]), 0, [], [], []
-        for batch in train_loader:
-            parts = split_batch(batch, ctx)
+    def set_frozen(self, epoch):
+        """The paper's first phase: backbone features frozen for --freeze-epochs epochs."""
+        frozen = epoch < self.cfg['freeze_epochs']
+        if self.cfg['finetune'] or frozen == self.frozen:
+            return
+        if frozen:
+            LOG.info('epochs 0-%d: backbone frozen, training the heads', self.cfg['freeze_epochs'] - 1)
+        elif self.frozen:
+            LOG.info('epoch %d: training end to end', epoch)
+        attention.freeze_backbone_features(self.net, frozen)
+        self.frozen = frozen
+        if self.cfg['hybridize']:
+            self.net.hybridize(static_alloc=True, static_shape=True)   # new graph for the new grad_req
+
+    def train_epoch(self, epoch):
+        """One pass over this worker's shard: returns (mean loss, train scores, labels, masks, speed)."""
+        cfg, net, history = self.cfg, self.net, self.history
+        self.sampler.set_epoch(epoch)
+        progress = Progress(len(self.train_loader), 'epoch %d' % epoch, cfg['log_interval'])
+        loss_sum, seen = nd.zeros((1,), ctx=self.ctx[0]), 0
+        scores, labels, masks = [], [], []
+        params = list(net.collect_params().values())
+        for batch in self.train_loader:
+            parts = split_batch(batch, self.ctx)
             weights = [history.weights(idx, epoch, ctx=x.context) for x, _, _, idx in parts]
             losses, fused_parts = [], []
             with autograd.record():
                 for (x, y, m, _), w in zip(parts, weights):
                     primary, taps, fused = net(x)
-                    loss = nd.add_n(*[att_loss(t, y, m, w) for t in taps])
-                    if use_primary_loss:
-                        loss = loss + focal(primary, y, m)
+                    if cfg['amp']:
+                        primary, taps = primary.astype('float32'), [t.astype('float32') for t in taps]
+                    loss = nd.add_n(*[self.att_loss(t, y, m, w) for t in taps])      # Eqs. 5-6
+                    if not cfg['finetune']:
+                        loss = loss + self.focal(primary, y, m)                       # Eq. 4
                     losses.append(loss)
                     fused_parts.append(fused)
-            autograd.backward(losses)
+                scaled = self.scaling.scale_losses(losses)
+            autograd.backward(scaled)
             batch_size = batch[0].shape[0]
-            for trainer in trainers.values():
-                trainer.step(batch_size)
+            self.scaling.step(self.sync, self.trainers, batch_size, params)
             for (x, y, m, idx), fused in zip(parts, fused_parts):
-                probs = nd.sigmoid(fused.detach())
+                probs = nd.sigmoid(fused.detach().astype('float32'))
                 history.update(idx, probs, epoch)
-                train_scores.append(probs)
-                train_labels.append(y)
-                train_masks.append(m)
-            loss_sum += nd.add_n(*[l.sum().as_in_context(ctx[0]) for l in losses])
+                scores.append(probs)
+                labels.append(y)
+                masks.append(m)
+            loss_sum += nd.add_n(*[l.sum().as_in_context(self.ctx[0]) for l in losses])
             seen += batch_size
             progress.update(batch_size, lambda: float((loss_sum / seen).asscalar()))
-        speed = progress.close()
+        speed = progress.close() * self.num_workers
         train_loss = float((loss_sum / max(seen, 1)).asscalar())
+        to_np = lambda arrs: np.concatenate([a.asnumpy() for a in arrs])
+        return train_loss, to_np(scores), to_np(labels), to_np(masks), speed
+
+    def end_epoch(self, epoch, train_loss, t_scores, t_labels, t_masks, speed, tic):
+        """Validate (rank 0), drop the lr on plateau, write metrics and checkpoints."""
+        cfg, state = self.cfg, self.state
+        self.sync.average_aux_states()
+        improved, row = False, None
+        if self.lead:
+            t_result = metrics.evaluate(t_scores, t_labels, t_masks, self.names)
+            v_scores, v_labels, v_masks, val_loss = predict(self.net, self.val_loader, self.ctx,
+                                                            (self.focal, self.att_loss))
+            v_result = metrics.evaluate(v_scores, v_labels, v_masks, self.names)
+            value = {'mAP': v_result['mAP'], 'mA': v_result['mA'], 'f1': v_result['f1']}[cfg['monitor']]
+            improved = value > state['best']
+            if improved:
+                state.update(best=value, best_epoch=epoch, patience=0)
+            else:
+                state['patience'] += 1
+                if state['patience'] > cfg['lr_patience'] and state['drops'] < cfg['lr_drops']:
+                    state['lr'] /= 10.0
+                    state['drops'] += 1
+                    state['patience'] = 0
+                    LOG.info('no val %s gain for more than %d epochs: learning rate -> %g', cfg['monitor'],
+                             cfg['lr_patience'], state['lr'])
+            row = dict(epoch=epoch, lr=state['lr'], train_loss=train_loss, val_loss=val_loss,
+                       train_mAP=t_result['mAP'], val_mAP=v_result['mAP'], val_mA=v_result['mA'],
+                       val_f1=v_result['f1'], samples_per_sec=speed, seconds=time.time() - tic,
+                       val_ap=[r['ap'] for r in v_result['per_attribute']])
+        # Every worker follows rank 0's schedule.
+        state['lr'], state['drops'] = self.sync.broadcast_values('schedule', [state['lr'], state['drops']])
+        attention.set_learning_rate(self.trainers, state['lr'])
+        state['epoch'] = epoch + 1
+        history = self.sync.merged_history(self.history, self.sampler.indices)
+        if not self.lead:
+            return
+        self.rows.append(row)
+        LOG.info('Epoch [%d]: train loss %.4f  val loss %.4f  train mAP %.2f  val mAP %.2f  val mA %.2f  '
+                 '(%.1f samples/sec, %.0fs)%s', epoch, train_loss, row['val_loss'], 100 * row['train_mAP'],
+                 100 * row['val_mAP'], 100 * row['val_mA'], speed, row['seconds'], '  * best' if improved else '')
+        if self.scaling.skipped:
+            LOG.info('AMP: %d step(s) skipped for float16 overflow so far (loss scale %g)', self.scaling.skipped,
+                     self.scaling.scale)
+        meta = dict(state=state, config=cfg, attribute_names=self.names)
+        checkpoints.save_training(self.checkpoint('last'), self.net, self.trainers, history, meta)
+        if improved:
+            checkpoints.save_training(self.checkpoint('best'), self.net, {}, None, meta)
+        write_metrics(self.run_dir, self.rows)
+        plots.curves(self.rows, os.path.join(self.run_dir, 'curves.png'))
+
+    def test(self):
+        """Test split with the best checkpoint; prints the per-attribute table."""
+        state = self.state
+        checkpoints.load_weights(self.checkpoint('best'), self.net)
+        scores, labels, masks, _ = predict(self.net, self.test_loader, self.ctx)
+        result = metrics.evaluate(scores, labels, masks, self.names)
+        result.update(split=self.cfg['test_split'], checkpoint=self.checkpoint('best'), best_epoch=state['best_epoch'])
+        with open(os.path.join(self.run_dir, 'test_metrics.json'), 'w') as f:
+            json.dump(result, f, indent=1)
+        plots.ap_bars(result, os.path.join(self.run_dir, 'test_ap.png'), 'test (epoch %d)' % state['best_epoch'])
+        chance = metrics.chance_map(labels, masks)
+        print(metrics.format_table(result, title='Test split, best checkpoint (epoch %d of %s):'
+                                   % (state['best_epoch'], self.run_dir)))
+        LOG.info('test mAP %.2f (chance level from the label priors: %.2f); run folder %s',
+                 100 * result['mAP'], 100 * chance, self.run_dir)
+        return result
+
+
+def train(cfg, explicit=()):
+    """Train with the resolved ``cfg``; ``explicit`` names the flags the user gave (for --resume)."""
+    run = Run(cfg, explicit)
+    for epoch in range(run.state['epoch'], run.cfg['epochs']):
+        tic = time.time()
+        run.set_frozen(epoch)
+        train_loss, scores, labels, masks, speed = run.train_epoch(epoch)
         if not np.isfinite(train_loss):
             raise UserError('the training loss became %s in epoch %d; lower --lr (now %g)' % (
-                train_loss, epoch, state['lr']))
-        t_scores = np.concatenate([s.asnumpy() for s in train_scores])
-        t_result = metrics.evaluate(t_scores, np.concatenate([l.asnumpy() for l in train_labels]),
-                                    np.concatenate([m.asnumpy() for m in train_masks]), names)
-        v_scores, v_labels, v_masks, val_loss = predict(net, val_loader, ctx, (focal, att_loss))
-        v_result = metrics.evaluate(v_scores, v_labels, v_masks, names)
-        value = _monitor_value(v_result, cfg['monitor'])
-        improved = value > state['best']
-        if improved:
-            state.update(best=value, best_epoch=epoch, patience=0)
-        else:
-            state['patience'] += 1
-            if state['patience'] > cfg['lr_patience'] and state['drops'] < cfg['lr_drops']:
-                state['lr'] /= 10.0
-                state['drops'] += 1
-                state['patience'] = 0
-                attention.set_learning_rate(trainers, state['lr'])
-                LOG.info('no val %s gain for more than %d epochs: learning rate -> %g', cfg['monitor'],
-                         cfg['lr_patience'], state['lr'])
-        row = dict(epoch=epoch, lr=trainers[next(iter(trainers))].learning_rate, train_loss=train_loss,
-                   val_loss=val_loss, train_mAP=t_result['mAP'], val_mAP=v_result['mAP'], val_mA=v_result['mA'],
-                   val_f1=v_result['f1'], samples_per_sec=speed, seconds=time.time() - tic,
-                   val_ap=[r['ap'] for r in v_result['per_attribute']])
-        rows.append(row)
-        LOG.info('Epoch [%d]: train loss %.4f  val loss %.4f  train mAP %.2f  val mAP %.2f  val mA %.2f  '
-                 '(%.1f samples/sec, %.0fs)%s', epoch, train_loss, val_loss, 100 * t_result['mAP'],
-                 100 * v_result['mAP'], 100 * v_result['mA'], speed, row['seconds'],
-                 '  * best' if improved else '')
-        state['epoch'] = epoch + 1
-        meta = dict(state=state, config=cfg, attribute_names=names)
-        checkpoints.save_training(os.path.join(run_dir, CHECKPOINT_DIR, 'last.params'), net, trainers,
-                                  history, meta)
-        if improved:
-            checkpoints.save_training(os.path.join(run_dir, CHECKPOINT_DIR, 'best.params'), net, {}, None, meta)
-        write_metrics(run_dir, rows)
-        plots.curves(rows, os.path.join(run_dir, 'curves.png'))
-
-    # Test with the best checkpoint.
-    best_path = os.path.join(run_dir, CHECKPOINT_DIR, 'best.params')
-    checkpoints.load_weights(best_path, net)
-    scores, labels, masks, _ = predict(net, test_loader, ctx)
-    result = metrics.evaluate(scores, labels, masks, names)
-    result.update(split='test', checkpoint=best_path, best_epoch=state['best_epoch'])
-    with open(os.path.join(run_dir, 'test_metrics.json'), 'w') as f:
-        json.dump(result, f, indent=1)
-    plots.ap_bars(result, os.path.join(run_dir, 'test_ap.png'), 'test (epoch %d)' % state['best_epoch'])
-    chance = metrics.chance_map(labels, masks)
-    print(metrics.format_table(result, title='Test split, best checkpoint (epoch %d of %s):'
-                               % (state['best_epoch'], run_dir)))
-    LOG.info('test mAP %.2f (chance level from the label priors: %.2f); run folder %s',
-             100 * result['mAP'], 100 * chance, run_dir)
-    return result
+                train_loss, epoch, run.state['lr']))
+        run.end_epoch(epoch, train_loss, scores, labels, masks, speed, tic)
+    if run.cfg.get('save_all_ranks') and run.num_workers > 1:
+        checkpoints.save_training(os.path.join(run.run_dir, 'rank%d.params' % run.rank), run.net, {}, None,
+                                  dict(state=run.state, config=run.cfg, attribute_names=run.names))
+    run.sync.barrier()
+    if not run.lead:
+        return None
+    return run.test()
 
 
 def main(argv=None):

@@ -191,26 +191,32 @@ class EpochSampler(gluon.data.Sampler):
     """Sample order for one epoch at a time, deterministic in (seed, epoch).
 
     Yields ``epoch * N + index`` so that the dataset side (possibly in worker processes) knows the
-    epoch for its augmentation draws. Call :meth:`set_epoch` before iterating.
+    epoch for its augmentation draws. Call :meth:`set_epoch` before iterating. With ``num_shards`` > 1
+    (several machines) this worker sees only the samples ``index % num_shards == shard``, the same ones
+    every epoch (so its prediction history stays complete), cut to equal sizes so that every worker
+    runs the same number of batches.
     """
 
-    def __init__(self, length, shuffle, seed=0):
+    def __init__(self, length, shuffle, seed=0, shard=0, num_shards=1):
         self.length, self.shuffle, self.seed, self.epoch = length, shuffle, int(seed), 0
+        self.indices = np.arange(shard, length, num_shards)[:length // num_shards] if num_shards > 1 \
+            else np.arange(length)
 
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
 
     def order(self):
         if not self.shuffle:
-            return np.arange(self.length)
-        return np.random.RandomState((self.seed * 15485863 + self.epoch) % (2 ** 32)).permutation(self.length)
+            return self.indices
+        rng = np.random.RandomState((self.seed * 15485863 + self.epoch) % (2 ** 32))
+        return self.indices[rng.permutation(len(self.indices))]
 
     def __iter__(self):
         base = self.epoch * self.length
         return iter((base + self.order()).tolist())
 
     def __len__(self):
-        return self.length
+        return len(self.indices)
 
 
 class _Transformed(gluon.data.Dataset):
@@ -231,9 +237,10 @@ class _Transformed(gluon.data.Dataset):
         return data, self._labels[index], self._mask[index], np.int64(index)
 
 
-def make_loader(dataset, transform, batch_size, shuffle, num_workers=0, last_batch='keep', seed=0):
+def make_loader(dataset, transform, batch_size, shuffle, num_workers=0, last_batch='keep', seed=0, shard=0,
+                num_shards=1):
     """(DataLoader, EpochSampler) over ``dataset``; batches are (data, label, mask, index) NDArrays."""
-    sampler = EpochSampler(len(dataset), shuffle, seed)
+    sampler = EpochSampler(len(dataset), shuffle, seed, shard, num_shards)
     batches = gluon.data.BatchSampler(sampler, batch_size, last_batch)
     loader = gluon.data.DataLoader(_Transformed(dataset, transform), batch_sampler=batches,
                                    num_workers=num_workers, thread_pool=False)

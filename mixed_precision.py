@@ -1,0 +1,67 @@
+"""Float16 training with dynamic loss scaling (``--amp``), shared by every per-module Trainer.
+
+``mxnet.contrib.amp`` converts the network's operators to float16 where safe (``amp.init()``, called
+before the network is built). Its ``init_trainer``/``scale_loss`` helpers attach a loss scaler to one
+Trainer; with one Trainer per module the scalers would drift apart and skip different steps. Here one
+:class:`LossScaling` scales the losses once, checks every gradient for inf/NaN after the all-reduce
+and, on overflow, skips the step of *every* Trainer and halves the scale at once; after 2,000 clean
+steps it doubles again (the schedule of MXNet's dynamic loss scaler, up to 2^24).
+"""
+from mxnet import autograd, nd
+
+from errors import UserError
+
+
+def init_amp(ctx):
+    """Turn on float16 operators; GPU only."""
+    if any(c.device_type != 'gpu' for c in ctx):
+        raise UserError('--amp trains in float16, which needs a GPU: add --gpus 0 (or drop --amp on the CPU)')
+    from mxnet.contrib import amp
+    amp.init()
+
+
+class LossScaling(object):
+    """Dynamic loss scaling for the whole set of Trainers (scale 1 and no checks when disabled)."""
+
+    def __init__(self, enabled, initial=2.0 ** 16, window=2000, maximum=2.0 ** 24):
+        self.enabled = bool(enabled)
+        self.scale = float(initial) if self.enabled else 1.0
+        self.window, self.maximum = window, maximum
+        self.clean_steps, self.skipped = 0, 0
+
+    def scale_losses(self, losses):
+        if not self.enabled:
+            return losses
+        return [loss * self.scale for loss in losses]
+
+    @staticmethod
+    def has_overflow(params):
+        """True when any gradient (first device; they are all-reduced) holds inf or NaN."""
+        grads = [p.list_grad()[0] for p in params if p.grad_req != 'null']
+        with autograd.pause():
+            finite = nd.ones((1,), ctx=grads[0].context)
+            for start in range(0, len(grads), 200):
+                chunk = grads[start:start + 200]
+                nd.multi_all_finite(*chunk, num_arrays=len(chunk), init_output=False, out=finite)
+        return not bool(finite.asscalar())
+
+    def step(self, sync, trainers, batch_size, params):
+        """All-reduce gradients, then update every Trainer unless a gradient overflowed.
+
+        ``batch_size`` is this worker's batch. Returns True when the parameters were updated.
+        """
+        scale = self.scale
+        sync.allreduce_grads()
+        if self.enabled:
+            if self.has_overflow(params):
+                self.skipped += 1
+                self.clean_steps = 0
+                self.scale = max(scale / 2.0, 1.0)
+                return False
+            self.clean_steps += 1
+            if self.clean_steps == self.window:
+                self.clean_steps = 0
+                self.scale = min(scale * 2.0, self.maximum)
+        for trainer in trainers.values():
+            trainer.update(batch_size * sync.num_workers * scale)
+        return True
