@@ -44,13 +44,22 @@ def _strip(params, prefix):
 
 
 def atomic_save_ndarrays(path, arrays):
-    """``nd.save`` to ``path`` through a temporary file + fsync + rename."""
+    """``nd.save`` to ``path`` through a temporary file + fsync + rename (+ fsync of the folder), so
+    that a crash at any moment leaves either the old or the new file, never a mix."""
     tmp = '%s.tmp%d' % (path, os.getpid())
     try:
         nd.save(tmp, arrays)
         with open(tmp, 'rb') as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        try:
+            folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+        except OSError:      # some filesystems cannot fsync a directory; the rename is still atomic
+            pass
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -142,10 +151,17 @@ def _array_json(arr):
     return json.loads(arr.asnumpy().astype(np.uint8).tobytes().decode('utf-8'))
 
 
-def _optimizer_arrays(name, trainer, arrays, counts):
+def _trainer_param_names(net, trainer):
+    """The Trainer's parameters by index, named without the network's instance prefix (``vaanet0_``),
+    which differs between two networks built in one process."""
+    return {i: p.name[len(net.prefix):] if p.name.startswith(net.prefix) else p.name
+            for i, p in enumerate(trainer._params)}  # pylint: disable=protected-access
+
+
+def _optimizer_arrays(net, name, trainer, arrays, counts):
     """Add a Trainer's optimizer state to ``arrays`` (states of its first device; all are in sync)."""
     updater = trainer._updaters[0]  # pylint: disable=protected-access
-    index_to_name = {i: p.name for i, p in enumerate(trainer._params)}  # pylint: disable=protected-access
+    index_to_name = _trainer_param_names(net, trainer)
     for index, state in updater.states.items():
         parts = state if isinstance(state, (list, tuple)) else [state]
         for k, part in enumerate(parts):
@@ -157,14 +173,19 @@ def _optimizer_arrays(name, trainer, arrays, counts):
                                             opt._index_update_count.items()})  # pylint: disable=protected-access
 
 
-def save_training(path, net, trainers, history, meta):
-    """Write everything needed to continue training to ``path`` atomically."""
+def save_training(path, net, trainers, history, meta, extra=None):
+    """Write everything needed to continue training to ``path`` atomically.
+
+    ``extra``: more named NDArrays (a partial epoch's accumulators), stored under ``extra/<name>``.
+    """
     arrays = {'param/' + k: p._reduce() for k, p in _param_names(net).items()}  # pylint: disable=protected-access
+    for name, value in (extra or {}).items():
+        arrays['extra/' + name] = value if isinstance(value, nd.NDArray) else nd.array(value)
     counts = {}
     for name, trainer in trainers.items():
         if trainer._update_on_kvstore:  # pylint: disable=protected-access
             raise ValueError('save_training needs trainers built with update_on_kvstore=False')
-        _optimizer_arrays(name, trainer, arrays, counts)
+        _optimizer_arrays(net, name, trainer, arrays, counts)
     if history is not None:
         arrays['history/buffer'] = history.buffer.copyto(mx.cpu())
         arrays['history/counts'] = history.counts.copyto(mx.cpu())
@@ -204,16 +225,27 @@ def load_weights(path, net, arrays=None):
     return meta
 
 
-def load_training(path, net, trainers, history):
-    """Restore weights, optimizer states and prediction history; returns the checkpoint's meta."""
-    meta, arrays = read_meta(path)
-    load_weights(path, net, arrays)
+def load_training(path, net, trainers, history, arrays=None):
+    """Restore weights, optimizer states and prediction history; returns (meta, extra arrays)."""
+    if arrays is None:
+        _, arrays = read_meta(path)
+    meta = load_weights(path, net, arrays)
     counts = meta.get('optimizer_counts', {})
+    # keys are opt/<module>/<param>/<k>; module names contain a slash (stage_2/fatt), params do not
+    stored = [k[len('opt/'):].rsplit('/', 2) for k in arrays if k.startswith('opt/')]
+    stored_names = {module for module, _, _ in stored}
+    if stored_names - set(trainers):
+        raise UserError('%s holds optimizer states for modules %s that this run does not train (another '
+                        '--finetune setting?)' % (path, sorted(stored_names - set(trainers))))
     for name, trainer in trainers.items():
         updaters = trainer._updaters  # pylint: disable=protected-access
         opt = trainer._optimizer  # pylint: disable=protected-access
+        names = _trainer_param_names(net, trainer)
+        unknown = {param for module, param, _ in stored if module == name} - set(names.values())
+        if unknown:
+            raise UserError('%s: optimizer states for parameters this model lacks: %s' % (path, _short(sorted(unknown))))
         for index, param in enumerate(trainer._params):  # pylint: disable=protected-access
-            prefix = 'opt/%s/%s/' % (name, param.name)
+            prefix = 'opt/%s/%s/' % (name, names[index])
             parts = sorted((int(k[len(prefix):]), v) for k, v in arrays.items() if k.startswith(prefix))
             if not parts:
                 continue
@@ -223,7 +255,7 @@ def load_training(path, net, trainers, history):
                 updater.states_synced[index] = True
         if name in counts:
             opt.num_update = counts[name]['num_update']
-            name_to_index = {p.name: i for i, p in enumerate(trainer._params)}  # pylint: disable=protected-access
+            name_to_index = {n: i for i, n in names.items()}
             restored = {name_to_index[n]: c for n, c in counts[name]['index_update_count'].items()
                         if n in name_to_index}
             # The optimizer keeps one update count per device (Adam's bias correction reads it).
@@ -238,4 +270,4 @@ def load_training(path, net, trainers, history):
                             'training split?)' % (path, arrays['history/buffer'].shape, history.buffer.shape))
         history.buffer[:] = arrays['history/buffer'].as_in_context(history.ctx)
         history.counts[:] = arrays['history/counts'].as_in_context(history.ctx)
-    return meta
+    return meta, {k[len('extra/'):]: v for k, v in arrays.items() if k.startswith('extra/')}

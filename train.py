@@ -23,6 +23,7 @@ import argparse  # noqa: E402
 import csv  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import signal  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -324,6 +325,9 @@ class Progress(object):
 
 # What a resumed run may change; everything else comes from the run's saved config.
 RESUME_OVERRIDES = ('epochs', 'data_path', 'gpus', 'cpus', 'num_workers', 'log_interval', 'debug', 'kvstore')
+# What a resumed run must not change (the weights and the schedule depend on them).
+RESUME_FIXED = ('dataset', 'preset', 'backbone', 'input_size', 'num_classes', 'lr', 'batch_size', 'optimizer',
+                'seed', 'train_split', 'partition', 'all_attributes', 'freeze_epochs', 'finetune', 'gamma')
 
 
 class Run(object):
@@ -337,10 +341,17 @@ class Run(object):
         self.lead = self.rank == 0                      # only rank 0 writes logs and checkpoints
         self.run_dir = prepare_run_dir(cfg) if self.lead else (cfg['resume'] or cfg['out'] or '.')
         setup_logging(self.run_dir if self.lead else None, self.rank if self.num_workers > 1 else None)
-        resume_meta = None
+        resume_meta = resume_arrays = None
         if cfg['resume']:
-            resume_meta, _ = checkpoints.read_meta(os.path.join(self.run_dir, CHECKPOINT_DIR, 'last.params'))
+            resume_meta, resume_arrays = checkpoints.read_meta(
+                os.path.join(self.run_dir, CHECKPOINT_DIR, 'last.params'))
             saved = resume_meta['config']
+            conflicts = ['--%s %s (the run has %s)' % (k.replace('_', '-') if k != 'num_classes' else k, cfg[k],
+                                                       saved.get(k))
+                         for k in RESUME_FIXED if k in explicit and cfg[k] != saved.get(k)]
+            if conflicts:
+                raise UserError('--resume %s continues that run as it was configured; %s. Drop those flags or '
+                                'start a new run with --out' % (cfg['resume'], ', '.join(conflicts)))
             for key in RESUME_OVERRIDES:
                 if key in explicit:
                     saved[key] = cfg[key]
@@ -403,15 +414,22 @@ class Run(object):
                                                        freeze_backbone=cfg['finetune'], kvstore=None)
         self.sync = distributed.GradientSync(net, ctx, kvstore)
         self.scaling = mixed_precision.LossScaling(cfg['amp'])
-        self.state = dict(epoch=0, lr=cfg['lr'], best=-1.0, best_epoch=-1, patience=0, drops=0)
-        self.rows = []
+        self.state = dict(epoch=0, batch=0, lr=cfg['lr'], best=-1.0, best_epoch=-1, patience=0, drops=0)
+        self.rows, self.partial, self.stop_signal = [], None, None
         if resume_meta is not None:
-            checkpoints.load_training(self.checkpoint('last'), net, self.trainers, self.history)
-            self.state = resume_meta['state']
+            _, extra = checkpoints.load_training(self.checkpoint('last'), net, self.trainers, self.history,
+                                                 resume_arrays)
+            self.state = dict(resume_meta['state'])
+            if self.state.get('batch'):
+                # Interrupted inside an epoch: continue after the batches already done.
+                self.partial = dict(loss_sum=self.state['loss_sum'], seen=self.state['seen'],
+                                    scores=extra['scores'].asnumpy(), labels=extra['labels'].asnumpy(),
+                                    masks=extra['masks'].asnumpy())
             metrics_file = os.path.join(self.run_dir, 'metrics.json')
             self.rows = json.load(open(metrics_file)) if os.path.isfile(metrics_file) else []
             attention.set_learning_rate(self.trainers, self.state['lr'])
-            LOG.info('resumed from epoch %d (lr %g, best %s %.4f)', self.state['epoch'], self.state['lr'],
+            LOG.info('resumed at epoch %d%s (lr %g, best %s %.4f)', self.state['epoch'],
+                     ' batch %d' % self.state['batch'] if self.state.get('batch') else '', self.state['lr'],
                      cfg['monitor'], self.state['best'])
         LOG.info('model: %s, preset %s, taps %s, input %d; %s lr %g, batch %d, %d epochs; losses: %s',
                  cfg['backbone'], cfg['preset'], '/'.join(net.taps), cfg['input_size'], cfg['optimizer'],
@@ -441,13 +459,25 @@ class Run(object):
             self.net.hybridize(static_alloc=True, static_shape=True)   # new graph for the new grad_req
 
     def train_epoch(self, epoch):
-        """One pass over this worker's shard: returns (mean loss, train scores, labels, masks, speed)."""
+        """One pass over this worker's shard (or what is left of it after a resume).
+
+        Returns a dict: ``done`` (False when a stop signal ended it early), ``batch`` (batches done),
+        ``loss`` (mean), ``scores``/``labels``/``masks`` (NumPy, for the train mAP), ``speed``.
+        """
         cfg, net, history = self.cfg, self.net, self.history
-        self.sampler.set_epoch(epoch)
-        progress = Progress(len(self.train_loader), 'epoch %d' % epoch, cfg['log_interval'])
-        loss_sum, seen = nd.zeros((1,), ctx=self.ctx[0]), 0
+        partial, self.partial = self.partial or {}, None
+        done_batches = self.state.get('batch', 0) if partial else 0
+        self.sampler.set_epoch(epoch, skip=done_batches * cfg['batch_size'])
+        total = len(self.train_loader) - done_batches
+        progress = Progress(total, 'epoch %d' % epoch, cfg['log_interval'])
+        loss_sum = nd.array([partial.get('loss_sum', 0.0)], ctx=self.ctx[0])
+        seen = partial.get('seen', 0)
+        first_bad = nd.array([np.inf], ctx=self.ctx[0])        # index of the first non-finite batch loss
         scores, labels, masks = [], [], []
+        if partial:
+            scores, labels, masks = [[nd.array(partial[k])] for k in ('scores', 'labels', 'masks')]
         params = list(net.collect_params().values())
+        batch_no = done_batches
         for batch in self.train_loader:
             parts = split_batch(batch, self.ctx)
             weights = [history.weights(idx, epoch, ctx=x.context) for x, _, _, idx in parts]
@@ -469,20 +499,58 @@ class Run(object):
             for (x, y, m, idx), fused in zip(parts, fused_parts):
                 probs = nd.sigmoid(fused.detach().astype('float32'))
                 history.update(idx, probs, epoch)
-                scores.append(probs)
-                labels.append(y)
-                masks.append(m)
-            loss_sum += nd.add_n(*[l.sum().as_in_context(self.ctx[0]) for l in losses])
+                scores.append(probs.as_in_context(mx.cpu()))
+                labels.append(y.as_in_context(mx.cpu()))
+                masks.append(m.as_in_context(mx.cpu()))
+            batch_loss = nd.add_n(*[l.sum().as_in_context(self.ctx[0]) for l in losses])
+            here = nd.full((1,), batch_no, ctx=self.ctx[0])
+            first_bad = nd.minimum(first_bad, nd.where(nd.contrib.isfinite(batch_loss), first_bad, here))
+            loss_sum += batch_loss
             seen += batch_size
+            batch_no += 1
             progress.update(batch_size, lambda: float((loss_sum / seen).asscalar()))
+            if progress.count % progress.interval == 0:
+                self.check_finite(first_bad, epoch)
+            if self.should_stop():
+                break
+        self.check_finite(first_bad, epoch)
         speed = progress.close() * self.num_workers
-        train_loss = float((loss_sum / max(seen, 1)).asscalar())
-        to_np = lambda arrs: np.concatenate([a.asnumpy() for a in arrs])
-        return train_loss, to_np(scores), to_np(labels), to_np(masks), speed
+        to_np = lambda arrs: np.concatenate([a.asnumpy() for a in arrs]) if arrs else np.zeros((0, len(self.names)))
+        return dict(done=batch_no >= len(self.train_loader), batch=batch_no, seen=seen,
+                    loss_sum=float(loss_sum.asscalar()), loss=float((loss_sum / max(seen, 1)).asscalar()),
+                    scores=to_np(scores), labels=to_np(labels), masks=to_np(masks), speed=speed)
 
-    def end_epoch(self, epoch, train_loss, t_scores, t_labels, t_masks, speed, tic):
+    def check_finite(self, first_bad, epoch):
+        """Stop with the epoch and batch of the first non-finite loss; the checkpoints stay as they are."""
+        bad = float(first_bad.asscalar())
+        if np.isfinite(bad):
+            raise UserError('the training loss became inf/NaN in epoch %d at batch %d; stopped without saving. '
+                            'The last good checkpoint is %s (resume with --resume %s, e.g. after lowering the '
+                            'learning rate in a new run, or check the data)' % (
+                                epoch, int(bad), self.checkpoint('last'), self.run_dir))
+
+    def should_stop(self):
+        """A SIGINT/SIGTERM arrived (on any worker, in a distributed job)."""
+        flag = 1.0 if self.stop_signal else 0.0
+        if self.sync.distributed:           # every worker must stop after the same batch
+            flag = float(self.sync.allreduce_array('stop', nd.array([flag], ctx=self.ctx[0])).asscalar())
+        return flag > 0
+
+    def save_interrupted(self, epoch, result):
+        """Checkpoint a partial epoch so that --resume continues after its last finished batch."""
+        state = dict(self.state, epoch=epoch, batch=result['batch'], loss_sum=result['loss_sum'],
+                     seen=result['seen'])
+        history = self.sync.merged_history(self.history, self.sampler.indices)
+        if self.lead:
+            extra = {k: nd.array(result[k]) for k in ('scores', 'labels', 'masks')}
+            checkpoints.save_training(self.checkpoint('last'), self.net, self.trainers, history,
+                                      dict(state=state, config=self.cfg, attribute_names=self.names), extra)
+
+    def end_epoch(self, epoch, result, tic):
         """Validate (rank 0), drop the lr on plateau, write metrics and checkpoints."""
         cfg, state = self.cfg, self.state
+        train_loss, speed = result['loss'], result['speed']
+        t_scores, t_labels, t_masks = result['scores'], result['labels'], result['masks']
         self.sync.average_aux_states()
         improved, row = False, None
         if self.lead:
@@ -509,7 +577,9 @@ class Run(object):
         # Every worker follows rank 0's schedule.
         state['lr'], state['drops'] = self.sync.broadcast_values('schedule', [state['lr'], state['drops']])
         attention.set_learning_rate(self.trainers, state['lr'])
-        state['epoch'] = epoch + 1
+        state['epoch'], state['batch'] = epoch + 1, 0
+        for key in ('loss_sum', 'seen'):
+            state.pop(key, None)
         history = self.sync.merged_history(self.history, self.sampler.indices)
         if not self.lead:
             return
@@ -546,16 +616,34 @@ class Run(object):
 
 
 def train(cfg, explicit=()):
-    """Train with the resolved ``cfg``; ``explicit`` names the flags the user gave (for --resume)."""
-    run = Run(cfg, explicit)
-    for epoch in range(run.state['epoch'], run.cfg['epochs']):
-        tic = time.time()
-        run.set_frozen(epoch)
-        train_loss, scores, labels, masks, speed = run.train_epoch(epoch)
-        if not np.isfinite(train_loss):
-            raise UserError('the training loss became %s in epoch %d; lower --lr (now %g)' % (
-                train_loss, epoch, run.state['lr']))
-        run.end_epoch(epoch, train_loss, scores, labels, masks, speed, tic)
+    """Train with the resolved ``cfg``; ``explicit`` names the flags the user gave (for --resume).
+
+    SIGINT / SIGTERM finish the current batch, write a checkpoint and exit (status 128 + signal) with
+    the command that resumes the run.
+    """
+    received = []
+    handler = lambda signum, frame: received.append(signum)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run = Run(cfg, explicit)          # (loader workers forked here inherit the handler: they go on)
+        run.stop_signal = received
+        for epoch in range(run.state['epoch'], run.cfg['epochs']):
+            tic = time.time()
+            run.set_frozen(epoch)
+            result = run.train_epoch(epoch)
+            if not result['done']:
+                run.save_interrupted(epoch, result)
+                name = signal.Signals(received[0]).name if received else 'a stop request'
+                message = ('stopped by %s in epoch %d after batch %d; checkpoint %s written. Resume with:\n'
+                           '  python train.py --resume %s' % (name, epoch, result['batch'] - 1,
+                                                              run.checkpoint('last'), run.run_dir))
+                LOG.info(message.replace('\n', ' '))
+                sys.stderr.write(message + '\n')
+                raise SystemExit(128 + (received[0] if received else 0))
+            run.end_epoch(epoch, result, tic)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
     if run.cfg.get('save_all_ranks') and run.num_workers > 1:
         checkpoints.save_training(os.path.join(run.run_dir, 'rank%d.params' % run.rank), run.net, {}, None,
                                   dict(state=run.state, config=run.cfg, attribute_names=run.names))

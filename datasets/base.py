@@ -202,8 +202,9 @@ class EpochSampler(gluon.data.Sampler):
         self.indices = np.arange(shard, length, num_shards)[:length // num_shards] if num_shards > 1 \
             else np.arange(length)
 
-    def set_epoch(self, epoch):
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch, skip=0):
+        """Iterate epoch ``epoch``, leaving out its first ``skip`` samples (a resumed partial epoch)."""
+        self.epoch, self.skip = int(epoch), int(skip)
 
     def order(self):
         if not self.shuffle:
@@ -213,7 +214,7 @@ class EpochSampler(gluon.data.Sampler):
 
     def __iter__(self):
         base = self.epoch * self.length
-        return iter((base + self.order()).tolist())
+        return iter((base + self.order()[getattr(self, 'skip', 0):]).tolist())
 
     def __len__(self):
         return len(self.indices)

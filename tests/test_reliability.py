@@ -1,0 +1,254 @@
+"""Exact resume, atomic pickle-free checkpoints, interrupts, non-finite losses, and one-line errors."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from mxnet import nd
+
+import checkpoints
+import train
+from datasets import digits
+from errors import UserError
+from tests import fixtures
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--limit', '96', '--input-size', '32', '--batch_size', '16', '--log-interval', '1']
+
+
+@pytest.fixture(scope='module')
+def demo_path(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp('demo'))
+    digits.cached(path, seed=0)
+    return path
+
+
+@pytest.fixture(scope='module')
+def straight_run(demo_path, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('runs') / 'straight')
+    result = train.main(['--data_path', demo_path, '--out', out, '--epochs', '3'] + TINY)
+    return out, result
+
+
+def _rows(out):
+    rows = json.load(open(os.path.join(out, 'metrics.json')))
+    return [{k: v for k, v in r.items() if k not in ('samples_per_sec', 'seconds')} for r in rows]
+
+
+def test_resume_gives_the_same_run(straight_run, demo_path, tmp_path):
+    """3 epochs straight == 2 epochs, then --resume to 3: bitwise the same metrics on the CPU (all state
+    is restored and the data order and augmentation depend only on seed, epoch and sample)."""
+    out, result = straight_run
+    part = str(tmp_path / 'part')
+    train.main(['--data_path', demo_path, '--out', part, '--epochs', '2'] + TINY)
+    resumed = train.main(['--resume', part, '--epochs', '3'])
+    assert _rows(part) == _rows(out)
+    assert resumed['mAP'] == result['mAP'] and resumed['per_attribute'] == result['per_attribute']
+
+
+def test_sigterm_mid_epoch_leaves_a_checkpoint_that_resumes_exactly(straight_run, demo_path, tmp_path):
+    out, result = straight_run
+    run = str(tmp_path / 'killed')
+    cmd = [sys.executable, 'train.py', '--data_path', demo_path, '--out', run, '--epochs', '3'] + TINY
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    for line in proc.stdout:                      # wait until epoch 1 is under way
+        if 'epoch 1 [2/' in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.stdout.read()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert 'stopped by SIGTERM in epoch 1' in stderr and 'python train.py --resume %s' % run in stderr
+    meta, _ = checkpoints.read_meta(os.path.join(run, 'checkpoints', 'last.params'))
+    assert meta['state']['epoch'] == 1 and meta['state']['batch'] >= 2
+    resumed = train.main(['--resume', run])
+    assert _rows(run) == _rows(out)
+    assert resumed['mAP'] == result['mAP']
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(straight_run, tmp_path, monkeypatch):
+    out, _ = straight_run
+    meta, arrays = checkpoints.read_meta(os.path.join(out, 'checkpoints', 'last.params'))
+    import eval as evaluation
+    net, cfg, _ = evaluation.load_model(evaluation.build_parser().parse_args([out, '--checkpoint', 'last']),
+                                        train.parse_contexts(None))
+    path = str(tmp_path / 'last.params')
+    checkpoints.save_training(path, net, {}, None, meta)
+    good = open(path, 'rb').read()
+
+    def dies_halfway(fname, data):
+        with open(fname, 'wb') as f:
+            f.write(good[:len(good) // 2])
+        raise KeyboardInterrupt('killed during the write')
+    monkeypatch.setattr(checkpoints.nd, 'save', dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.save_training(path, net, {}, None, dict(meta, state=dict(meta['state'], epoch=99)))
+    monkeypatch.undo()
+    assert os.listdir(str(tmp_path)) == ['last.params'] and open(path, 'rb').read() == good
+    assert checkpoints.read_meta(path)[0]['state']['epoch'] == meta['state']['epoch']
+
+
+class _Payload(object):
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, 'w'))         # unpickling this would create the marker file
+
+
+def test_pickle_payloads_are_refused_without_running(tmp_path, demo_path):
+    marker = str(tmp_path / 'PWNED')
+    run = tmp_path / 'run'
+    (run / 'checkpoints').mkdir(parents=True)
+    for name in ('last.params', 'best.params'):
+        with open(str(run / 'checkpoints' / name), 'wb') as f:
+            pickle.dump(_Payload(marker), f)
+    with pytest.raises(UserError, match='not an MXNet parameter file'):
+        checkpoints.read_meta(str(run / 'checkpoints' / 'last.params'))
+    proc = _cli(['eval.py', str(run)])
+    assert proc.returncode == 2 and 'not an MXNet parameter file' in proc.stderr
+    proc = _cli(['train.py', '--resume', str(run)])
+    assert proc.returncode == 2 and 'not an MXNet parameter file' in proc.stderr
+    # The demo cache is read with allow_pickle=False: an object array there is refused too.
+    cache = tmp_path / 'demo'
+    cache.mkdir()
+    np.save(str(cache / 'x.npy'), np.array([_Payload(marker)], dtype=object), allow_pickle=True)
+    os.rename(str(cache / 'x.npy'), str(cache / 'digits-canvas-v1-seed0.npz'))
+    with pytest.raises(UserError, match='damaged'):
+        digits.cached(str(cache), seed=0)
+    assert not os.path.exists(marker)
+
+
+def test_non_finite_loss_stops_naming_epoch_and_batch(demo_path, tmp_path, monkeypatch):
+    poisoned = 5                                  # this training sample's labels turn NaN in epoch 1
+    from datasets import base
+    original = base._Transformed.__getitem__
+
+    def poison(self, key):
+        data, label, mask, index = original(self, key)
+        if self._transform.train and key // len(self) == 1 and index == poisoned:
+            label = label * np.nan
+        return data, label, mask, index
+    monkeypatch.setattr(base._Transformed, '__getitem__', poison)
+    out = str(tmp_path / 'nan')
+    with pytest.raises(UserError) as err:
+        train.main(['--data_path', demo_path, '--out', out, '--epochs', '3'] + TINY)
+    from datasets.base import EpochSampler
+    sampler = EpochSampler(96, True, seed=0)
+    sampler.set_epoch(1)
+    batch = list(sampler.order()).index(poisoned) // 16
+    assert 'inf/NaN in epoch 1 at batch %d' % batch in str(err.value)
+    meta, _ = checkpoints.read_meta(os.path.join(out, 'checkpoints', 'last.params'))
+    assert meta['state']['epoch'] == 1                       # the end of epoch 0, untouched
+    assert all(np.isfinite(v.asnumpy()).all() for k, v in checkpoints.read_meta(
+        os.path.join(out, 'checkpoints', 'last.params'))[1].items() if k.startswith('param/'))
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+def _cli(args, env=None):
+    return subprocess.run([sys.executable] + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=300, env=dict(os.environ, **(env or {})))
+
+
+def _error(args, expected, env=None):
+    proc = _cli(args, env)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    errors = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
+    assert len(errors) == 1 and expected in errors[0], proc.stderr
+    assert 'Traceback' not in proc.stderr
+    return proc.stderr
+
+
+def test_error_unknown_data_path(tmp_path):
+    _error(['train.py', '--dataset', 'wider', '--data_path', str(tmp_path / 'nowhere'), '--out', str(tmp_path / 'r')],
+           'does not exist (expected the WIDER-Attribute folder)')
+
+
+def test_error_missing_data_path(tmp_path):
+    _error(['train.py', '--dataset', 'peta', '--out', str(tmp_path / 'r')], '--data_path is required for PETA')
+
+
+def test_error_malformed_annotations(tmp_path):
+    root = tmp_path / 'W'
+    fixtures.wider(str(root))
+    (root / 'Annotations' / 'wider_attribute_trainval.json').write_text('{"images": [')
+    _error(['train.py', '--dataset', 'wider', '--data_path', str(root), '--out', str(tmp_path / 'r')],
+           'wider_attribute_trainval.json is not valid JSON')
+
+
+def test_error_label_length_differs_from_num_classes(tmp_path, demo_path):
+    _error(['train.py', '--data_path', demo_path, '--num_classes', '14', '--out', str(tmp_path / 'r')],
+           '--num_classes 14 but the demo labels have 12 attributes')
+
+
+def test_error_checkpoint_of_another_model(tmp_path, straight_run):
+    out, _ = straight_run
+    from model import get_vaa_net
+    ups = str(tmp_path / 'saved_models')
+    checkpoints.save_upstream(get_vaa_net('resnet18_v1', 12, 'upstream', 32), ups)
+    _error(['eval.py', ups, '--preset', 'paper', '--backbone', 'resnet18_v1', '--input-size', '32',
+            '--dataset', 'demo', '--num_classes', '12'], 'this model (resnet18_v1, preset paper, 12 classes')
+    _error(['train.py', '--resume', out, '--preset', 'upstream'],
+           '--resume %s continues that run as it was configured; --preset upstream (the run has paper)' % out)
+    _error(['train.py', '--resume', out, '--backbone', 'resnet50_v1'], '--backbone resnet50_v1 (the run has resnet18_v1)')
+
+
+def test_error_missing_pretrained_cache(tmp_path, demo_path):
+    _error(['train.py', '--data_path', demo_path, '--pretrained', '--out', str(tmp_path / 'r')],
+           'ImageNet weights for resnet18_v1 are not in the model-zoo cache: place resnet18_v1-',
+           env={'MXNET_HOME': str(tmp_path / 'mxhome')})
+
+
+def test_error_empty_split(tmp_path):
+    root = tmp_path / 'csv'
+    root.mkdir()
+    fixtures.csv_dataset(str(root))
+    (root / 'val.csv').write_text('path,hat,bag,coat\n')
+    _error(['train.py', '--dataset', 'csv', '--data_path', str(root), '--out', str(tmp_path / 'r')],
+           'the val split of csv (%s) is empty' % root)
+
+
+def test_error_batch_larger_than_dataset(tmp_path, demo_path):
+    _error(['train.py', '--data_path', demo_path, '--limit', '50', '--batch_size', '64', '--out', str(tmp_path / 'r')],
+           '--batch_size 64 is larger than the training split (50 samples)')
+
+
+def test_error_unwritable_output_folder(tmp_path, demo_path):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('x')
+    _error(['train.py', '--data_path', demo_path, '--out', str(blocker / 'run')], 'cannot write the run folder')
+
+
+def test_error_existing_run_is_not_overwritten(straight_run, demo_path):
+    out, _ = straight_run
+    before = open(os.path.join(out, 'checkpoints', 'last.params'), 'rb').read()
+    _error(['train.py', '--data_path', demo_path, '--out', out], 'already holds a run; continue it with --resume')
+    assert open(os.path.join(out, 'checkpoints', 'last.params'), 'rb').read() == before
+
+
+def test_error_image_that_is_not_an_image(tmp_path, straight_run):
+    out, _ = straight_run
+    fake = tmp_path / 'photo.jpg'
+    fake.write_text('hello')
+    _error(['eval.py', out, '--image', str(fake)], 'is not an image OpenCV can read')
+
+
+def test_error_incompatible_flags(tmp_path, demo_path):
+    _error(['train.py', '--data_path', demo_path, '--finetune', '--freeze-epochs', '2', '--out', str(tmp_path / 'a')],
+           '--finetune freezes the backbone for the whole run; drop --freeze-epochs')
+    _error(['train.py', '--test'], '--test needs --resume RUN_DIR')
+    _error(['train.py', '--gpus', 'x'], "--gpus takes comma-separated GPU ids")
+    _error(['train.py', '--resume', str(tmp_path / 'none')], 'no checkpoints/last.params there')
+
+
+def test_debug_shows_the_traceback(tmp_path, demo_path):
+    proc = _cli(['train.py', '--data_path', demo_path, '--num_classes', '3', '--out', str(tmp_path / 'r'),
+                 '--debug'])
+    assert proc.returncode != 0 and 'Traceback' in proc.stderr
