@@ -11,7 +11,6 @@ table and writes the result as JSON (``--out``; default ``<run>/eval_<split>.jso
 adds the paper's per-attribute numbers and the deltas.
 """
 import os
-import sys
 
 if 'OMP_NUM_THREADS' not in os.environ:        # must be set before mxnet is imported
     os.environ['OMP_NUM_THREADS'] = str(os.cpu_count() or 1)
@@ -19,9 +18,7 @@ if 'OMP_NUM_THREADS' not in os.environ:        # must be set before mxnet is imp
 import argparse  # noqa: E402
 import json  # noqa: E402
 
-import numpy as np  # noqa: E402
 import cv2  # noqa: E402
-import mxnet as mx  # noqa: E402
 from mxnet import nd  # noqa: E402
 
 import checkpoints  # noqa: E402

@@ -119,6 +119,16 @@ def parse_signed(values, where, bad, num_classes=None):
 class ImageFileDataset(AttributeDataset):
     """Samples that are image files with signed labels (1 / -1 / 0)."""
 
+    def _finish(self, paths, rows, names, split, bad):
+        """Drop the samples whose image is missing (or, when skipping bad samples, unreadable), log what
+        was skipped and set up the dataset."""
+        keep = check_images(paths, bad, verify=bad.skip)
+        bad.log()
+        self.skipped = len(bad.problems)
+        ImageFileDataset.__init__(self, [paths[k] for k in keep],
+                                  np.array([rows[k] for k in keep], np.int8).reshape(len(keep), len(names)),
+                                  names, split)
+
     def __init__(self, paths, signed, attribute_names, split):
         signed = np.asarray(signed, np.int8).reshape(len(paths), len(attribute_names))
         self.paths = list(paths)

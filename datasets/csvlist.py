@@ -15,9 +15,8 @@ All split files must have the same attribute columns in the same order.
 import csv
 import os
 
-import numpy as np
 
-from datasets.base import BadSamples, ImageFileDataset, check_images, require_dir
+from datasets.base import BadSamples, ImageFileDataset, require_dir
 from errors import UserError
 
 PATH_COLUMNS = ('path', 'image', 'file', 'filename', 'image_path')
@@ -58,11 +57,7 @@ class CsvDataset(ImageFileDataset):
                 rows.append(values)
                 if limit and len(paths) >= limit:
                     break
-        keep = check_images(paths, bad, verify=skip_bad)
-        bad.log()
-        self.skipped = len(bad.problems)
-        super(CsvDataset, self).__init__([paths[k] for k in keep], np.array([rows[k] for k in keep], np.int8),
-                                         names, split)
+        self._finish(paths, rows, names, split, bad)
 
 
 DEFAULTS = dict(backbone='resnet101_v1', input_size=224, resize=256, crop_range=(128, 224), monitor='mAP',

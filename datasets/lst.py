@@ -14,9 +14,8 @@ attributes when C = 14, else ``attr0`` ...
 """
 import os
 
-import numpy as np
 
-from datasets.base import (WIDER_ATTRIBUTES, BadSamples, ImageFileDataset, check_images, find_file,
+from datasets.base import (WIDER_ATTRIBUTES, BadSamples, ImageFileDataset, find_file,
                            parse_signed, require_dir)
 from errors import UserError
 
@@ -74,11 +73,7 @@ class LstDataset(ImageFileDataset):
             raise UserError('%s holds no samples' % path)
         names = attribute_names(data_path, count)
         paths = [p if os.path.isabs(p) else os.path.join(data_path, p) for _, _, p in rows]
-        keep = check_images(paths, bad, verify=skip_bad)
-        bad.log()
-        self.skipped = len(bad.problems)
-        super(LstDataset, self).__init__([paths[k] for k in keep], np.array([rows[k][1] for k in keep], np.int8),
-                                         names, split)
+        self._finish(paths, [r[1] for r in rows], names, split, bad)
 
 
 DEFAULTS = dict(backbone='resnet101_v1', input_size=224, resize=256, crop_range=(128, 224), monitor='mAP',

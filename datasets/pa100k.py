@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from datasets.base import BadSamples, ImageFileDataset, check_images, require_dir
+from datasets.base import BadSamples, ImageFileDataset, require_dir
 from datasets.peta import _cell_strings, _load_mat
 from errors import UserError
 
@@ -54,10 +54,7 @@ class PA100K(ImageFileDataset):
                 continue
             rows.append(np.where(row == 1, 1, -1))
             paths.append(os.path.join(image_dir, name))
-        keep = check_images(paths, bad, verify=skip_bad)
-        bad.log()
-        self.skipped = len(bad.problems)
-        super(PA100K, self).__init__([paths[k] for k in keep], [rows[k] for k in keep], names, split)
+        self._finish(paths, rows, names, split, bad)
 
 
 DEFAULTS = dict(backbone='resnet101_v1', input_size=224, resize=256, crop_range=(160, 224), monitor='mA',

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from datasets.base import BadSamples, ImageFileDataset, check_images, require_dir
+from datasets.base import BadSamples, ImageFileDataset, require_dir
 from errors import UserError
 
 SPLITS = ('train', 'val', 'trainval', 'test')
@@ -76,10 +76,7 @@ class Peta(ImageFileDataset):
                 continue
             rows.append(np.where(row == 1, 1, -1))
             paths.append(os.path.join(data_path, 'images', '%05d.png' % (i + 1)))
-        keep = check_images(paths, bad, verify=skip_bad)
-        bad.log()
-        self.skipped = len(bad.problems)
-        super(Peta, self).__init__([paths[k] for k in keep], [rows[k] for k in keep], names, split)
+        self._finish(paths, rows, names, split, bad)
 
 
 DEFAULTS = dict(backbone='resnet101_v1', input_size=224, resize=256, crop_range=(160, 224), monitor='mA',

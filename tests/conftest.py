@@ -16,3 +16,12 @@ def _seed():
     np.random.seed(0)
     mx.random.seed(0)
     yield
+
+
+@pytest.fixture(scope='session')
+def demo_path(tmp_path_factory):
+    """The embedded demo dataset, built once per test session in a temporary folder."""
+    from datasets import digits
+    path = str(tmp_path_factory.mktemp('demo'))
+    digits.cached(path, seed=0)
+    return path

@@ -5,11 +5,9 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
-from mxnet import nd
 
 import checkpoints
 import train
@@ -19,13 +17,6 @@ from tests import fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--limit', '96', '--input-size', '32', '--batch_size', '16', '--log-interval', '1']
-
-
-@pytest.fixture(scope='module')
-def demo_path(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp('demo'))
-    digits.cached(path, seed=0)
-    return path
 
 
 @pytest.fixture(scope='module')

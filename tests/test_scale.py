@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import mxnet as mx
 from mxnet import autograd, nd
 
@@ -150,14 +149,6 @@ def test_sharded_sampler_gives_disjoint_equal_fixed_shards():
 def _run(args, env=None, timeout=600):
     return subprocess.run([sys.executable] + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           universal_newlines=True, timeout=timeout, env=dict(os.environ, **(env or {})))
-
-
-@pytest.fixture(scope='module')
-def demo_path(tmp_path_factory):
-    from datasets import digits
-    path = str(tmp_path_factory.mktemp('demo'))
-    digits.cached(path, seed=0)
-    return path
 
 
 def test_dist_sync_two_workers_end_with_identical_parameters(tmp_path, demo_path):

@@ -12,13 +12,6 @@ from datasets import digits
 
 
 @pytest.fixture(scope='session')
-def demo_path(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp('demo'))
-    digits.cached(path, seed=0)
-    return path
-
-
-@pytest.fixture(scope='session')
 def tiny_run(demo_path, tmp_path_factory):
     out = str(tmp_path_factory.mktemp('runs') / 'tiny')
     result = train.main(['--data_path', demo_path, '--out', out, '--epochs', '3', '--limit', '480',
