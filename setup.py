@@ -33,5 +33,5 @@ setup(
         'cu112': ['mxnet-cu112==1.9.1'],
         'test': ['pytest>=7'],
     },
-    classifiers=['Programming Language :: Python :: 3', 'License :: OSI Approved :: MIT License'],
+    classifiers=['Programming Language :: Python :: 3'],
 )
