@@ -499,9 +499,9 @@ class Run(object):
             for (x, y, m, idx), fused in zip(parts, fused_parts):
                 probs = nd.sigmoid(fused.detach().astype('float32'))
                 history.update(idx, probs, epoch)
-                scores.append(probs.as_in_context(mx.cpu()))
-                labels.append(y.as_in_context(mx.cpu()))
-                masks.append(m.as_in_context(mx.cpu()))
+                scores.append(probs)            # stays on the device until the epoch ends
+                labels.append(y)
+                masks.append(m)
             batch_loss = nd.add_n(*[l.sum().as_in_context(self.ctx[0]) for l in losses])
             here = nd.full((1,), batch_no, ctx=self.ctx[0])
             first_bad = nd.minimum(first_bad, nd.where(nd.contrib.isfinite(batch_loss), first_bad, here))
