@@ -93,9 +93,7 @@ def load_model(args, ctx):
                    dataset=args.dataset, data_path=args.data_path, batch_size=24, num_workers=4, limit=None,
                    normalisation='upstream' if args.preset == 'upstream' else 'paper', run_dir=path)
         data_defaults = datasets.defaults(args.dataset) if args.dataset else {}
-        scale = args.input_size / float(data_defaults.get('input_size', 224))
-        cfg['resize'] = int(round(data_defaults.get('resize', 256) * scale))
-        cfg['crop_range'] = [int(round(c * scale)) for c in data_defaults.get('crop_range', (128, 224))]
+        cfg['resize'], cfg['crop_range'] = training.augmentation_geometry(data_defaults, args.input_size)
         if args.num_classes:
             names = ['attr%d' % i for i in range(args.num_classes)]
         elif args.dataset:
@@ -168,10 +166,7 @@ def explain_images(net, cfg, names, paths, out_dir, ctx):
         print('%s:' % path)
         for name, p in sorted(zip(names, probs), key=lambda t: -t[1]):
             print('  %-16s %.3f' % (name, p))
-        # Show the maps over the crop the network saw.
-        resized = cv2.resize(image, (cfg['resize'], cfg['resize']))
-        y0 = (cfg['resize'] - cfg['input_size']) // 2
-        crop = resized[y0:y0 + cfg['input_size'], y0:y0 + cfg['input_size']]
+        crop = transform.eval_view(image)      # show the maps over the crop the network saw
         out = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + '_attention.png')
         plots.attention_overlay(crop, [m[0].asnumpy() for m in maps], names, probs, out,
                                 tap_names(cfg['backbone'], net.taps))

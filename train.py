@@ -137,6 +137,13 @@ def build_parser():
     return p
 
 
+def augmentation_geometry(data_defaults, input_size):
+    """(resize, crop range): the dataset's numbers at its default input size, scaled to ``input_size``."""
+    scale = input_size / float(data_defaults.get('input_size', 224))
+    crop = data_defaults.get('crop_range', (128, 224))
+    return int(round(data_defaults.get('resize', 256) * scale)), [int(round(c * scale)) for c in crop]
+
+
 def resolve_config(args):
     """Flags > dataset defaults > preset/dataset schedule; returns a plain dict (saved as config.json)."""
     cfg = dict(vars(args))
@@ -152,11 +159,7 @@ def resolve_config(args):
     for key, value in fallbacks.items():
         if cfg.get(key) is None:
             cfg[key] = value
-    # Augmentation geometry: the dataset's numbers at its default input size, scaled to ours.
-    scale = cfg['input_size'] / float(data_defaults.get('input_size', 224))
-    cfg['resize'] = int(round(data_defaults.get('resize', 256) * scale))
-    crop = data_defaults.get('crop_range', (128, 224))
-    cfg['crop_range'] = [int(round(crop[0] * scale)), int(round(crop[1] * scale))]
+    cfg['resize'], cfg['crop_range'] = augmentation_geometry(data_defaults, cfg['input_size'])
     quirks = UPSTREAM_QUIRKS if args.preset == 'upstream' else PAPER_SETTINGS
     for key, value in quirks.items():
         if cfg.get(key) is None:

@@ -178,9 +178,17 @@ class Transform(object):
         self.train, self.mirror, self.seed = train, mirror, int(seed)
         self.mean, self.std = NORMALISATION[normalisation]
 
-    def __call__(self, image, index, epoch=0):
+    def eval_view(self, image):
+        """The evaluation input before normalisation: resize, then the centre ``input_size`` square."""
         img = cv2.resize(image, (self.resize, self.resize), interpolation=cv2.INTER_LINEAR)
-        if self.train:
+        y0 = (self.resize - self.input_size) // 2
+        return img[y0:y0 + self.input_size, y0:y0 + self.input_size]
+
+    def __call__(self, image, index, epoch=0):
+        if not self.train:
+            img = self.eval_view(image)
+        else:
+            img = cv2.resize(image, (self.resize, self.resize), interpolation=cv2.INTER_LINEAR)
             rng = np.random.RandomState((self.seed * 7919 + epoch * 104729 + index) % (2 ** 32))
             side = rng.randint(self.crop_range[0], self.crop_range[1] + 1)
             y0 = rng.randint(0, self.resize - side + 1)
@@ -190,9 +198,6 @@ class Transform(object):
                 img = cv2.resize(img, (self.input_size, self.input_size), interpolation=cv2.INTER_LINEAR)
             if self.mirror and rng.rand() < 0.5:
                 img = img[:, ::-1]
-        else:
-            y0 = (self.resize - self.input_size) // 2
-            img = img[y0:y0 + self.input_size, y0:y0 + self.input_size]
         img = (img.astype(np.float32) - self.mean) / self.std
         return np.ascontiguousarray(img.transpose(2, 0, 1))
 
