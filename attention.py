@@ -1,4 +1,4 @@
-"""Per-tap attention branch and attention classifier (paper Sec. 3.2, Fig. 2), and their trainers.
+"""Per-tap attention branch and attention classifier (paper Sec. 3.2, Fig. 2).
 
 For a feature map k_i taken from the backbone at tap i:
 
@@ -8,9 +8,9 @@ For a feature map k_i taken from the backbone at tap i:
 * the attended features A_i * S_i (C channels, H x W) go through ``f_cls`` (called ``fsr`` in the
   authors' code) to give the tap's attribute logits y_ai.
 
-The blocks keep the authors' module boundaries (``fatt``, ``fconv``, ``fsr``) so that every module can
-have its own ``gluon.Trainer`` and its weights can be written to and read from the authors'
-``saved_models/*_stage_N.params`` files (see ``checkpoints.py``).
+The blocks keep the authors' module boundaries (``fatt``, ``fconv``, ``fsr``): the network lists them in
+``VAANet.stage_modules()``, every module gets its own ``gluon.Trainer`` (``trainers.py``) and its own
+``saved_models/*_stage_N.params`` file in the authors' layout (``checkpoints.py``).
 """
 import mxnet as mx
 from mxnet import gluon
@@ -88,55 +88,3 @@ class AttentionClassifier(gluon.HybridBlock):
 
     def hybrid_forward(self, F, attended):
         return self.fsr(attended)
-
-
-def module_params(net):
-    """The network's trainable modules, in the authors' split: ``{name: ParameterDict}``.
-
-    ``backbone`` holds the backbone and its new output layer; for each tap, ``stage_N/fconv``,
-    ``stage_N/fatt`` and ``stage_N/fsr`` hold the confidence conv, the attention convs and the
-    classifier (N = 2, 3, 4 as in the authors' file names; see ``VAANet.stage_numbers``).
-    """
-    modules = {'backbone': net.backbone.collect_params()}
-    for number, branch, classifier in zip(net.stage_numbers, net.branches, net.classifiers):
-        modules['stage_%d/fconv' % number] = branch.fconv.collect_params()
-        modules['stage_%d/fatt' % number] = branch.fatt.collect_params()
-        modules['stage_%d/fsr' % number] = classifier.fsr.collect_params()
-    return modules
-
-
-def build_stage_trainers(net, optimizer='sgd', optimizer_params=None, freeze_backbone=False,
-                         kvstore='device', update_on_kvstore=False):
-    """One ``gluon.Trainer`` per module (SPEC 5), as the authors' training loop had.
-
-    With ``freeze_backbone`` the backbone's parameters get ``grad_req='null'`` and no trainer, so no
-    gradient is computed for them and nothing steps them. Updates run on the workers
-    (``update_on_kvstore=False``) so that optimizer states can be checkpointed
-    (``checkpoints.save_training``). Returns ``{module name: Trainer}``.
-    """
-    optimizer_params = dict(optimizer_params or {})
-    trainers = {}
-    for name, params in module_params(net).items():
-        if name == 'backbone' and freeze_backbone:
-            params.setattr('grad_req', 'null')
-            continue
-        if name == 'backbone':
-            params.setattr('grad_req', 'write')
-        trainers[name] = gluon.Trainer(params, optimizer, dict(optimizer_params), kvstore=kvstore,
-                                       update_on_kvstore=update_on_kvstore)
-    return trainers
-
-
-def freeze_backbone_features(net, frozen):
-    """Freeze (or unfreeze) the backbone's convolutional layers but keep its new output layer
-    trainable: the first phase of the paper's schedule. Call ``net.hybridize`` again afterwards."""
-    output = set(net.backbone.output.collect_params().keys())
-    for name, param in net.backbone.collect_params().items():
-        if name not in output and not name.endswith(('running_mean', 'running_var')):
-            param.grad_req = 'null' if frozen else 'write'
-
-
-def set_learning_rate(trainers, lr):
-    """Set one learning rate on every trainer (the authors shared one scheduler between them)."""
-    for trainer in trainers.values():
-        trainer.set_learning_rate(lr)

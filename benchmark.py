@@ -8,8 +8,9 @@ the data pipeline.
 
 Rows (images/sec, higher is better):
 
-* ``ours train`` / ``ours eval``: ``VAANet`` hybridized with static allocation, the paper's losses
-  with the prediction history, one Trainer per module (what ``train.py`` runs).
+* ``ours train`` / ``ours eval``: what ``train.py`` runs: ``model.build_net``, hybridized with static
+  allocation, ``steps.train_step`` with the paper's losses (``losses.VAALoss``) and the prediction
+  history, one Trainer per module (``trainers.StageTrainers``).
 * ``reference train`` / ``reference eval``: the same architecture executed the way the authors' code
   does it (``upstream_reference.py``: SymbolBlock backbone, per-stage non-hybridized Sequentials, eager
   NDArray spatial softmax, one Trainer per module, sigmoid BCE).
@@ -34,12 +35,12 @@ import numpy as np  # noqa: E402
 import mxnet as mx  # noqa: E402
 from mxnet import autograd, gluon, nd  # noqa: E402
 
-import attention  # noqa: E402
-import distributed  # noqa: E402
-import mixed_precision  # noqa: E402
+import config  # noqa: E402
+import steps  # noqa: E402
 from errors import run_main  # noqa: E402
-from losses import AttentionHistoryLoss, PredictionHistory, WeightedFocalLoss  # noqa: E402
-from model import get_vaa_net  # noqa: E402
+from losses import PredictionHistory, VAALoss  # noqa: E402
+from model import build_net  # noqa: E402
+from trainers import StageTrainers  # noqa: E402
 
 
 def _timed(step, warmup, iters, sync):
@@ -54,28 +55,23 @@ def _timed(step, warmup, iters, sync):
 
 
 def bench_ours(args, ctx, x, y, m):
-    net = get_vaa_net(args.backbone, args.classes, args.preset, args.input_size, ctx=[ctx])
+    """What train.py runs: the network of the config, Eq. 7 with history weights, the per-stage Trainers,
+    one ``steps.train_step`` per batch; evaluation is the hybridized forward pass."""
+    cfg = config.defaults(backbone=args.backbone, preset=args.preset, input_size=args.input_size,
+                          num_classes=args.classes, dataset=None)
+    net = build_net(cfg, [ctx])
     net.hybridize(static_alloc=True, static_shape=True)
-    trainers = attention.build_stage_trainers(net, 'sgd', {'learning_rate': 1e-4, 'momentum': 0.9, 'wd': 5e-4},
-                                              kvstore=None)
-    sync, scaling = distributed.GradientSync(net, [ctx]), mixed_precision.LossScaling(False)
-    params = list(net.collect_params().values())
-    focal, att = WeightedFocalLoss(gamma=0.5), AttentionHistoryLoss()
-    for loss in (focal, att):
-        loss.hybridize(static_alloc=True, static_shape=True)
+    trainers = StageTrainers(net, [ctx], 'sgd', {'learning_rate': 1e-4, 'momentum': 0.9, 'wd': 5e-4})
+    loss = VAALoss(gamma=0.5)
+    loss.hybridize(static_alloc=True, static_shape=True)
     history = PredictionHistory(args.batch * 4, args.classes, start_epoch=0, use_epoch=0, ctx=ctx)
-    idx = np.arange(args.batch)
-    history.update(idx, nd.random.uniform(shape=(args.batch, args.classes), ctx=ctx), 0)
-    history.update(idx, nd.random.uniform(shape=(args.batch, args.classes), ctx=ctx), 1)
+    idx = nd.arange(args.batch, dtype='int64')
+    for epoch in (0, 1):
+        history.update(idx.asnumpy(), nd.random.uniform(shape=(args.batch, args.classes), ctx=ctx), epoch)
+    batch = (x, y, m, idx)
 
     def train_step():
-        w = history.weights(idx, 2, ctx=ctx)
-        with autograd.record():
-            primary, taps, fused = net(x)
-            loss = focal(primary, y, m) + nd.add_n(*[att(t, y, m, w) for t in taps])
-        loss.backward()
-        scaling.step(sync, trainers, args.batch, params)
-        history.update(idx, nd.sigmoid(fused), 2)
+        steps.train_step(net, loss, trainers, history, batch, 2, [ctx])
 
     def eval_step():
         net(x)[2].wait_to_read()

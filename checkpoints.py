@@ -24,13 +24,15 @@ from errors import UserError
 
 
 def upstream_files(net):
-    """``{file name: (ParameterDict, prefix to strip)}`` for every module of ``net``."""
-    files = {'backbone_%s.params' % net.backbone.family:
-             (net.backbone.collect_params(), net.backbone.zoo_prefix)}
-    for number, branch, classifier in zip(net.stage_numbers, net.branches, net.classifiers):
-        files['fconv_stage_%d.params' % number] = (branch.fconv.collect_params(), branch.fconv.prefix)
-        files['fatt_stage_%d.params' % number] = (branch.fatt.collect_params(), branch.fatt.prefix)
-        files['fsr_stage_%d.params' % number] = (classifier.fsr.collect_params(), classifier.fsr.prefix)
+    """``{file name: (ParameterDict, prefix to strip)}``: one file per module of ``net.stage_modules()``
+    (``backbone`` -> ``backbone_resnet.params``, ``stage_N/fatt`` -> ``fatt_stage_N.params``, ...)."""
+    files = {}
+    for name, block in net.stage_modules().items():
+        if name == 'backbone':
+            files['backbone_%s.params' % net.backbone.family] = (block.collect_params(), net.backbone.zoo_prefix)
+        else:
+            stage, module = name.split('/')
+            files['%s_%s.params' % (module, stage)] = (block.collect_params(), block.prefix)
     return files
 
 
@@ -176,7 +178,9 @@ def _optimizer_arrays(net, name, trainer, arrays, counts):
 def save_training(path, net, trainers, history, meta, extra=None):
     """Write everything needed to continue training to ``path`` atomically.
 
-    ``extra``: more named NDArrays (a partial epoch's accumulators), stored under ``extra/<name>``.
+    ``trainers``: ``{module name: gluon.Trainer}``; ``history``: the prediction history's arrays
+    (``PredictionHistory.state_dict()``, or every worker's merged) or None; ``extra``: more named
+    NDArrays (a partial epoch's accumulators), stored under ``extra/<name>``.
     """
     arrays = {'param/' + k: p._reduce() for k, p in _param_names(net).items()}  # pylint: disable=protected-access
     for name, value in (extra or {}).items():
@@ -186,9 +190,8 @@ def save_training(path, net, trainers, history, meta, extra=None):
         if trainer._update_on_kvstore:  # pylint: disable=protected-access
             raise ValueError('save_training needs trainers built with update_on_kvstore=False')
         _optimizer_arrays(net, name, trainer, arrays, counts)
-    if history is not None:
-        arrays['history/buffer'] = history.buffer.copyto(mx.cpu())
-        arrays['history/counts'] = history.counts.copyto(mx.cpu())
+    for name, value in (history or {}).items():
+        arrays['history/' + name] = value.copyto(mx.cpu())
     meta = dict(meta, optimizer_counts=counts, format='vaa-checkpoint-1')
     arrays['meta/json'] = _json_array(meta)
     atomic_save_ndarrays(path, arrays)
@@ -265,9 +268,6 @@ def load_training(path, net, trainers, history, arrays=None):
             opt._index_update_count = per_device[trainer._contexts[0].device_id]  # pylint: disable=protected-access
             trainer.set_learning_rate(counts[name]['lr'])
     if history is not None and 'history/buffer' in arrays:
-        if tuple(arrays['history/buffer'].shape) != tuple(history.buffer.shape):
-            raise UserError('%s: the prediction history holds %s but this run needs %s (another '
-                            'training split?)' % (path, arrays['history/buffer'].shape, history.buffer.shape))
-        history.buffer[:] = arrays['history/buffer'].as_in_context(history.ctx)
-        history.counts[:] = arrays['history/counts'].as_in_context(history.ctx)
+        history.load_state_dict({k[len('history/'):]: v for k, v in arrays.items() if k.startswith('history/')},
+                                path)
     return meta, {k[len('extra/'):]: v for k, v in arrays.items() if k.startswith('extra/')}

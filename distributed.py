@@ -1,4 +1,5 @@
-"""Gradient exchange for several devices and several machines, shared by all per-module Trainers.
+"""Devices and machines: the device list, batches split over it, and the gradient exchange shared by
+all per-module Trainers.
 
 Gluon gives every ``Trainer`` its own KVStore whose keys are the Trainer's own parameter indices; with
 one Trainer per module (the authors' design) several Trainers would then create several distributed
@@ -6,7 +7,7 @@ KVStores with clashing keys. Here one KVStore serves them all: :class:`GradientS
 parameter of the network once, sums each gradient over devices (``device``) or devices and machines
 (``dist_sync``, MXNet's parameter server, roles from the DMLC_* environment variables) and leaves the
 update to the Trainers, which are built without a KVStore (``kvstore=None``) and called with
-``trainer.update(global_batch_size)`` (``mixed_precision.LossScaling.step``).
+``trainer.update(global_batch_size)`` (``trainers.StageTrainers.step``).
 
 Parameter values start identical everywhere: at start-up every worker pulls rank 0's weights.
 """
@@ -14,9 +15,42 @@ import os
 
 import numpy as np
 import mxnet as mx
-from mxnet import nd
+from mxnet import gluon, nd
 
 from errors import UserError
+
+
+def parse_contexts(gpus, cpus=1):
+    """The devices of ``--gpus``/``--cpus``: None -> [cpu()] (or ``cpus`` CPU contexts), '0,1' -> [gpu(0), gpu(1)]."""
+    gpus = (gpus or '').strip()
+    if not gpus:
+        if cpus < 1:
+            raise UserError('--cpus must be at least 1')
+        return [mx.cpu(i) for i in range(cpus)]
+    try:
+        ids = [int(g) for g in gpus.split(',') if g.strip() != '']
+    except ValueError:
+        raise UserError("--gpus takes comma-separated GPU ids such as '0' or '0,1', got %r" % gpus)
+    available = mx.context.num_gpus()
+    missing = [i for i in ids if i >= available]
+    if missing:
+        raise UserError('--gpus %s: this machine has %d GPU(s) visible to mxnet%s' % (
+            gpus, available, '' if available else ' (is the CPU build of mxnet installed? pip install '
+            'mxnet-cu112 for CUDA 11.2)'))
+    return [mx.gpu(i) for i in ids]
+
+
+def split_batch(batch, ctx):
+    """Split a ``(data, label, mask, index)`` batch over the devices: a list of such tuples, one per
+    device (fewer when the batch is smaller than the device count), indices as NumPy int64."""
+    data, label, mask, index = batch
+    if data.shape[0] < len(ctx):
+        ctx = ctx[:data.shape[0]]
+    parts = [gluon.utils.split_and_load(x, ctx, even_split=False) for x in (data, label, mask)]
+    index = index.asnumpy().astype(np.int64)
+    bounds = np.cumsum([0] + [p.shape[0] for p in parts[0]])
+    indices = [index[bounds[i]:bounds[i + 1]] for i in range(len(parts[0]))]
+    return list(zip(parts[0], parts[1], parts[2], indices))
 
 
 def create_kvstore(name, num_devices):
@@ -117,19 +151,14 @@ class GradientSync(object):
         """The prediction history of every worker's shard, for rank 0's checkpoint.
 
         Workers update disjoint shards (``shard``: this worker's sample indices); each contributes only
-        its own rows, so the sum is the union. Returns a (buffer, counts) holder; the local history is
-        left as it is.
+        its own rows, so the sum is the union. Returns arrays like ``history.state_dict()``; the local
+        history is left as it is.
         """
-        class Merged(object):
-            pass
-        merged = Merged()
         if not self.distributed:
-            merged.buffer, merged.counts = history.buffer, history.counts
-            return merged
+            return history.state_dict()
         own = nd.zeros((history.num_samples,), ctx=self.ctx[0])
         own[nd.array(shard, ctx=self.ctx[0])] = 1
         buffer = history.buffer.as_in_context(self.ctx[0]) * own.reshape((-1, 1, 1))
         counts = history.counts.as_in_context(self.ctx[0]) * own
-        merged.buffer = self.allreduce_array('history_buffer', buffer)
-        merged.counts = self.allreduce_array('history_counts', counts)
-        return merged
+        return {'buffer': self.allreduce_array('history_buffer', buffer),
+                'counts': self.allreduce_array('history_counts', counts)}

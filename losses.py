@@ -8,6 +8,8 @@ from the logits as -softplus(-x) and -softplus(x), so nothing is clipped and gra
   L_w = -w [ y (1-p)^gamma log p + (1-y) p^gamma log(1-p) ].
 * :class:`AttentionHistoryLoss` (Eqs. 5-6), for each attention tap: L_ai = (1 + std_s) * BCE, the
   std of each sample's recent fused predictions coming from :class:`PredictionHistory`.
+* :class:`VAALoss` (Eq. 7): the total, L_w on the primary logits + L_ai on every tap, used by
+  training, validation and the benchmark alike.
 * :func:`class_prior_weights`: the per-attribute weights of Eq. 4, in the DeepMAR form the authors'
   code computes or in the form printed in the paper.
 
@@ -16,7 +18,7 @@ Upstream quirks (SPEC 4) are switches: ``plain_bce`` (the released losses were p
 """
 import numpy as np
 import mxnet as mx
-from mxnet import nd
+from mxnet import gluon, nd
 from mxnet.gluon.loss import Loss
 
 from errors import UserError
@@ -77,9 +79,8 @@ class WeightedFocalLoss(_MaskedLoss):
     ``loss(pred, label, mask=None)`` -> shape (N,).
     """
 
-    def __init__(self, pos_weight=None, neg_weight=None, gamma=0.5, plain_bce=False, weight=None,
-                 batch_axis=0, **kwargs):
-        super(WeightedFocalLoss, self).__init__(weight, batch_axis, **kwargs)
+    def __init__(self, pos_weight=None, neg_weight=None, gamma=0.5, plain_bce=False, batch_axis=0, **kwargs):
+        super(WeightedFocalLoss, self).__init__(None, batch_axis, **kwargs)
         self._gamma = float(gamma)
         self._plain_bce = bool(plain_bce)
         self._pos = None if pos_weight is None else np.asarray(pos_weight, np.float32).reshape(1, -1)
@@ -123,8 +124,8 @@ class AttentionHistoryLoss(_MaskedLoss):
     ``plain_bce=True`` (upstream quirk) ignores it. Returns shape (N,).
     """
 
-    def __init__(self, plain_bce=False, weight=None, batch_axis=0, **kwargs):
-        super(AttentionHistoryLoss, self).__init__(weight, batch_axis, **kwargs)
+    def __init__(self, plain_bce=False, batch_axis=0, **kwargs):
+        super(AttentionHistoryLoss, self).__init__(None, batch_axis, **kwargs)
         self._plain_bce = bool(plain_bce)
 
     def forward(self, pred, label, mask=None, std_weight=None):  # pylint: disable=arguments-differ
@@ -138,6 +139,51 @@ class AttentionHistoryLoss(_MaskedLoss):
         log_p, log_1mp = _log_sigmoids(F, pred)
         bce = -(label * log_p + (1 - label) * log_1mp)
         return self._masked_mean(F, std_weight * bce, mask)
+
+
+def _as(array, dtype):
+    return array if array is None or array.dtype == dtype else array.astype(dtype)
+
+
+class VAALoss(gluon.Block):
+    """The paper's objective (Eq. 7): L = L_w(y_p) + sum_i L_ai(y_ai), one value per sample.
+
+    L_w is :class:`WeightedFocalLoss` on the primary logits, L_ai :class:`AttentionHistoryLoss` on each
+    tap's logits with the history weights 1 + std_s. Training, validation and the benchmark all compute
+    the loss here, so the validation curve shows the objective that training minimises (with weights 1:
+    validation samples have no history).
+
+    Parameters
+    ----------
+    pos_weight, neg_weight, gamma, plain_bce
+        As for :class:`WeightedFocalLoss` (``plain_bce`` applies to both terms).
+    primary : bool
+        Include L_w. The authors' ``--finetune`` drops it (the backbone, whose output it trains, is
+        frozen).
+
+    ``loss(primary_logits, tap_logits, label, mask=None, std_weight=None)`` -> shape (N,), computed in
+    the logits' dtype, except that float16 logits (``--amp``) are cast to float32 first.
+    """
+
+    def __init__(self, pos_weight=None, neg_weight=None, gamma=0.5, plain_bce=False, primary=True, **kwargs):
+        super(VAALoss, self).__init__(**kwargs)
+        self.primary = bool(primary)
+        with self.name_scope():
+            self.focal = WeightedFocalLoss(pos_weight, neg_weight, gamma=gamma, plain_bce=plain_bce)
+            self.attention = AttentionHistoryLoss(plain_bce=plain_bce)
+
+    def forward(self, primary, taps, label, mask=None, std_weight=None):  # pylint: disable=arguments-differ
+        dtype = np.float32 if primary.dtype == np.float16 else primary.dtype
+        primary, taps, label, mask, std_weight = [
+            [_as(t, dtype) for t in a] if isinstance(a, (list, tuple)) else _as(a, dtype)
+            for a in (primary, taps, label, mask, std_weight)]
+        if not (taps or self.primary):
+            raise ValueError('VAALoss without the primary term needs at least one tap')
+        focal = self.focal(primary, label, mask) if self.primary else None                        # Eq. 4
+        if not taps:
+            return focal
+        attention = nd.add_n(*[self.attention(t, label, mask, std_weight) for t in taps])           # Eqs. 5-6
+        return attention if focal is None else focal + attention
 
 
 class PredictionHistory(object):
@@ -217,3 +263,15 @@ class PredictionHistory(object):
     def filled(self):
         """Number of stored predictions per sample (NumPy int array)."""
         return self.counts.asnumpy().astype(np.int64)
+
+    def state_dict(self):
+        """``{'buffer', 'counts'}``: everything a checkpoint needs to continue the history."""
+        return {'buffer': self.buffer, 'counts': self.counts}
+
+    def load_state_dict(self, arrays, where='checkpoint'):
+        """Restore :meth:`state_dict` arrays; UserError when they were made for another training split."""
+        if tuple(arrays['buffer'].shape) != tuple(self.buffer.shape):
+            raise UserError('%s: the prediction history holds %s but this run needs %s (another training '
+                            'split?)' % (where, arrays['buffer'].shape, self.buffer.shape))
+        self.buffer[:] = arrays['buffer'].as_in_context(self.ctx)
+        self.counts[:] = arrays['counts'].as_in_context(self.ctx)

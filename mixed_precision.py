@@ -1,11 +1,12 @@
-"""Float16 training with dynamic loss scaling (``--amp``), shared by every per-module Trainer.
+"""Float16 training (``--amp``): turning it on, and one dynamic loss scale for every per-module Trainer.
 
-``mxnet.contrib.amp`` converts the network's operators to float16 where safe (``amp.init()``, called
+``mxnet.contrib.amp`` converts the network's operators to float16 where safe (:func:`init_amp`, called
 before the network is built). Its ``init_trainer``/``scale_loss`` helpers attach a loss scaler to one
 Trainer; with one Trainer per module the scalers would drift apart and skip different steps. Here one
-:class:`LossScaling` scales the losses once, checks every gradient for inf/NaN after the all-reduce
-and, on overflow, skips the step of *every* Trainer and halves the scale at once; after 2,000 clean
-steps it doubles again (the schedule of MXNet's dynamic loss scaler, up to 2^24).
+:class:`LossScaling` keeps the books for all of them: ``trainers.StageTrainers`` scales the losses
+with it, asks it after the gradient all-reduce whether the step may go ahead, and then updates every
+Trainer or none. On overflow the scale halves at once; after 2,000 clean steps it doubles again (the
+schedule of MXNet's dynamic loss scaler, up to 2^24).
 """
 from mxnet import autograd, nd
 
@@ -21,7 +22,7 @@ def init_amp(ctx):
 
 
 class LossScaling(object):
-    """Dynamic loss scaling for the whole set of Trainers (scale 1 and no checks when disabled)."""
+    """Dynamic loss scale (1, and no checks, when disabled)."""
 
     def __init__(self, enabled, initial=2.0 ** 16, window=2000, maximum=2.0 ** 24):
         self.enabled = bool(enabled)
@@ -45,23 +46,18 @@ class LossScaling(object):
                 nd.multi_all_finite(*chunk, num_arrays=len(chunk), init_output=False, out=finite)
         return not bool(finite.asscalar())
 
-    def step(self, sync, trainers, batch_size, params):
-        """All-reduce gradients, then update every Trainer unless a gradient overflowed.
-
-        ``batch_size`` is this worker's batch. Returns True when the parameters were updated.
-        """
-        scale = self.scale
-        sync.allreduce_grads()
-        if self.enabled:
-            if self.has_overflow(params):
-                self.skipped += 1
-                self.clean_steps = 0
-                self.scale = max(scale / 2.0, 1.0)
-                return False
-            self.clean_steps += 1
-            if self.clean_steps == self.window:
-                self.clean_steps = 0
-                self.scale = min(scale * 2.0, self.maximum)
-        for trainer in trainers.values():
-            trainer.update(batch_size * sync.num_workers * scale)
+    def step_allowed(self, params):
+        """After the all-reduce: may this step update the weights? On overflow counts a skipped step and
+        halves the scale; after ``window`` clean steps in a row doubles it. Always True when disabled."""
+        if not self.enabled:
+            return True
+        if self.has_overflow(params):
+            self.skipped += 1
+            self.clean_steps = 0
+            self.scale = max(self.scale / 2.0, 1.0)
+            return False
+        self.clean_steps += 1
+        if self.clean_steps == self.window:
+            self.clean_steps = 0
+            self.scale = min(self.scale * 2.0, self.maximum)
         return True

@@ -21,7 +21,7 @@ Backbones are the Gluon model-zoo ResNet v1 (18/34/50/101/152) and DenseNet (121
 layers are used as they are (same parameter names as the model zoo and as the authors' files), cut at
 the taps into consecutive segments so the whole network hybridizes into one graph.
 """
-import hashlib
+import collections
 import os
 import re
 
@@ -63,7 +63,7 @@ def model_zoo_file(name, root=None):
     return os.path.join(root, file_name + '.params'), url
 
 
-def load_pretrained(zoo_net, name, root=None, check_hash=False):
+def load_pretrained(zoo_net, name, root=None):
     """Load ImageNet weights from the model-zoo cache into ``zoo_net``; never downloads.
 
     Raises :class:`UserError` naming the file to place (and where) when the cache lacks it.
@@ -74,14 +74,6 @@ def load_pretrained(zoo_net, name, root=None, check_hash=False):
             'ImageNet weights for %s are not in the model-zoo cache: place %s in %s (download %s and '
             'unzip it there, or set MXNET_HOME to the folder that holds models/), or drop --pretrained '
             'to start from random weights' % (name, os.path.basename(path), os.path.dirname(path), url))
-    if check_hash:
-        sha1 = hashlib.sha1()
-        with open(path, 'rb') as f:
-            for chunk in iter(lambda: f.read(1 << 20), b''):
-                sha1.update(chunk)
-        if sha1.hexdigest() != model_store._model_sha1[name]:   # pylint: disable=protected-access
-            raise UserError('%s does not match the model zoo\'s SHA-1 for %s: delete it and download '
-                            '%s again' % (path, name, url))
     try:
         zoo_net.load_parameters(path, ctx=mx.cpu())
     except Exception as err:  # mxnet raises MXNetError/AssertionError for damaged files
@@ -217,6 +209,11 @@ class Backbone(gluon.HybridBlock):
             # Same construction as the authors' getResNet: the new output layer is named dense1.
             self.output = nn.Dense(num_classes, flatten=True, weight_initializer=HEAD_INIT)
 
+    def feature_params(self):
+        """The model-zoo layers' parameters (everything but the new output layer)."""
+        output = set(self.output.collect_params().keys())
+        return [p for name, p in self.collect_params().items() if name not in output]
+
     def hybrid_forward(self, F, x):
         taps = []
         for segment in self.segments:
@@ -288,6 +285,30 @@ class VAANet(gluon.HybridBlock):
             if min(shape[2:]) < 1:
                 raise UserError('input size %d is too small for tap %s' % (input_size, tap))
         return [tuple(s[1:]) for s in shapes]
+
+    def stage_modules(self):
+        """The authors' split of the network into separately trained modules: ``{name: block}``.
+
+        ``backbone`` holds the model-zoo layers and the new output layer; each tap has ``stage_N/fconv``
+        (confidence conv), ``stage_N/fatt`` (attention convs) and ``stage_N/fsr`` (classifier), N = 2, 3, 4
+        as in the authors' file names (``stage_numbers``). Each module gets its own ``gluon.Trainer``
+        (``trainers.StageTrainers``) and its own file in the authors' layout (``checkpoints.upstream_files``).
+        """
+        modules = collections.OrderedDict(backbone=self.backbone)
+        for number, branch, classifier in zip(self.stage_numbers, self.branches, self.classifiers):
+            modules['stage_%d/fconv' % number] = branch.fconv
+            modules['stage_%d/fatt' % number] = branch.fatt
+            modules['stage_%d/fsr' % number] = classifier.fsr
+        return modules
+
+    def freeze_backbone(self, frozen=True, keep_output=False):
+        """Stop (or restart) gradients for the backbone: all of it, or with ``keep_output`` only its
+        model-zoo layers (the first phase of the paper's schedule trains the heads and the new output
+        layer). The graph is rebuilt at the next call, as the gradient requests changed."""
+        params = self.backbone.feature_params() if keep_output else self.backbone.collect_params().values()
+        for param in params:
+            param.grad_req = 'null' if frozen else 'write'     # (BN running statistics stay 'null')
+        self._clear_cached_op()
 
     @property
     def return_attention(self):
@@ -369,6 +390,19 @@ def initialize(net, ctx=None):
 
 def get_vaa_net(backbone='resnet101_v1', num_classes=14, preset='paper', input_size=224,
                 pretrained=False, ctx=None, taps=None, root=None):
-    """Build, initialise and place a :class:`VAANet` (the factory scripts and tests use)."""
+    """Build, initialise and place a :class:`VAANet`."""
     net = VAANet(backbone, num_classes, preset, input_size, pretrained, taps, root)
     return initialize(net, ctx)
+
+
+def build_net(cfg, ctx=None, pretrained=None):
+    """The network a run's config describes; training, evaluation, resume and the benchmark all build it
+    here, so a saved ``config.json`` (or a checkpoint's config) rebuilds exactly the trained network.
+
+    Reads ``backbone``, ``num_classes``, ``preset``, ``input_size``, ``taps`` (optional) and
+    ``pretrained``; ``pretrained=False`` overrides the latter (weights about to be loaded from a
+    checkpoint need no ImageNet cache).
+    """
+    pretrained = cfg.get('pretrained', False) if pretrained is None else pretrained
+    return get_vaa_net(cfg['backbone'], cfg['num_classes'], cfg['preset'], cfg['input_size'], pretrained, ctx,
+                       cfg.get('taps'))

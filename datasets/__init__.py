@@ -13,15 +13,18 @@ rec       train.rec/.idx, ... (packed by datasets.recordio)    ``datasets/record
 ========  ===================================================  =============================
 
 ``get_split(name, data_path, split, **options)`` returns an :class:`datasets.base.AttributeDataset`;
-options a dataset does not take (e.g. ``partition`` for WIDER) are ignored. ``defaults(name)`` gives
-the settings ``train.py`` uses for that dataset unless told otherwise.
+options a dataset does not take (e.g. ``partition`` for WIDER) are ignored. ``load_split`` adds the
+checks training and evaluation need (not empty, the expected attribute count). ``defaults(name)``
+gives the settings ``train.py`` uses for that dataset unless told otherwise.
 """
 import importlib
 import inspect
+import logging
 import os
 
 from errors import UserError
 
+LOG = logging.getLogger('vaa')
 REPO_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data')
 
 # name: (module, class)
@@ -55,6 +58,20 @@ def get_split(name, data_path, split, **options):
     accepted = inspect.signature(cls.__init__).parameters
     kwargs = {k: v for k, v in options.items() if k in accepted and v is not None}
     return cls(data_path, split, **kwargs)
+
+
+def load_split(name, data_path, split, num_classes=None, **options):
+    """:func:`get_split` for training and evaluation: logs the samples skipped as bad, and refuses an
+    empty split or one whose attribute count differs from ``num_classes`` (``--num_classes``)."""
+    data = get_split(name, data_path, split, **options)
+    if getattr(data, 'skipped', 0):
+        LOG.warning('%s %s: %d bad sample(s) skipped (--skip-bad-samples)', name, split, data.skipped)
+    if len(data) == 0:
+        raise UserError('the %s split of %s (%s) is empty' % (split, name, data_path))
+    if num_classes and num_classes != data.num_classes:
+        raise UserError('--num_classes %d but the %s labels have %d attributes; drop --num_classes or fix it'
+                        % (num_classes, name, data.num_classes))
+    return data
 
 
 def defaults(name):

@@ -16,10 +16,6 @@ from errors import UserError
 
 LOG = logging.getLogger('vaa')
 
-# The WIDER-Attribute attributes in their official order (the JSON's attribute_id_map; "Tshiirt" sic).
-WIDER_ATTRIBUTES = ('Male', 'longHair', 'sunglass', 'Hat', 'Tshiirt', 'longSleeve', 'formal', 'shorts',
-                    'jeans', 'longPants', 'skirt', 'faceMask', 'logo', 'stripe')
-
 # Normalisation per preset (SPEC 5): ImageNet mean/std for model-zoo weights; the released code
 # subtracted 104/117/123 from R/G/B and did not divide.
 NORMALISATION = {

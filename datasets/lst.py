@@ -15,8 +15,8 @@ attributes when C = 14, else ``attr0`` ...
 import os
 
 
-from datasets.base import (WIDER_ATTRIBUTES, BadSamples, ImageFileDataset, find_file,
-                           parse_signed, require_dir)
+from datasets.base import BadSamples, ImageFileDataset, find_file, parse_signed, require_dir
+from datasets.wider import WIDER_ATTRIBUTES
 from errors import UserError
 
 UPSTREAM_NAMES = {'train': 'training_list.lst', 'val': 'valid_list.lst', 'test': 'testing_list.lst'}

@@ -22,9 +22,12 @@ import os
 import numpy as np
 import cv2
 
-from datasets.base import WIDER_ATTRIBUTES, BadSamples, ImageFileDataset, decode_image, require_dir
+from datasets.base import BadSamples, ImageFileDataset, decode_image, require_dir
 from errors import UserError
 
+# The WIDER-Attribute attributes in their official order (the JSON's attribute_id_map; "Tshiirt" sic).
+WIDER_ATTRIBUTES = ('Male', 'longHair', 'sunglass', 'Hat', 'Tshiirt', 'longSleeve', 'formal', 'shorts',
+                    'jeans', 'longPants', 'skirt', 'faceMask', 'logo', 'stripe')
 CROP = 256
 SPLITS = {'train': 'trainval', 'val': 'trainval', 'trainval': 'trainval', 'test': 'test'}
 

@@ -6,7 +6,7 @@ import numpy as np
 import cv2
 import scipy.io
 
-from datasets.base import WIDER_ATTRIBUTES
+from datasets.wider import WIDER_ATTRIBUTES
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (230, 220, 30), (200, 40, 220), (30, 210, 210)]
 

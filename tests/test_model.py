@@ -11,6 +11,7 @@ from mxnet.gluon.model_zoo import vision
 import attention
 from errors import UserError
 from model import PRESETS, VAANet, get_vaa_net, model_zoo_file, tap_names
+from trainers import StageTrainers
 
 
 def _zoo_tap_nodes(backbone, taps):
@@ -186,14 +187,14 @@ def test_unknown_backbone_preset_and_tap_are_user_errors():
 
 def test_stage_trainers_cover_every_parameter_once_and_freezing_skips_backbone():
     net = get_vaa_net('resnet18_v1', 4, 'upstream', 64)
-    trainers = attention.build_stage_trainers(net, 'sgd', {'learning_rate': 0.1})
+    trainers = StageTrainers(net, [mx.cpu()], 'sgd', {'learning_rate': 0.1}).trainers
     assert sorted(trainers) == sorted(['backbone'] + ['stage_%d/%s' % (n, m) for n in (2, 3, 4)
                                                        for m in ('fconv', 'fatt', 'fsr')])
     owned = [p.name for t in trainers.values() for p in t._params]
     assert sorted(owned) == sorted(net.collect_params().keys()) and len(owned) == len(set(owned))
 
-    frozen = attention.build_stage_trainers(net, 'sgd', {'learning_rate': 0.1}, freeze_backbone=True)
-    assert 'backbone' not in frozen
+    frozen = StageTrainers(net, [mx.cpu()], 'sgd', {'learning_rate': 0.1}, finetune=True)
+    assert 'backbone' not in frozen.trainers
     before = {k: p.data().copy() for k, p in net.collect_params().items()}
     x, y = nd.random.normal(shape=(2, 3, 64, 64)), nd.array(np.random.randint(0, 2, (2, 4)))
     loss_fn = gluon.loss.SigmoidBinaryCrossEntropyLoss()
@@ -201,8 +202,7 @@ def test_stage_trainers_cover_every_parameter_once_and_freezing_skips_backbone()
         outs = net(x)
         loss = sum(loss_fn(t, y) for t in outs[1])
     loss.backward()
-    for t in frozen.values():
-        t.step(2)
+    frozen.step(2)
     for k, p in net.collect_params().items():
         changed = not np.array_equal(before[k].asnumpy(), p.data().asnumpy())
         if k.startswith(net.backbone.prefix):
@@ -210,8 +210,8 @@ def test_stage_trainers_cover_every_parameter_once_and_freezing_skips_backbone()
             assert not changed or 'running' in k, k
         elif k.endswith('weight'):
             assert changed, k
-    attention.set_learning_rate(frozen, 0.01)
-    assert all(t.learning_rate == 0.01 for t in frozen.values())
+    frozen.set_learning_rate(0.01)
+    assert all(t.learning_rate == 0.01 for t in frozen.trainers.values())
 
 
 def test_two_cpu_contexts_hold_identical_copies():

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import mxnet as mx
 
 import checkpoints
 import train
@@ -66,9 +67,8 @@ def test_sigterm_mid_epoch_leaves_a_checkpoint_that_resumes_exactly(straight_run
 def test_failed_checkpoint_write_keeps_the_previous_one(straight_run, tmp_path, monkeypatch):
     out, _ = straight_run
     meta, arrays = checkpoints.read_meta(os.path.join(out, 'checkpoints', 'last.params'))
-    import eval as evaluation
-    net, cfg, _ = evaluation.load_model(evaluation.build_parser().parse_args([out, '--checkpoint', 'last']),
-                                        train.parse_contexts(None))
+    import inference
+    net, cfg, _ = inference.load_source(out, [mx.cpu()], 'last')
     path = str(tmp_path / 'last.params')
     checkpoints.save_training(path, net, {}, None, meta)
     good = open(path, 'rb').read()

@@ -7,60 +7,45 @@ import numpy as np
 import mxnet as mx
 from mxnet import autograd, nd
 
-import attention
 import distributed
-import mixed_precision
 from datasets.base import EpochSampler
-from losses import AttentionHistoryLoss, PredictionHistory, WeightedFocalLoss
+from losses import PredictionHistory, VAALoss
 from model import get_vaa_net, use_sync_batchnorm
+from steps import train_step
+from trainers import StageTrainers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _train_steps(ctx, hybrid=True, steps=2, batch=8, scaling=None, seed=0, size=64, dtype='float32'):
-    """A few steps of the train.py update on fixed data; returns (losses, grads of step 1, params)."""
+def _train_steps(ctx, hybrid=True, steps=2, batch=8, amp=False, seed=0, size=64, dtype='float32'):
+    """A few steps of the train.py update (``steps.train_step``) on fixed data; returns (losses, grads of
+    step 1, params)."""
     mx.random.seed(seed)
     np.random.seed(seed)
     net = get_vaa_net('resnet18_v1', 3, 'upstream', size, ctx=ctx)
     net.cast(dtype)
     if hybrid:
         net.hybridize(static_alloc=True, static_shape=True)
-    trainers = attention.build_stage_trainers(net, 'sgd', {'learning_rate': 0.01, 'momentum': 0.9, 'wd': 5e-4},
-                                              kvstore=None)
-    sync = distributed.GradientSync(net, ctx, distributed.create_kvstore('device', len(ctx)))
-    scaling = scaling or mixed_precision.LossScaling(False)
-    focal = WeightedFocalLoss(np.full(3, 1.2), np.full(3, 0.8), gamma=0.5)
-    att = AttentionHistoryLoss()
+    trainers = StageTrainers(net, ctx, 'sgd', {'learning_rate': 0.01, 'momentum': 0.9, 'wd': 5e-4},
+                             kvstore=distributed.create_kvstore('device', len(ctx)), amp=amp)
+    loss_fn = VAALoss(np.full(3, 1.2), np.full(3, 0.8), gamma=0.5)
     history = PredictionHistory(batch, 3, start_epoch=0, use_epoch=0)
     for epoch in (0, 1):
         history.update(np.arange(batch), nd.array(np.tile(np.random.rand(batch // 2, 3), (2, 1))), epoch)
+    history.start_epoch = 3            # the steps (epoch 2) read these weights and store nothing more
     rng = np.random.RandomState(1)
     half = batch // 2     # two identical halves: per-device BN statistics equal the whole batch's
     x = nd.array(np.tile(rng.randn(half, 3, size, size), (2, 1, 1, 1)), dtype=dtype)
     y = nd.array(np.tile(rng.randint(0, 2, (half, 3)), (2, 1)), dtype=dtype)
     m = nd.array(np.tile(rng.rand(half, 3) > 0.1, (2, 1)), dtype=dtype)
-    params = list(net.collect_params().values())
+    index = nd.array(np.r_[np.arange(half), np.arange(half) + half], dtype='int64')
     losses, grads = [], None
     for step in range(steps):
-        parts = [mx.gluon.utils.split_and_load(a, ctx) for a in (x, y, m)]
-        w = history.weights(np.arange(batch), 2).astype(dtype)
-        ws = mx.gluon.utils.split_and_load(w, ctx)
-        with autograd.record():
-            outs = []
-            for xi, yi, mi, wi in zip(*parts, ws):
-                primary, taps, _ = net(xi)
-                outs.append(focal(primary, yi, mi) + nd.add_n(*[att(t, yi, mi, wi) for t in taps]))
-            scaled = scaling.scale_losses(outs)
-        autograd.backward(scaled)
-        losses.append(sum(float(o.sum().asscalar()) for o in outs))
-        if step == 0:
-            sync.allreduce_grads()
+        out = train_step(net, loss_fn, trainers, history, (x, y, m, index), 2, ctx)
+        losses.append(float(out.loss.asscalar()))
+        if step == 0:      # the update leaves the all-reduced gradients in place
             grads = {k[len(net.prefix):]: p.grad(ctx[0]).asnumpy() for k, p in net.collect_params().items()
                      if p.grad_req != 'null'}
-            for trainer in trainers.values():
-                trainer.update(batch * scaling.scale)
-        else:
-            scaling.step(sync, trainers, batch, params)
     final = {k[len(net.prefix):]: p.data(ctx[-1]).asnumpy() for k, p in net.collect_params().items()}
     return losses, grads, final
 
@@ -112,13 +97,12 @@ def test_sync_batchnorm_swap_keeps_parameters_and_outputs():
 
 def test_loss_scaling_gives_the_same_update_and_skips_overflow():
     _, _, plain = _train_steps([mx.cpu()])
-    scaling = mixed_precision.LossScaling(True)            # float32 here: scaling must change nothing
-    _, _, scaled = _train_steps([mx.cpu()], scaling=scaling)
+    _, _, scaled = _train_steps([mx.cpu()], amp=True)       # float32 here: scaling must change nothing
     _close(plain, scaled, 1e-4, 1e-6)
 
     net = get_vaa_net('resnet18_v1', 2, 'paper', 32)
-    trainers = attention.build_stage_trainers(net, 'sgd', {'learning_rate': 0.1}, kvstore=None)
-    sync = distributed.GradientSync(net, [mx.cpu()], None)
+    trainers = StageTrainers(net, [mx.cpu()], 'sgd', {'learning_rate': 0.1}, amp=True)
+    scaling = trainers.scaling
     before = {k: p.data().asnumpy() for k, p in net.collect_params().items()}
     with autograd.record():
         loss = net(nd.random.normal(shape=(2, 3, 32, 32)))[2].sum()
@@ -126,7 +110,7 @@ def test_loss_scaling_gives_the_same_update_and_skips_overflow():
     params = list(net.collect_params().values())
     params[0].grad()[:] = np.inf
     start = scaling.scale
-    assert scaling.step(sync, trainers, 2, params) is False
+    assert trainers.step(2) is False
     assert scaling.skipped == 1 and scaling.scale == start / 2
     for k, p in net.collect_params().items():
         if p.grad_req != 'null':            # (the forward pass itself moves the BN running statistics)

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+import config
 import eval as evaluation
 import metrics
 import train
@@ -101,15 +102,15 @@ def test_eval_compare_paper_and_images(tiny_run, tmp_path, capsys):
 
 
 def test_upstream_flag_names_parse_to_the_same_settings():
-    args = train.build_parser().parse_args(
+    args = config.build_parser().parse_args(
         ['--data_path', '/d', '--epochs', '7', '--lr', '0.01', '--wd', '0.0001', '--mom', '0.8',
          '--batch_size', '16', '--num_classes', '14', '--finetune', '--test'])
-    cfg = train.resolve_config(args)
+    cfg = config.resolve_config(args)
     assert (cfg['data_path'], cfg['epochs'], cfg['lr'], cfg['wd'], cfg['mom'], cfg['batch_size'],
             cfg['num_classes'], cfg['finetune'], cfg['test']) == ('/d', 7, 0.01, 0.0001, 0.8, 16, 14, True, True)
     # The authors' defaults where the flag is not given (preset upstream, WIDER schedule).
-    up = train.resolve_config(train.build_parser().parse_args(['--preset', 'upstream']))
+    up = config.resolve_config(config.build_parser().parse_args(['--preset', 'upstream']))
     assert up['wd'] == 5e-4 and up['mom'] == 0.9 and up['plain_bce'] and up['history_zero_rows']
     assert up['normalisation'] == 'upstream'
-    paper = train.resolve_config(train.build_parser().parse_args([]))
+    paper = config.resolve_config(config.build_parser().parse_args([]))
     assert not paper['plain_bce'] and not paper['history_zero_rows']

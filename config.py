@@ -1,0 +1,275 @@
+"""What a run is configured with: train.py's flags, the presets' and datasets' defaults, and how they
+combine into the config a run saves (``config.json``, and inside every checkpoint).
+
+* :func:`build_parser`: the flags, in groups. The authors' flag names keep their meanings; every flag
+  answers to both spellings (``--batch_size`` and ``--batch-size``, ``--input-size`` and
+  ``--input_size``), and ``--help`` shows each default once.
+* :data:`SCHEDULES`, :data:`PRESET_LOSSES`: the optimiser schedule per (preset, dataset family) and the
+  upstream quirks per preset (SPEC 4-5).
+* :func:`resolve_config`: flags > the dataset's defaults > the preset's schedule > fallbacks, as a
+  plain dict.
+* :func:`merge_resume`: a resumed run's saved config with the flags a resume may change.
+* :func:`defaults`: the resolved config for a few settings (eval.py on the authors' files, which carry
+  no config).
+* :func:`transform`, :func:`eval_loader`, :func:`data_options`: the image transform, evaluation loader
+  and dataset options a config implies.
+"""
+import argparse
+import copy
+
+import datasets
+from datasets.base import Transform, make_loader
+from errors import UserError
+from model import BACKBONES, PRESETS
+
+# Schedules (SPEC 5). Patience p means: divide the learning rate by 10 once the monitored validation
+# metric has not improved for more than p epochs, at most `lr_drops` times.
+SCHEDULES = {
+    ('paper', 'wider'): dict(optimizer='sgd', lr=1e-3, lr_patience=3, lr_drops=2, batch_size=32, epochs=40),
+    ('upstream', 'wider'): dict(optimizer='sgd', lr=1e-4, lr_patience=10, lr_drops=3, batch_size=24,
+                                epochs=250),
+    ('paper', 'peta'): dict(optimizer='adam', lr=1e-4, lr_patience=8, lr_drops=2, batch_size=32, epochs=60),
+}
+# Which schedule a dataset follows (the demo has its own defaults in datasets/digits.py).
+DATASET_FAMILY = {'wider': 'wider', 'csv': 'wider', 'lst': 'wider', 'rec': 'wider', 'peta': 'peta',
+                  'pa100k': 'peta'}
+# What each preset switches on (SPEC 4); each is also a flag.
+PRESET_LOSSES = {
+    'upstream': dict(plain_bce=True, history_zero_rows=True, normalisation='upstream'),
+    'paper': dict(plain_bce=False, history_zero_rows=False, normalisation='paper'),
+}
+# Used when neither the flags, the dataset nor the schedule say.
+FALLBACKS = dict(backbone='resnet101_v1', input_size=224, epochs=30, batch_size=32, lr=1e-3, optimizer='sgd',
+                 lr_patience=3, lr_drops=2, monitor='mAP', num_workers=4)
+
+# What a resumed run may change; everything else comes from the run's saved config.
+RESUME_OVERRIDES = ('epochs', 'data_path', 'gpus', 'cpus', 'num_workers', 'log_interval', 'debug', 'kvstore')
+# What a resumed run must not change (the weights and the schedule depend on them).
+RESUME_FIXED = ('dataset', 'preset', 'backbone', 'input_size', 'num_classes', 'lr', 'batch_size', 'optimizer',
+                'seed', 'train_split', 'partition', 'all_attributes', 'freeze_epochs', 'finetune', 'gamma')
+
+
+# ---------------------------------------------------------------------------------------------- flags
+
+def spellings(flag):
+    """``--batch_size`` -> ``['--batch_size', '--batch-size']``: both work, the first is shown."""
+    body = flag[2:]
+    other = '--' + (body.replace('_', '-') if '_' in body else body.replace('-', '_'))
+    return [flag] if other == flag else [flag, other]
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows one spelling per flag, and ``(default: X)`` only where a default exists and the help
+    text does not already say it (flags whose default depends on the preset and dataset say so)."""
+
+    def _format_action_invocation(self, action):
+        if len(action.option_strings) == 2 and spellings(action.option_strings[0]) == action.option_strings:
+            action = copy.copy(action)
+            action.option_strings = action.option_strings[:1]
+        return super(HelpFormatter, self)._format_action_invocation(action)
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        if 'default' in text or action.default in (None, True, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + ' (default: %(default)s)'
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose abbreviations ignore the second spelling: ``--batch`` still means
+    ``--batch_size`` although ``--batch-size`` starts the same way."""
+
+    def _get_option_tuples(self, option_string):
+        found, seen = [], set()
+        for option in super(Parser, self)._get_option_tuples(option_string):
+            if id(option[0]) not in seen:
+                seen.add(id(option[0]))
+                found.append(option)
+        return found
+
+
+def group_adder(parser, title):
+    """``add('--flag', ...)`` for a titled group of ``parser``, registering both spellings."""
+    group = parser.add_argument_group(title)
+    return lambda flag, *more, **kwargs: group.add_argument(*(spellings(flag) + list(more)), **kwargs)
+
+
+def _authors_flags(a):
+    a('--data_path', help='dataset root (the demo dataset is cached in data/demo when not given)')
+    a('--epochs', type=int, help='number of epochs (default: per preset and dataset)')
+    a('--lr', type=float, help='initial learning rate (default: per preset and dataset)')
+    a('--wd', type=float, default=5e-4, help='weight decay')
+    a('--mom', type=float, default=0.9, help='SGD momentum')
+    a('--batch_size', type=int, help='total batch size over all devices (default: per preset and dataset)')
+    a('--num_classes', type=int, help='number of attributes; checked against the dataset')
+    a('--finetune', action='store_true',
+      help="the authors' meaning: freeze the whole backbone and drop the primary-branch loss")
+    a('--test', action='store_true',
+      help='evaluate on the test split instead of training: the best checkpoint of --resume RUN_DIR, or '
+           "the authors' saved_models/ folder given by --upstream-weights")
+
+
+def _method_flags(a):
+    a('--preset', default='paper', choices=sorted(PRESETS),
+      help='paper: the supplement architecture with the focal/history losses; upstream: the released code')
+    a('--backbone', choices=BACKBONES, help='backbone (default: resnet101_v1; resnet18_v1 for the demo)')
+    a('--pretrained', action='store_true', help='start the backbone from ImageNet weights (model-zoo cache)')
+    a('--input-size', type=int, help='square input side (default: 224; 48 for the demo)')
+    a('--gamma', type=float, default=0.5, help='focusing parameter of the weighted focal loss (Eq. 4)')
+    a('--class-weights', default='deepmar', choices=['deepmar', 'paper'],
+      help="form of the class-prior weights in Eq. 4: deepmar (the authors' code) or paper (exp(-a_c))")
+    a('--history-start', type=int, default=2, help='first epoch whose predictions are stored')
+    a('--history-track', type=int, default=5, help='predictions kept per sample; the history weighting '
+                                                   'starts at this epoch')
+    a('--plain-bce', dest='plain_bce', action='store_true', default=None,
+      help='upstream quirk: plain sigmoid BCE for every branch (default: on for --preset upstream)')
+    a('--no-plain-bce', dest='plain_bce', action='store_false', help='use the paper losses with any preset')
+    a('--history-zero-rows', dest='history_zero_rows', action='store_true', default=None,
+      help='upstream quirk: count the zero-initialised history rows (default: on for --preset upstream)')
+    a('--no-history-zero-rows', dest='history_zero_rows', action='store_false',
+      help='use only stored predictions with any preset')
+
+
+def _schedule_flags(a):
+    a('--optimizer', choices=['sgd', 'adam'], help='optimizer (default: per preset and dataset)')
+    a('--freeze-epochs', type=int, default=0, help="paper schedule: train only the heads (and the new output "
+                                                   "layer) for this many epochs, then everything")
+    a('--lr-patience', type=int, help='epochs without val improvement before the lr is divided by 10 '
+                                      '(default: per preset and dataset)')
+    a('--lr-drops', type=int, help='maximum number of learning-rate drops (default: per preset and dataset)')
+    a('--monitor', choices=['mAP', 'mA', 'f1'], help='validation metric for the best checkpoint and the lr '
+                                                     'drops (default: mAP; mA for PETA and PA-100K)')
+    a('--seed', type=int, default=0, help='random seed (initialisation, data order, augmentation)')
+
+
+def _data_flags(a):
+    a('--dataset', default='demo', choices=datasets.names(), help='dataset')
+    a('--train-split', default='train', help="training split (WIDER: the paper used 'train'; 'trainval' too)")
+    a('--val-split', default='val', help='validation split')
+    a('--test-split', default='test', help='test split')
+    a('--partition', type=int, default=0, help='PETA partition (0-4)')
+    a('--all-attributes', action='store_true', help='PETA: all 105 attributes instead of the usual 35')
+    a('--cache-dir', help='WIDER: folder for the cached person crops (default: <data_path>/crops256)')
+    a('--skip-bad-samples', action='store_true',
+      help='skip (and count) missing or unreadable images and malformed labels instead of stopping')
+    a('--num-workers', type=int, help='data-loader worker processes (default: 4; 0 for the demo)')
+    a('--limit', type=int, help='use only the first N samples of every split (quick checks)')
+
+
+def _run_flags(a):
+    a('--out', help='run folder (default: runs/<dataset>-<backbone>-<preset>-<time>)')
+    a('--resume', help='run folder to continue from its last checkpoint (with --test: to evaluate)')
+    a('--upstream-weights', help="with --test: the authors' saved_models/ folder")
+    a('--log-interval', type=int, default=20, help='batches between progress lines when not on a terminal')
+    a('--gpus', help="GPU ids, e.g. '0' or '0,1' (default: the CPU)")
+    a('--cpus', type=int, default=1, help='without --gpus: split each batch over this many CPU contexts '
+                                          '(exercises the multi-device path)')
+    a('--no-hybridize', dest='hybridize', action='store_false', help='run the network imperatively '
+                                                                     '(default: one hybridized graph)')
+    a('--kvstore', default='device', help='gradient exchange: device (one machine, several devices) or '
+                                          'dist_sync (several machines; start with launch.py or the DMLC_* '
+                                          'variables)')
+    a('--syncbn', action='store_true', help='batch-norm statistics over all devices of a machine (SyncBatchNorm)')
+    a('--amp', action='store_true', help='float16 training with dynamic loss scaling (GPU only)')
+    a('--save-all-ranks', action='store_true',
+      help='distributed check: every worker writes its final weights to <out>/rank<k>.params')
+    a('--debug', action='store_true', help='show tracebacks')
+
+
+def build_parser():
+    p = Parser(
+        description='Train (or with --test evaluate) the Visual Attention Aggregation network. Every flag '
+                    'takes both spellings, e.g. --batch_size or --batch-size.', formatter_class=HelpFormatter)
+    _authors_flags(group_adder(p, "the authors' flags (same names and meanings)"))
+    _method_flags(group_adder(p, 'model and losses'))
+    _schedule_flags(group_adder(p, 'schedule'))
+    _data_flags(group_adder(p, 'data'))
+    _run_flags(group_adder(p, 'run folder, devices and machines'))
+    return p
+
+
+def parse_args(argv=None):
+    """-> (resolved config, names of the flags the user gave with a value other than the default)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    explicit = [k for k, v in vars(args).items() if v is not None and v != parser.get_default(k)]
+    return resolve_config(args), explicit
+
+
+# ---------------------------------------------------------------------------------------------- resolving
+
+def augmentation_geometry(data_defaults, input_size):
+    """(resize, crop range): the dataset's numbers at its default input size, scaled to ``input_size``."""
+    scale = input_size / float(data_defaults.get('input_size', 224))
+    crop = data_defaults.get('crop_range', (128, 224))
+    return int(round(data_defaults.get('resize', 256) * scale)), [int(round(c * scale)) for c in crop]
+
+
+def resolve_config(args):
+    """Flags > dataset defaults > preset/dataset schedule > fallbacks; a plain dict (saved as config.json).
+
+    ``args``: the parsed flags (a Namespace or a dict of every flag).
+    """
+    cfg = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args)
+    data_defaults = datasets.defaults(cfg['dataset']) if cfg.get('dataset') else {}
+    family = DATASET_FAMILY.get(cfg.get('dataset'))
+    schedule = SCHEDULES.get((cfg['preset'], family)) or SCHEDULES.get(('paper', family)) or {}
+    for key, fallback in FALLBACKS.items():
+        if cfg.get(key) is None:
+            cfg[key] = data_defaults.get(key, schedule.get(key, fallback))
+    cfg['resize'], cfg['crop_range'] = augmentation_geometry(data_defaults, cfg['input_size'])
+    for key, value in PRESET_LOSSES[cfg['preset']].items():
+        if cfg.get(key) is None:
+            cfg[key] = value
+    if cfg['freeze_epochs'] < 0 or cfg['epochs'] < 1 or cfg['batch_size'] < 1:
+        raise UserError('--epochs and --batch_size must be positive and --freeze-epochs non-negative')
+    if cfg['finetune'] and cfg['freeze_epochs']:
+        raise UserError('--finetune freezes the backbone for the whole run; drop --freeze-epochs')
+    if cfg['lr'] <= 0:
+        raise UserError('--lr must be positive, got %g' % cfg['lr'])
+    return cfg
+
+
+def defaults(**flags):
+    """The config train.py would resolve for these flags (by their ``dest`` names) and no others."""
+    args = build_parser().parse_args([])
+    unknown = set(flags) - set(vars(args))
+    if unknown:
+        raise ValueError('unknown settings %s' % sorted(unknown))
+    vars(args).update(flags)
+    return resolve_config(args)
+
+
+def merge_resume(cfg, saved, explicit):
+    """The saved config of the run being resumed, with the flags a resume may change (``explicit``:
+    the flags the user gave). A flag that would change the model or the schedule is refused."""
+    conflicts = ['--%s %s (the run has %s)' % (k.replace('_', '-') if k != 'num_classes' else k, cfg[k], saved.get(k))
+                 for k in RESUME_FIXED if k in explicit and cfg[k] != saved.get(k)]
+    if conflicts:
+        raise UserError('--resume %s continues that run as it was configured; %s. Drop those flags or start a '
+                        'new run with --out' % (cfg['resume'], ', '.join(conflicts)))
+    merged = dict(saved)
+    for key in RESUME_OVERRIDES:
+        if key in explicit:
+            merged[key] = cfg[key]
+    merged['resume'] = cfg['resume']
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------- what a config implies
+
+def transform(cfg, train=False):
+    """The image transform of a config: random crops and mirrors for training, the centre crop else."""
+    return Transform(cfg['input_size'], cfg['resize'], cfg['crop_range'], train=train,
+                     normalisation=cfg['normalisation'], seed=cfg.get('seed', 0))
+
+
+def eval_loader(cfg, data):
+    """Batches of ``data`` in order, with the evaluation transform of ``cfg``."""
+    return make_loader(data, transform(cfg), cfg['batch_size'], shuffle=False, num_workers=cfg['num_workers'])[0]
+
+
+def data_options(cfg):
+    """Keyword arguments of ``datasets.load_split`` from a config."""
+    return dict(limit=cfg.get('limit'), skip_bad=cfg.get('skip_bad_samples'), partition=cfg.get('partition'),
+                all_attributes=cfg.get('all_attributes'), cache_dir=cfg.get('cache_dir'))

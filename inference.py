@@ -1,0 +1,130 @@
+"""Using a trained model: load it from wherever it is, score a split, report the result.
+
+Shared by ``eval.py`` and by ``train.py`` (the test split at the end of training, and ``--test``):
+
+* :func:`load_source`: the network and config of a SOURCE: a run folder (its best or last
+  checkpoint), one of our checkpoint files, or the authors' ``saved_models/`` folder (which carries no
+  config: the preset, backbone, input size and dataset come from the caller).
+* :func:`evaluate_split`: one split of the dataset scored with every metric of ``metrics.py``.
+* :func:`report`: a result as JSON with its AP bars beside it, and the per-attribute table;
+  :func:`report_split` both (what ``eval.py`` and ``train.py --test`` print).
+"""
+import json
+import os
+
+import checkpoints
+import config
+import datasets
+import metrics
+import plots
+import steps
+from errors import UserError
+from model import build_net
+from runfolder import CHECKPOINT_DIR, checkpoint_path
+
+# Settings a caller may change when it evaluates one of our runs (the rest is the run's config).
+EVAL_OVERRIDES = ('dataset', 'data_path', 'batch_size', 'limit', 'partition', 'cache_dir', 'skip_bad_samples',
+                  'num_workers')
+
+
+def resolve_source(source, which='best'):
+    """-> (kind, checkpoint path or folder, run folder or None). kind: 'ours' or 'upstream'."""
+    if os.path.isfile(source):
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(source)))
+        return 'ours', source, run_dir if os.path.isfile(os.path.join(run_dir, 'config.json')) else None
+    if os.path.isdir(source):
+        if os.path.isfile(checkpoint_path(source, which)):
+            return 'ours', checkpoint_path(source, which), source
+        if any(os.path.isfile(os.path.join(source, 'backbone_%s.params' % f)) for f in ('resnet', 'densenet')):
+            return 'upstream', source, None
+        raise UserError('%s is neither a run folder (no %s/%s.params) nor an authors\' saved_models/ folder '
+                        '(no backbone_resnet.params)' % (source, CHECKPOINT_DIR, which))
+    raise UserError('%s does not exist; give a run folder, a checkpoint file or a saved_models/ folder' % source)
+
+
+def load_source(source, ctx, which='best', upstream=None, overrides=None):
+    """Build the network of ``source`` and load its weights; returns (net, cfg, attribute names).
+
+    ``upstream``: for the authors' files, the settings train.py would take as flags (``preset``,
+    ``backbone``, ``input_size``, ``dataset``, ``data_path``...; ``num_classes`` or a ``dataset`` to read
+    the attribute names from, and ``split`` to read them in). ``overrides``: settings of
+    :data:`EVAL_OVERRIDES` that differ from the run's. ``cfg['run_dir']`` is where results go.
+    """
+    kind, path, run_dir = resolve_source(source, which)
+    if kind == 'ours':
+        meta, arrays = checkpoints.read_meta(path)
+        cfg = dict(meta['config'])
+        names = meta.get('attribute_names') or ['attr%d' % i for i in range(cfg['num_classes'])]
+        cfg['num_classes'] = len(names)
+        net = build_net(cfg, ctx, pretrained=False)
+        checkpoints.load_weights(path, net, arrays)
+        cfg['run_dir'] = run_dir or os.path.dirname(os.path.abspath(path))
+    else:
+        settings = dict(upstream or {})
+        num_classes, split = settings.pop('num_classes', None), settings.pop('split', 'test')
+        cfg = config.defaults(**settings)
+        if num_classes:
+            names = ['attr%d' % i for i in range(num_classes)]
+        elif cfg.get('dataset'):
+            names = list(datasets.load_split(cfg['dataset'], cfg['data_path'], split,
+                                             **dict(config.data_options(cfg), limit=1)).attribute_names)
+        else:
+            raise UserError("evaluating the authors' saved_models/ needs --dataset (or --num_classes with --image)")
+        cfg.update(num_classes=len(names), run_dir=path)
+        net = build_net(cfg, ctx, pretrained=False)
+        checkpoints.load_upstream(net, path)
+    cfg.update({k: v for k, v in (overrides or {}).items() if k in EVAL_OVERRIDES and v is not None})
+    return net, cfg, names
+
+
+def evaluate_split(net, cfg, names, split, ctx):
+    """Score ``split`` of the config's dataset; the split must have the model's attributes."""
+    data = datasets.load_split(cfg['dataset'], cfg['data_path'], split, **config.data_options(cfg))
+    if list(data.attribute_names) != list(names):
+        raise UserError('the %s split has attributes %s but the model was trained for %s'
+                        % (split, list(data.attribute_names)[:5], list(names)[:5]))
+    result = steps.evaluate(net, config.eval_loader(cfg, data), ctx, names)
+    result['split'] = split
+    return result
+
+
+def report_split(net, cfg, names, split, ctx, source, out=None, compare=None):
+    """Evaluate ``split`` and report it: ``out`` (default ``<run>/eval_<split>.json``) with its AP bars,
+    the table (and with ``compare='paper'`` the paper's numbers and the deltas), the chance level."""
+    result = evaluate_split(net, cfg, names, split, ctx)
+    result['source'] = os.path.abspath(source)
+    paper = None
+    if compare == 'paper':
+        paper = metrics.PAPER_WIDER_AP
+        result['paper'] = dict(wider_mAP=metrics.PAPER_WIDER_MAP, wider_per_attribute=metrics.PAPER_WIDER_AP,
+                               wider_resnet101_mAP=metrics.PAPER_WIDER_RESNET101_MAP, peta=metrics.PAPER_PETA)
+    out = out or os.path.join(cfg['run_dir'], 'eval_%s.json' % split)
+    report(result, out, os.path.splitext(out)[0] + '_ap.png', '%s split of %s, %s:' % (split, cfg['dataset'], source),
+           split, paper)
+    print('chance mAP from the label priors: %.2f; written %s' % (100 * result['chance_mAP'], out))
+    return result
+
+
+def report(result, json_path, png_path, title, bars_title, compare=None):
+    """Write ``result`` to ``json_path`` and its AP bars to ``png_path``; print the per-attribute table
+    (with the paper's APs and the deltas when ``compare`` is given) and the chance level."""
+    with open(json_path, 'w') as f:
+        json.dump(result, f, indent=1)
+    plots.ap_bars(result, png_path, bars_title, compare)
+    print(metrics.format_table(result, compare=compare, title=title))
+    if result.get('paper'):
+        print(paper_line(result))
+    return json_path
+
+
+def paper_line(result):
+    """The paper's headline numbers next to ours, with the differences (points)."""
+    ref, ours = result['paper'], {k: 100 * (result[k] if result[k] is not None else float('nan'))
+                                  for k in ('mAP', 'mA', 'accuracy', 'precision', 'recall', 'f1')}
+    peta = ref['peta']
+    return ('paper: WIDER mAP %.1f (delta %+.1f; ResNet-101 without attention %.1f); PETA mA %.2f acc %.2f '
+            'prec %.2f rec %.2f F1 %.2f (deltas %+.2f %+.2f %+.2f %+.2f %+.2f)' % (
+                ref['wider_mAP'], ours['mAP'] - ref['wider_mAP'], ref['wider_resnet101_mAP'], peta['mA'],
+                peta['accuracy'], peta['precision'], peta['recall'], peta['f1'], ours['mA'] - peta['mA'],
+                ours['accuracy'] - peta['accuracy'], ours['precision'] - peta['precision'],
+                ours['recall'] - peta['recall'], ours['f1'] - peta['f1']))

@@ -1,0 +1,103 @@
+"""The per-batch work of training and evaluation, shared by train.py, eval.py and benchmark.py.
+
+* :func:`train_step`: one step of the method on a batch: forward on every device, the objective of
+  Eq. 7 with each sample's history weights (from the previous epochs' predictions), backward, one
+  update of every per-stage Trainer, and the batch's fused predictions stored in the history.
+* :class:`EpochTotals`: what an epoch accumulates (loss sum, sample count, predictions, labels, masks),
+  also what an interrupted epoch saves and a resumed one starts from.
+* :func:`predict`: sigmoid of the fused logits over a whole loader, and the same objective (weights 1).
+* :func:`evaluate`: :func:`predict` scored with every metric of ``metrics.py``.
+"""
+import collections
+
+import numpy as np
+from mxnet import autograd, nd
+
+import metrics
+from distributed import split_batch
+
+Step = collections.namedtuple('Step', 'loss probs labels masks')
+
+
+def train_step(net, loss_fn, trainers, history, batch, epoch, ctx):
+    """Train on ``batch`` = (data, label, mask, index); returns a :class:`Step` with the loss summed over
+    the batch (an NDArray of shape (1,) on ``ctx[0]``) and the per-device probabilities, labels and masks.
+
+    ``loss_fn``: a ``losses.VAALoss``; ``trainers``: a ``trainers.StageTrainers``; ``history``: the
+    ``losses.PredictionHistory`` of the training split.
+    """
+    parts = split_batch(batch, ctx)
+    weights = [history.weights(idx, epoch, ctx=x.context) for x, _, _, idx in parts]     # 1 + std_s
+    losses, fused = [], []
+    with autograd.record():
+        for (x, y, m, _), w in zip(parts, weights):
+            primary, taps, f = net(x)[:3]
+            losses.append(loss_fn(primary, taps, y, m, w))                              # Eq. 7
+            fused.append(f)
+        scaled = trainers.scale(losses)
+    autograd.backward(scaled)
+    trainers.step(batch[0].shape[0])
+    probs = []
+    for (_, _, _, idx), f in zip(parts, fused):
+        probs.append(nd.sigmoid(f.detach().astype('float32')))
+        history.update(idx, probs[-1], epoch)                   # read by the next epochs' weights
+    total = nd.add_n(*[l.sum().as_in_context(ctx[0]) for l in losses])
+    return Step(total, probs, [y for _, y, _, _ in parts], [m for _, _, m, _ in parts])
+
+
+class EpochTotals(object):
+    """Running totals of a training epoch. The predictions stay on the device until :meth:`arrays`.
+
+    ``saved``: what :meth:`state` returned for an interrupted epoch, to continue from it.
+    """
+
+    def __init__(self, ctx, num_classes, saved=None):
+        saved = saved or {}
+        self.num_classes = num_classes
+        self.loss_sum = nd.array([saved.get('loss_sum', 0.0)], ctx=ctx)
+        self.seen = saved.get('seen', 0)
+        self.outputs = {k: [nd.array(saved[k])] if k in saved else [] for k in ('scores', 'labels', 'masks')}
+
+    def add(self, step, batch_size):
+        self.loss_sum += step.loss
+        self.seen += batch_size
+        for key, arrays in zip(('scores', 'labels', 'masks'), (step.probs, step.labels, step.masks)):
+            self.outputs[key].extend(arrays)
+
+    def mean_loss(self):
+        """The mean loss so far (waits for the device)."""
+        return float((self.loss_sum / max(self.seen, 1)).asscalar())
+
+    def arrays(self):
+        """``{'scores', 'labels', 'masks'}`` as NumPy arrays (N x C)."""
+        return {k: np.concatenate([a.asnumpy() for a in v]) if v else np.zeros((0, self.num_classes), np.float32)
+                for k, v in self.outputs.items()}
+
+    def state(self):
+        """Everything needed to continue the epoch: loss sum, samples seen and the NumPy outputs."""
+        return dict(self.arrays(), loss_sum=float(self.loss_sum.asscalar()), seen=self.seen)
+
+
+def predict(net, loader, ctx, loss_fn=None):
+    """Sigmoid of the fused logits for a whole split, with labels and masks (NumPy), and the mean of
+    ``loss_fn`` (the training objective, with history weights 1) when given, else NaN."""
+    scores, labels, masks, total, count = [], [], [], 0.0, 0
+    for batch in loader:
+        for x, y, m, _ in split_batch(batch, ctx):
+            primary, taps, fused = net(x)[:3]
+            scores.append(nd.sigmoid(fused))
+            labels.append(y)
+            masks.append(m)
+            if loss_fn is not None:
+                total += float(loss_fn(primary, taps, y, m).sum().asscalar())
+                count += x.shape[0]
+    to_np = lambda arrs: np.concatenate([a.asnumpy() for a in arrs]) if arrs else np.zeros((0, 0))
+    return to_np(scores), to_np(labels), to_np(masks), (total / count if count else float('nan'))
+
+
+def evaluate(net, loader, ctx, names):
+    """Every metric of ``metrics.evaluate`` on a split, plus the chance-level mAP of its labels."""
+    scores, labels, masks, _ = predict(net, loader, ctx)
+    result = metrics.evaluate(scores, labels, masks, names)
+    result['chance_mAP'] = metrics.chance_map(labels, masks)
+    return result

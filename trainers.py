@@ -1,0 +1,140 @@
+"""A separate ``gluon.Trainer`` per module of the network (the paper's training design), in one place.
+
+:class:`StageTrainers` owns everything about the Trainers:
+
+* building them: one per module of ``net.stage_modules()`` (``backbone``; per tap ``stage_N/fconv``,
+  ``stage_N/fatt``, ``stage_N/fsr``), as the authors' loop had; with ``finetune`` (the authors'
+  meaning) the backbone gets no gradient and no Trainer;
+* the phases of the paper's schedule (:meth:`StageTrainers.set_phase`): the backbone's model-zoo layers
+  frozen for the first ``freeze_epochs`` epochs while the heads and the new output layer train, then
+  everything end to end;
+* the learning rate, one for all Trainers (the authors shared one scheduler between them), and the
+  plateau schedule (:class:`PlateauSchedule`) that lowers it;
+* the step (:meth:`StageTrainers.step`): gradients summed over devices and workers
+  (``distributed.GradientSync``, one KVStore for all Trainers), the float16 overflow check
+  (``mixed_precision.LossScaling``), then every Trainer's update, normalised by the global batch.
+
+Updates run on the workers (Trainers without a KVStore of their own), so that every optimizer state
+is on hand for checkpoints (``checkpoints.save_training``).
+"""
+import collections
+import logging
+
+from mxnet import gluon
+
+from distributed import GradientSync
+from mixed_precision import LossScaling
+
+LOG = logging.getLogger('vaa')
+
+
+class PlateauSchedule(object):
+    """Divide the learning rate by 10 once the monitored validation metric has not improved for more
+    than ``patience`` epochs, at most ``max_drops`` times (SPEC 5); also tracks the best epoch.
+
+    ``state_dict()`` uses the checkpoint's keys: ``lr``, ``best``, ``best_epoch``, ``patience`` (epochs
+    without improvement so far) and ``drops``.
+    """
+
+    def __init__(self, lr, patience, max_drops, monitor='mAP'):
+        self.lr, self.patience, self.max_drops, self.monitor = float(lr), int(patience), int(max_drops), monitor
+        self.best, self.best_epoch, self.waited, self.drops = -1.0, -1, 0, 0
+
+    def update(self, epoch, value):
+        """Record ``epoch``'s validation value; True when it is a new best. May lower the rate."""
+        if value > self.best:
+            self.best, self.best_epoch, self.waited = value, epoch, 0
+            return True
+        self.waited += 1
+        if self.waited > self.patience and self.drops < self.max_drops:
+            self.lr /= 10.0
+            self.drops += 1
+            self.waited = 0
+            LOG.info('no val %s gain for more than %d epochs: learning rate -> %g', self.monitor, self.patience,
+                     self.lr)
+        return False
+
+    def state_dict(self):
+        return dict(lr=self.lr, best=self.best, best_epoch=self.best_epoch, patience=self.waited, drops=self.drops)
+
+    def load_state_dict(self, state):
+        self.lr, self.best, self.best_epoch = state['lr'], state['best'], state['best_epoch']
+        self.waited, self.drops = state['patience'], int(state['drops'])
+
+
+class StageTrainers(object):
+    """One ``gluon.Trainer`` per module of ``net``, stepped together.
+
+    Parameters
+    ----------
+    net : model.VAANet
+        Its ``stage_modules()`` give the modules.
+    ctx : list of Context
+        The devices holding the parameters.
+    optimizer, optimizer_params
+        As for ``gluon.Trainer`` (each Trainer gets its own copy of ``optimizer_params``).
+    kvstore : KVStore or None
+        ``distributed.create_kvstore``'s store for the gradient exchange (None on one device).
+    finetune : bool
+        The authors' ``--finetune``: the whole backbone frozen for the whole run (no backbone Trainer).
+    freeze_epochs : int
+        The paper's first phase: epochs during which the backbone's model-zoo layers are frozen.
+    amp : bool
+        Float16 training: dynamic loss scaling shared by every Trainer.
+    """
+
+    def __init__(self, net, ctx, optimizer='sgd', optimizer_params=None, kvstore=None, finetune=False,
+                 freeze_epochs=0, amp=False):
+        self.net, self.finetune, self.freeze_epochs = net, bool(finetune), int(freeze_epochs)
+        net.freeze_backbone(self.finetune)
+        self.trainers = collections.OrderedDict(
+            (name, gluon.Trainer(block.collect_params(), optimizer, dict(optimizer_params or {}), kvstore=None,
+                                 update_on_kvstore=False))
+            for name, block in net.stage_modules().items() if not (name == 'backbone' and self.finetune))
+        self.params = list(net.collect_params().values())
+        self.sync = GradientSync(net, ctx, kvstore)
+        self.scaling = LossScaling(amp)
+        self.frozen = None
+
+    def set_phase(self, epoch):
+        """Freeze the backbone's model-zoo layers before epoch ``freeze_epochs``, train end to end from
+        then on. Returns True when the phase changed (and says so in the log)."""
+        frozen = epoch < self.freeze_epochs
+        if self.finetune or frozen == self.frozen:
+            return False
+        if frozen:
+            LOG.info('epochs 0-%d: backbone frozen, training the heads', self.freeze_epochs - 1)
+        elif self.frozen:
+            LOG.info('epoch %d: training end to end', epoch)
+        self.net.freeze_backbone(frozen, keep_output=True)
+        self.frozen = frozen
+        return True
+
+    @property
+    def learning_rate(self):
+        return next(iter(self.trainers.values())).learning_rate
+
+    def set_learning_rate(self, lr):
+        for trainer in self.trainers.values():
+            trainer.set_learning_rate(lr)
+
+    def follow(self, schedule):
+        """Every worker takes rank 0's learning rate and drop count, and sets the rate on every Trainer."""
+        lr, drops = self.sync.broadcast_values('schedule', [schedule.lr, schedule.drops])
+        schedule.lr, schedule.drops = lr, int(drops)
+        self.set_learning_rate(lr)
+
+    def scale(self, losses):
+        """The losses to differentiate (multiplied by the loss scale under ``--amp``)."""
+        return self.scaling.scale_losses(losses)
+
+    def step(self, batch_size):
+        """Sum the gradients over devices and workers, then update every Trainer unless a float16
+        gradient overflowed. ``batch_size`` is this worker's batch. True when the weights moved."""
+        scale = self.scaling.scale
+        self.sync.allreduce_grads()
+        if not self.scaling.step_allowed(self.params):
+            return False
+        for trainer in self.trainers.values():
+            trainer.update(batch_size * self.sync.num_workers * scale)
+        return True
