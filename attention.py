@@ -16,7 +16,7 @@ import mxnet as mx
 from mxnet import gluon
 from mxnet.gluon import nn
 
-# SPEC 3: every head weight is Xavier(gaussian, "in", 2); biases start at zero.
+# Every head weight is Xavier(gaussian, "in", 2); biases start at zero.
 HEAD_INIT = mx.init.Xavier(rnd_type='gaussian', factor_type='in', magnitude=2)
 
 

@@ -1,4 +1,4 @@
-"""Reading and writing weights in the authors' ``saved_models/`` layout (SPEC 8).
+"""Reading and writing weights in the authors' ``saved_models/`` layout.
 
 The authors saved every module with Gluon's ``save_params``, which writes an MXNet NDArray file whose
 keys are the parameter names without the block's prefix:

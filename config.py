@@ -4,8 +4,8 @@ combine into the config a run saves (``config.json``, and inside every checkpoin
 * :func:`build_parser`: the flags, in groups. The authors' flag names keep their meanings; every flag
   answers to both spellings (``--batch_size`` and ``--batch-size``, ``--input-size`` and
   ``--input_size``), and ``--help`` shows each default once.
-* :data:`SCHEDULES`, :data:`PRESET_LOSSES`: the optimiser schedule per (preset, dataset family) and the
-  upstream quirks per preset (SPEC 4-5).
+* :data:`SCHEDULES`, :data:`PRESET_SETTINGS`: the optimiser schedule per (preset, dataset family), and
+  per preset the two-phase schedule, the data order and the upstream quirks.
 * :func:`resolve_config`: flags > the dataset's defaults > the preset's schedule > fallbacks, as a
   plain dict.
 * :func:`merge_resume`: a resumed run's saved config with the flags a resume may change.
@@ -22,7 +22,7 @@ from datasets.base import Transform, make_loader
 from errors import UserError
 from model import BACKBONES, PRESETS
 
-# Schedules (SPEC 5). Patience p means: divide the learning rate by 10 once the monitored validation
+# Schedules (paper and supplement; the released main.py for upstream). Patience p means: divide the learning rate by 10 once the monitored validation
 # metric has not improved for more than p epochs, at most `lr_drops` times.
 SCHEDULES = {
     ('paper', 'wider'): dict(optimizer='sgd', lr=1e-3, lr_patience=3, lr_drops=2, batch_size=32, epochs=40),
@@ -33,20 +33,26 @@ SCHEDULES = {
 # Which schedule a dataset follows (the demo has its own defaults in datasets/digits.py).
 DATASET_FAMILY = {'wider': 'wider', 'csv': 'wider', 'lst': 'wider', 'rec': 'wider', 'peta': 'peta',
                   'pa100k': 'peta'}
-# What each preset switches on (SPEC 4); each is also a flag.
-PRESET_LOSSES = {
-    'upstream': dict(plain_bce=True, history_zero_rows=True, normalisation='upstream'),
-    'paper': dict(plain_bce=False, history_zero_rows=False, normalisation='paper'),
+# What each preset switches on; each is also a flag, and a dataset's own defaults win (the
+# demo keeps its short single-phase schedule). freeze_epochs: the paper's first phase, in which only the
+# attention heads train ("a few epochs" in the supplement, which gives no number: see --freeze-epochs).
+# shuffle: the authors' ImageRecordIter never shuffled.
+PRESET_SETTINGS = {
+    'upstream': dict(plain_bce=True, history_zero_rows=True, normalisation='upstream', freeze_epochs=0,
+                     shuffle=False),
+    'paper': dict(plain_bce=False, history_zero_rows=False, normalisation='paper', freeze_epochs=3, shuffle=True),
 }
-# Used when neither the flags, the dataset nor the schedule say.
+# Used when neither the flags, the dataset nor the schedule say. Real datasets start from ImageNet
+# weights as in the paper (the demo's defaults say otherwise).
 FALLBACKS = dict(backbone='resnet101_v1', input_size=224, epochs=30, batch_size=32, lr=1e-3, optimizer='sgd',
-                 lr_patience=3, lr_drops=2, monitor='mAP', num_workers=4)
+                 lr_patience=3, lr_drops=2, monitor='mAP', num_workers=4, pretrained=True)
 
 # What a resumed run may change; everything else comes from the run's saved config.
 RESUME_OVERRIDES = ('epochs', 'data_path', 'gpus', 'cpus', 'num_workers', 'log_interval', 'debug', 'kvstore')
 # What a resumed run must not change (the weights and the schedule depend on them).
 RESUME_FIXED = ('dataset', 'preset', 'backbone', 'input_size', 'num_classes', 'lr', 'batch_size', 'optimizer',
-                'seed', 'train_split', 'partition', 'all_attributes', 'freeze_epochs', 'finetune', 'gamma')
+                'seed', 'train_split', 'partition', 'all_attributes', 'freeze_epochs', 'finetune', 'gamma',
+                'shuffle', 'pretrained')
 
 
 # ---------------------------------------------------------------------------------------------- flags
@@ -95,7 +101,7 @@ def group_adder(parser, title):
 
 
 def _authors_flags(a):
-    a('--data_path', help='dataset root (the demo dataset is cached in data/demo when not given)')
+    a('--data_path', help='dataset root (without it: the embedded demo dataset, cached in data/demo)')
     a('--epochs', type=int, help='number of epochs (default: per preset and dataset)')
     a('--lr', type=float, help='initial learning rate (default: per preset and dataset)')
     a('--wd', type=float, default=5e-4, help='weight decay')
@@ -113,7 +119,10 @@ def _method_flags(a):
     a('--preset', default='paper', choices=sorted(PRESETS),
       help='paper: the supplement architecture with the focal/history losses; upstream: the released code')
     a('--backbone', choices=BACKBONES, help='backbone (default: resnet101_v1; resnet18_v1 for the demo)')
-    a('--pretrained', action='store_true', help='start the backbone from ImageNet weights (model-zoo cache)')
+    a('--pretrained', dest='pretrained', action='store_true', default=None,
+      help='start the backbone from ImageNet weights, downloaded into the model-zoo cache when missing '
+           '(default: on for real datasets, off for the demo)')
+    a('--no-pretrained', dest='pretrained', action='store_false', help='start the backbone from random weights')
     a('--input-size', type=int, help='square input side (default: 224; 48 for the demo)')
     a('--gamma', type=float, default=0.5, help='focusing parameter of the weighted focal loss (Eq. 4)')
     a('--class-weights', default='deepmar', choices=['deepmar', 'paper'],
@@ -132,8 +141,16 @@ def _method_flags(a):
 
 def _schedule_flags(a):
     a('--optimizer', choices=['sgd', 'adam'], help='optimizer (default: per preset and dataset)')
-    a('--freeze-epochs', type=int, default=0, help="paper schedule: train only the heads (and the new output "
-                                                   "layer) for this many epochs, then everything")
+    a('--freeze-epochs', type=int,
+      help="the paper's first phase: for this many epochs only the attention branches and their classifiers "
+           "train, with the attention loss alone (backbone and primary classifier frozen), then everything end "
+           "to end. The supplement says 'a few epochs'; we use 3 (default: 3 for --preset paper, 0 for upstream "
+           "and the demo): enough for the randomly initialised heads to stop sending random gradients into the "
+           "pretrained backbone, short next to the 40-epoch schedule")
+    a('--shuffle', dest='shuffle', action='store_true', default=None,
+      help='shuffle the training samples every epoch (default: on; off for --preset upstream, whose '
+           'ImageRecordIter never shuffled)')
+    a('--no-shuffle', dest='shuffle', action='store_false', help='keep the training samples in file order')
     a('--lr-patience', type=int, help='epochs without val improvement before the lr is divided by 10 '
                                       '(default: per preset and dataset)')
     a('--lr-drops', type=int, help='maximum number of learning-rate drops (default: per preset and dataset)')
@@ -143,7 +160,8 @@ def _schedule_flags(a):
 
 
 def _data_flags(a):
-    a('--dataset', default='demo', choices=datasets.names(), help='dataset')
+    a('--dataset', choices=datasets.names(),
+      help='dataset (default: told from the layout of --data_path; the demo without --data_path)')
     a('--train-split', default='train', help="training split (WIDER: the paper used 'train'; 'trainval' too)")
     a('--val-split', default='val', help='validation split')
     a('--test-split', default='test', help='test split')
@@ -211,6 +229,8 @@ def resolve_config(args):
     ``args``: the parsed flags (a Namespace or a dict of every flag).
     """
     cfg = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args)
+    if cfg.get('dataset') is None and not cfg.get('resume'):
+        cfg['dataset'] = datasets.detect(cfg.get('data_path'))
     data_defaults = datasets.defaults(cfg['dataset']) if cfg.get('dataset') else {}
     family = DATASET_FAMILY.get(cfg.get('dataset'))
     schedule = SCHEDULES.get((cfg['preset'], family)) or SCHEDULES.get(('paper', family)) or {}
@@ -218,9 +238,9 @@ def resolve_config(args):
         if cfg.get(key) is None:
             cfg[key] = data_defaults.get(key, schedule.get(key, fallback))
     cfg['resize'], cfg['crop_range'] = augmentation_geometry(data_defaults, cfg['input_size'])
-    for key, value in PRESET_LOSSES[cfg['preset']].items():
+    for key, value in PRESET_SETTINGS[cfg['preset']].items():
         if cfg.get(key) is None:
-            cfg[key] = value
+            cfg[key] = 0 if key == 'freeze_epochs' and cfg.get('finetune') else data_defaults.get(key, value)
     if cfg['freeze_epochs'] < 0 or cfg['epochs'] < 1 or cfg['batch_size'] < 1:
         raise UserError('--epochs and --batch_size must be positive and --freeze-epochs non-negative')
     if cfg['finetune'] and cfg['freeze_epochs']:

@@ -5,10 +5,11 @@
     python eval.py RUN --split val --checkpoint last --compare paper
     python eval.py saved_models/ --preset upstream --dataset wider --data_path /data/WIDER   # authors' files
     python eval.py RUN --image photo1.jpg photo2.png                     # probabilities + attention maps
+    python eval.py RUN --export-upstream saved_models/                   # the authors' file layout
 
-Reports the WIDER mAP protocol and the PETA metrics (SPEC 6; ``metrics.py``), prints a per-attribute
+Reports the WIDER mAP protocol and the PETA metrics (``metrics.py``), prints a per-attribute
 table and writes the result as JSON (``--out``; default ``<run>/eval_<split>.json``). ``--compare paper``
-adds the paper's per-attribute numbers and the deltas.
+adds the paper's numbers and the deltas where the paper has any (WIDER-Attribute, PETA).
 """
 import os
 
@@ -18,6 +19,7 @@ if 'OMP_NUM_THREADS' not in os.environ:        # must be set before mxnet is imp
 import cv2  # noqa: E402
 from mxnet import nd  # noqa: E402
 
+import checkpoints  # noqa: E402
 import config  # noqa: E402
 import datasets  # noqa: E402
 import inference  # noqa: E402
@@ -39,6 +41,8 @@ def build_parser():
     a('--out', help='JSON file for the result (default: <run>/eval_<split>.json)')
     a('--image', nargs='+', metavar='FILE', help='predict these images and draw their attention maps')
     a('--out-dir', help='folder for the attention PNGs (default: <run>/attention)')
+    a('--export-upstream', metavar='DIR', help="write the weights in the authors' saved_models/ layout into DIR "
+                                              "(their main.py --test loads --preset upstream, resnet101_v1, 224)")
     a = config.group_adder(p, "data and devices (default: the run's)")
     a('--dataset', choices=datasets.names(), help="dataset (default: the run's)")
     a('--data_path', help="dataset root (default: the run's)")
@@ -91,6 +95,20 @@ def explain_images(net, cfg, names, paths, out_dir, ctx):
     return written
 
 
+def export_upstream(net, cfg, names, folder):
+    """The weights as the authors' saved_models/ files, and which code can read them."""
+    written = checkpoints.save_upstream(net, folder)
+    print('wrote %d files in the authors\' saved_models/ layout to %s' % (len(written), folder))
+    if (cfg['preset'], cfg['backbone'], cfg['input_size']) == ('upstream', 'resnet101_v1', 224):
+        print("the authors' main.py --test loads them (place them in its saved_models/; --num_classes %d)"
+              % len(names))
+    else:
+        print("the authors' code builds only --preset upstream with resnet101_v1 at 224x224, so it cannot load "
+              'these; eval.py reads them with: --preset %s --backbone %s --input-size %d --num_classes %d'
+              % (cfg['preset'], cfg['backbone'], cfg['input_size'], len(names)))
+    return written
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     ctx = parse_contexts(args.gpus)
@@ -98,6 +116,8 @@ def main(argv=None):
                     data_path=args.data_path, num_classes=args.num_classes, split=args.split)
     net, cfg, names = inference.load_source(args.source, ctx, args.checkpoint, upstream, overrides=vars(args))
     net.hybridize(static_alloc=True, static_shape=True)
+    if args.export_upstream:
+        return export_upstream(net, cfg, names, args.export_upstream)
     if args.image:
         out_dir = args.out_dir or os.path.join(cfg['run_dir'], 'attention')
         return explain_images(net, cfg, names, args.image, out_dir, ctx)

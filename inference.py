@@ -19,6 +19,7 @@ import metrics
 import plots
 import steps
 from errors import UserError
+from datasets.wider import WIDER_ATTRIBUTES
 from model import build_net
 from runfolder import CHECKPOINT_DIR, checkpoint_path
 
@@ -93,16 +94,27 @@ def report_split(net, cfg, names, split, ctx, source, out=None, compare=None):
     the table (and with ``compare='paper'`` the paper's numbers and the deltas), the chance level."""
     result = evaluate_split(net, cfg, names, split, ctx)
     result['source'] = os.path.abspath(source)
-    paper = None
     if compare == 'paper':
-        paper = metrics.PAPER_WIDER_AP
-        result['paper'] = dict(wider_mAP=metrics.PAPER_WIDER_MAP, wider_per_attribute=metrics.PAPER_WIDER_AP,
-                               wider_resnet101_mAP=metrics.PAPER_WIDER_RESNET101_MAP, peta=metrics.PAPER_PETA)
+        result['paper'] = paper_reference(cfg['dataset'], names)
     out = out or os.path.join(cfg['run_dir'], 'eval_%s.json' % split)
+    per_attribute = (result.get('paper') or {}).get('per_attribute')
     report(result, out, os.path.splitext(out)[0] + '_ap.png', '%s split of %s, %s:' % (split, cfg['dataset'], source),
-           split, paper)
+           split, per_attribute)
+    if compare == 'paper':
+        print(paper_line(result, cfg['dataset']))
     print('chance mAP from the label priors: %.2f; written %s' % (100 * result['chance_mAP'], out))
     return result
+
+
+def paper_reference(dataset, names):
+    """The paper's numbers that apply to an evaluation: WIDER-Attribute's (its 14 attributes, in
+    order) or PETA's (the 35 usual attributes); None for anything the paper did not report."""
+    if list(names) == list(WIDER_ATTRIBUTES):
+        return dict(dataset='WIDER-Attribute', mAP=metrics.PAPER_WIDER_MAP, per_attribute=metrics.PAPER_WIDER_AP,
+                    resnet101_mAP=metrics.PAPER_WIDER_RESNET101_MAP)
+    if dataset == 'peta' and len(names) == 35:
+        return dict(metrics.PAPER_PETA, dataset='PETA')
+    return None
 
 
 def report(result, json_path, png_path, title, bars_title, compare=None):
@@ -112,19 +124,20 @@ def report(result, json_path, png_path, title, bars_title, compare=None):
         json.dump(result, f, indent=1)
     plots.ap_bars(result, png_path, bars_title, compare)
     print(metrics.format_table(result, compare=compare, title=title))
-    if result.get('paper'):
-        print(paper_line(result))
     return json_path
 
 
-def paper_line(result):
-    """The paper's headline numbers next to ours, with the differences (points)."""
-    ref, ours = result['paper'], {k: 100 * (result[k] if result[k] is not None else float('nan'))
-                                  for k in ('mAP', 'mA', 'accuracy', 'precision', 'recall', 'f1')}
-    peta = ref['peta']
-    return ('paper: WIDER mAP %.1f (delta %+.1f; ResNet-101 without attention %.1f); PETA mA %.2f acc %.2f '
-            'prec %.2f rec %.2f F1 %.2f (deltas %+.2f %+.2f %+.2f %+.2f %+.2f)' % (
-                ref['wider_mAP'], ours['mAP'] - ref['wider_mAP'], ref['wider_resnet101_mAP'], peta['mA'],
-                peta['accuracy'], peta['precision'], peta['recall'], peta['f1'], ours['mA'] - peta['mA'],
-                ours['accuracy'] - peta['accuracy'], ours['precision'] - peta['precision'],
-                ours['recall'] - peta['recall'], ours['f1'] - peta['f1']))
+def paper_line(result, dataset):
+    """The paper's headline numbers next to ours, with the differences (points), where it has any."""
+    ref = result.get('paper')
+    if ref is None:
+        return ('paper: no numbers to compare with: the paper reports WIDER-Attribute (its 14 attributes) and '
+                'PETA (35 attributes), not %s' % dataset)
+    ours = {k: 100 * (result[k] if result[k] is not None else float('nan'))
+            for k in ('mAP', 'mA', 'accuracy', 'precision', 'recall', 'f1')}
+    if ref['dataset'] == 'WIDER-Attribute':
+        return 'paper (WIDER-Attribute, ResNet-101): mAP %.1f, ours %.2f (delta %+.2f); ResNet-101 without ' \
+               'attention %.1f' % (ref['mAP'], ours['mAP'], ours['mAP'] - ref['mAP'], ref['resnet101_mAP'])
+    keys = ('mA', 'accuracy', 'precision', 'recall', 'f1')
+    return 'paper (PETA): ' + ', '.join('%s %.2f, ours %.2f (delta %+.2f)' % (k, ref[k], ours[k], ours[k] - ref[k])
+                                        for k in keys)

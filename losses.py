@@ -1,7 +1,7 @@
 """Losses of the paper (Sec. 3.3) with a per-sample prediction history.
 
 Labels are y in {0, 1} plus a mask (1 = specified, 0 = unspecified); every loss is a per-sample mean
-over the C attributes in which masked entries contribute 0 (SPEC 4). log p and log(1 - p) are computed
+over the C attributes in which masked entries contribute 0. log p and log(1 - p) are computed
 from the logits as -softplus(-x) and -softplus(x), so nothing is clipped and gradients flow through p.
 
 * :class:`WeightedFocalLoss` (Eq. 4), for the primary branch:
@@ -13,7 +13,7 @@ from the logits as -softplus(-x) and -softplus(x), so nothing is clipped and gra
 * :func:`class_prior_weights`: the per-attribute weights of Eq. 4, in the DeepMAR form the authors'
   code computes or in the form printed in the paper.
 
-Upstream quirks (SPEC 4) are switches: ``plain_bce`` (the released losses were plain sigmoid BCE) and
+Upstream quirks are switches: ``plain_bce`` (the released losses were plain sigmoid BCE) and
 ``PredictionHistory(upstream_zero_rows=True)``.
 """
 import numpy as np

@@ -1,19 +1,23 @@
-"""Evaluation protocols (SPEC 6), shared by train.py and eval.py.
+"""Evaluation protocols, shared by train.py and eval.py.
 
 Labels come as y in {0, 1} plus a mask (1 = specified); :func:`to_signed` gives WIDER's 1 / -1 / 0
-encoding.
+encoding. Scores are the fused logits: they rank like the probabilities, but a float32 sigmoid
+saturates at exactly 1.0 for logits above ~16.6 and would turn distinct scores into ties.
 
-* WIDER mAP (the paper's protocol, the authors' test function): per attribute, rank the samples by
-  score; label 1 is positive, -1 negative, 0 (unspecified) ignored; AP is the all-point interpolated
-  area (precision made monotone from the right, summed over the recall steps); mAP is the mean.
-  Tied scores are handled as one threshold, so the result does not depend on the order of equal
-  scores; without ties it equals the authors' function exactly. An attribute with no positive gets
-  AP = NaN and is left out of the mean.
-* PETA / PA-100K / RAP metrics at threshold 0.5: label-based mA = mean over attributes of
-  (TPR + TNR) / 2; instance-based accuracy |P n G| / |P u G|, precision |P n G| / |P|, recall
-  |P n G| / |G| averaged over samples, F1 = 2 P R / (P + R) from the mean P and R. Only specified
-  entries count. As in the usual pedestrian-attribute evaluation code, samples with no positive
-  label are left out of the instance metrics, and an empty prediction has precision 0.
+* WIDER mAP, as the official WIDER-Attribute script computes it (``get_mAP_eccv16.m``, also the
+  authors' ``evaluate_mAP(testingFlag=True)``): per attribute, rank the samples by score, highest
+  first; label 1 is positive, -1 negative, 0 (unspecified) counts as neither; AP is the all-point
+  interpolated area (precision made monotone from the right, summed over the recall steps); mAP is
+  the mean. Equal scores keep their input order, as MATLAB's stable ``sort(..., 'descend')`` keeps
+  them (the authors' NumPy ``argsort()[::-1]`` reverses them; without ties all three agree).
+  An attribute with no positive label has no AP (the official script and the authors' function give
+  NaN there, and so a NaN mAP); we report its AP as n/a and average the others, and the table says
+  which attributes were left out.
+* PETA / PA-100K / RAP metrics at threshold 0.5 (p = sigmoid(logit) >= 0.5): label-based mA = mean
+  over attributes of (TPR + TNR) / 2; instance-based accuracy |P n G| / |P u G|, precision |P n G| / |P|,
+  recall |P n G| / |G| averaged over samples, F1 = 2 P R / (P + R) from the mean P and R. Only
+  specified entries count. As in the usual pedestrian-attribute evaluation code, samples with no
+  positive label are left out of the instance metrics, and an empty prediction has precision 0.
 """
 import numpy as np
 
@@ -34,21 +38,20 @@ def to_signed(labels, mask):
 
 
 def average_precision(scores, signed):
-    """All-point interpolated AP of one attribute; ``signed`` in {1, -1, 0}. NaN without positives."""
+    """AP of one attribute as the official WIDER script computes it; ``signed`` in {1, -1, 0}.
+
+    NaN when there is no positive. Ties keep their input order (a stable descending sort).
+    """
     scores = np.asarray(scores, dtype=np.float64)
     signed = np.asarray(signed)
-    keep = signed != 0
+    keep = signed != 0                      # unspecified entries move neither TP nor FP
     scores, positive = scores[keep], signed[keep] == 1
     num_pos = int(positive.sum())
     if num_pos == 0:
         return float('nan')
-    order = np.argsort(-scores, kind='mergesort')
-    scores, positive = scores[order], positive[order]
+    positive = positive[np.argsort(-scores, kind='stable')]
     tp = np.cumsum(positive)
     fp = np.cumsum(~positive)
-    # Only the last position of each run of equal scores is a threshold.
-    last = np.r_[scores[1:] != scores[:-1], True]
-    tp, fp = tp[last], fp[last]
     recall = tp / float(num_pos)
     precision = tp / (tp + fp).astype(np.float64)
     mrec = np.concatenate(([0.0], recall, [1.0]))
@@ -98,17 +101,29 @@ def instance_based(scores, labels, mask, threshold=0.5):
     return dict(accuracy=float(acc), precision=float(prec), recall=float(rec), f1=float(f1))
 
 
-def evaluate(scores, labels, mask, names=None):
-    """Every metric at once, as a JSON-ready dict (fractions in [0, 1])."""
-    names = list(names) if names is not None else ['attr%d' % i for i in range(scores.shape[1])]
-    m_ap, aps = wider_map(scores, labels, mask)
-    m_a, per_ma = label_based(scores, labels, mask)
-    inst = instance_based(scores, labels, mask)
+def sigmoid(logits):
+    """p = 1 / (1 + exp(-logit)) in float64."""
+    with np.errstate(over='ignore'):
+        return 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
+
+
+def evaluate(logits, labels, mask, names=None):
+    """Every metric at once from the fused logits, as a JSON-ready dict (fractions in [0, 1]).
+
+    ``no_positive`` lists the attributes without a positive label (no AP; left out of the mAP).
+    """
+    logits = np.asarray(logits, np.float64)
+    names = list(names) if names is not None else ['attr%d' % i for i in range(logits.shape[1])]
+    probs = sigmoid(logits)
+    m_ap, aps = wider_map(logits, labels, mask)
+    m_a, per_ma = label_based(probs, labels, mask)
+    inst = instance_based(probs, labels, mask)
     out = dict(mAP=m_ap, mA=m_a, **inst)
     out['per_attribute'] = [dict(name=n, ap=_num(a), ma=_num(b),
                                  positives=int(((labels[:, i] > 0.5) & (mask[:, i] > 0)).sum()),
                                  specified=int((mask[:, i] > 0).sum()))
                             for i, (n, a, b) in enumerate(zip(names, aps, per_ma))]
+    out['no_positive'] = [n for n, a in zip(names, aps) if np.isnan(a)]
     return out
 
 
@@ -150,4 +165,9 @@ def format_table(result, compare=None, title=None):
     lines.append('mAP %.2f   mA %.2f   instance acc %.2f  prec %.2f  rec %.2f  F1 %.2f' % tuple(
         100 * result[k] if result[k] is not None and not np.isnan(result[k]) else float('nan')
         for k in ('mAP', 'mA', 'accuracy', 'precision', 'recall', 'f1')))
+    missing = result.get('no_positive') or []
+    if missing:
+        lines.append('mAP over %d of %d attributes: no positive label for %s (AP n/a; the official script '
+                     'would give NaN)' % (len(result['per_attribute']) - len(missing), len(result['per_attribute']),
+                                          ', '.join(missing)))
     return '\n'.join(lines)

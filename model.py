@@ -6,7 +6,7 @@
     per tap i: A_i = spatial_softmax(f_att(k_i)), S_i = sigmoid(conv(k_i)), y_ai = f_cls(A_i * S_i)
     fused logits = mean(y_p, y_a1, ..., y_aT);  prediction = sigmoid(fused logits)
 
-Two presets (SPEC 3):
+Two presets (the supplement's architecture and the released code's):
 
 ========== ============================ ==========================================
            ``paper`` (supplement)        ``upstream`` (the authors' released code)
@@ -22,6 +22,7 @@ layers are used as they are (same parameter names as the model zoo and as the au
 the taps into consecutive segments so the whole network hybridizes into one graph.
 """
 import collections
+import logging
 import os
 import re
 
@@ -34,10 +35,11 @@ from mxnet.gluon.model_zoo import model_store
 from attention import HEAD_INIT, AttentionBranch, AttentionClassifier
 from errors import UserError
 
+LOG = logging.getLogger('vaa')
 BACKBONES = ('resnet18_v1', 'resnet34_v1', 'resnet50_v1', 'resnet101_v1', 'resnet152_v1',
              'densenet121', 'densenet161', 'densenet169', 'densenet201')
 
-# The head architecture of each preset (SPEC 3). The first upstream tap is written with the block
+# The head architecture of each preset. The first upstream tap is written with the block
 # number for ResNet-101 (s3b20); for other depths it is resolved as "three blocks before the end of
 # stage 3" (see ``resolve_taps``).
 PRESETS = {
@@ -59,21 +61,28 @@ def model_zoo_file(name, root=None):
     """Path where Gluon's model zoo keeps the ImageNet weights of ``name``, and its download URL."""
     root = os.path.expanduser(root or os.path.join(mx.base.data_dir(), 'models'))
     file_name = '%s-%s' % (name, model_store.short_hash(name))
-    url = '%sgluon/models/%s.zip' % (model_store.apache_repo_url, file_name)
+    repo = os.environ.get('MXNET_GLUON_REPO', model_store.apache_repo_url)
+    url = '%s%sgluon/models/%s.zip' % (repo, '' if repo.endswith('/') else '/', file_name)
     return os.path.join(root, file_name + '.params'), url
 
 
 def load_pretrained(zoo_net, name, root=None):
-    """Load ImageNet weights from the model-zoo cache into ``zoo_net``; never downloads.
-
-    Raises :class:`UserError` naming the file to place (and where) when the cache lacks it.
+    """Load ImageNet weights into ``zoo_net`` from the model-zoo cache (``$MXNET_HOME/models``). A missing
+    file is fetched with MXNet's own model-zoo download (SHA-1 checked); when that fails (offline),
+    :class:`UserError` names the file, the folder, the URL and ``--no-pretrained``.
     """
     path, url = model_zoo_file(name, root)
     if not os.path.isfile(path):
-        raise UserError(
-            'ImageNet weights for %s are not in the model-zoo cache: place %s in %s (download %s and '
-            'unzip it there, or set MXNET_HOME to the folder that holds models/), or drop --pretrained '
-            'to start from random weights' % (name, os.path.basename(path), os.path.dirname(path), url))
+        LOG.info('ImageNet weights for %s are not in %s: downloading %s', name, os.path.dirname(path), url)
+        try:
+            model_store.get_model_file(name, root=os.path.dirname(path))
+        except Exception as err:  # pylint: disable=broad-except  (requests, OSError, hash mismatch...)
+            raise UserError(
+                'ImageNet weights for %s are not in the model-zoo cache: place %s in %s (downloading %s failed: '
+                '%s; fetch and unzip it there by hand, or set MXNET_HOME to the folder that holds models/), or '
+                'pass --no-pretrained to start from random weights' % (
+                    name, os.path.basename(path), os.path.dirname(path), url,
+                    str(err).splitlines()[0][:160] if str(err) else type(err).__name__))
     try:
         zoo_net.load_parameters(path, ctx=mx.cpu())
     except Exception as err:  # mxnet raises MXNetError/AssertionError for damaged files
@@ -301,13 +310,19 @@ class VAANet(gluon.HybridBlock):
             modules['stage_%d/fsr' % number] = classifier.fsr
         return modules
 
-    def freeze_backbone(self, frozen=True, keep_output=False):
+    def freeze_backbone(self, frozen=True, keep_output=False, fix_statistics=False):
         """Stop (or restart) gradients for the backbone: all of it, or with ``keep_output`` only its
-        model-zoo layers (the first phase of the paper's schedule trains the heads and the new output
-        layer). The graph is rebuilt at the next call, as the gradient requests changed."""
+        model-zoo layers. A frozen layer's BatchNorm statistics never move (MXNet updates them in the
+        backward pass), but in training mode it would still normalise with each batch's statistics;
+        ``fix_statistics`` makes it use its stored ones, so that the frozen backbone computes in training
+        exactly what it computes at evaluation (the first phase of the paper's schedule). Unfreezing
+        restores batch statistics. The graph is rebuilt at the next call."""
         params = self.backbone.feature_params() if keep_output else self.backbone.collect_params().values()
         for param in params:
             param.grad_req = 'null' if frozen else 'write'     # (BN running statistics stay 'null')
+        for block in _all_blocks(self.backbone):
+            if isinstance(block, nn.BatchNorm):
+                block._kwargs['use_global_stats'] = bool(frozen and fix_statistics)  # pylint: disable=protected-access
         self._clear_cached_op()
 
     @property

@@ -5,7 +5,7 @@
   update of every per-stage Trainer, and the batch's fused predictions stored in the history.
 * :class:`EpochTotals`: what an epoch accumulates (loss sum, sample count, predictions, labels, masks),
   also what an interrupted epoch saves and a resumed one starts from.
-* :func:`predict`: sigmoid of the fused logits over a whole loader, and the same objective (weights 1).
+* :func:`predict`: the fused logits over a whole loader, and the same objective (weights 1).
 * :func:`evaluate`: :func:`predict` scored with every metric of ``metrics.py``.
 """
 import collections
@@ -16,12 +16,12 @@ from mxnet import autograd, nd
 import metrics
 from distributed import split_batch
 
-Step = collections.namedtuple('Step', 'loss probs labels masks')
+Step = collections.namedtuple('Step', 'loss logits labels masks')
 
 
 def train_step(net, loss_fn, trainers, history, batch, epoch, ctx):
     """Train on ``batch`` = (data, label, mask, index); returns a :class:`Step` with the loss summed over
-    the batch (an NDArray of shape (1,) on ``ctx[0]``) and the per-device probabilities, labels and masks.
+    the batch (an NDArray of shape (1,) on ``ctx[0]``) and the per-device fused logits, labels and masks.
 
     ``loss_fn``: a ``losses.VAALoss``; ``trainers``: a ``trainers.StageTrainers``; ``history``: the
     ``losses.PredictionHistory`` of the training split.
@@ -37,31 +37,34 @@ def train_step(net, loss_fn, trainers, history, batch, epoch, ctx):
         scaled = trainers.scale(losses)
     autograd.backward(scaled)
     trainers.step(batch[0].shape[0])
-    probs = []
-    for (_, _, _, idx), f in zip(parts, fused):
-        probs.append(nd.sigmoid(f.detach().astype('float32')))
-        history.update(idx, probs[-1], epoch)                   # read by the next epochs' weights
+    logits = [f.detach().astype('float32') for f in fused]
+    for (_, _, _, idx), f in zip(parts, logits):
+        history.update(idx, nd.sigmoid(f), epoch)               # read by the next epochs' weights
     total = nd.add_n(*[l.sum().as_in_context(ctx[0]) for l in losses])
-    return Step(total, probs, [y for _, y, _, _ in parts], [m for _, _, m, _ in parts])
+    return Step(total, logits, [y for _, y, _, _ in parts], [m for _, _, m, _ in parts])
 
 
 class EpochTotals(object):
     """Running totals of a training epoch. The predictions stay on the device until :meth:`arrays`.
 
-    ``saved``: what :meth:`state` returned for an interrupted epoch, to continue from it.
+    ``saved``: what :meth:`state` returned for an interrupted epoch, to continue from it (checkpoints
+    of version 0.1 kept probabilities, ``scores``, instead of logits: they are converted).
     """
 
     def __init__(self, ctx, num_classes, saved=None):
-        saved = saved or {}
+        saved = dict(saved or {})
+        if 'scores' in saved:
+            p = np.clip(np.asarray(saved.pop('scores'), np.float64), 1e-7, 1 - 1e-7)
+            saved['logits'] = np.log(p / (1 - p)).astype(np.float32)
         self.num_classes = num_classes
         self.loss_sum = nd.array([saved.get('loss_sum', 0.0)], ctx=ctx)
         self.seen = saved.get('seen', 0)
-        self.outputs = {k: [nd.array(saved[k])] if k in saved else [] for k in ('scores', 'labels', 'masks')}
+        self.outputs = {k: [nd.array(saved[k])] if k in saved else [] for k in ('logits', 'labels', 'masks')}
 
     def add(self, step, batch_size):
         self.loss_sum += step.loss
         self.seen += batch_size
-        for key, arrays in zip(('scores', 'labels', 'masks'), (step.probs, step.labels, step.masks)):
+        for key, arrays in zip(('logits', 'labels', 'masks'), (step.logits, step.labels, step.masks)):
             self.outputs[key].extend(arrays)
 
     def mean_loss(self):
@@ -69,7 +72,7 @@ class EpochTotals(object):
         return float((self.loss_sum / max(self.seen, 1)).asscalar())
 
     def arrays(self):
-        """``{'scores', 'labels', 'masks'}`` as NumPy arrays (N x C)."""
+        """``{'logits', 'labels', 'masks'}`` as NumPy arrays (N x C)."""
         return {k: np.concatenate([a.asnumpy() for a in v]) if v else np.zeros((0, self.num_classes), np.float32)
                 for k, v in self.outputs.items()}
 
@@ -79,25 +82,26 @@ class EpochTotals(object):
 
 
 def predict(net, loader, ctx, loss_fn=None):
-    """Sigmoid of the fused logits for a whole split, with labels and masks (NumPy), and the mean of
-    ``loss_fn`` (the training objective, with history weights 1) when given, else NaN."""
-    scores, labels, masks, total, count = [], [], [], 0.0, 0
+    """The fused logits for a whole split (float64 NumPy; rank by them, threshold their sigmoid), with
+    labels and masks, and the mean of ``loss_fn`` (the training objective, with history weights 1) when
+    given, else NaN."""
+    logits, labels, masks, total, count = [], [], [], 0.0, 0
     for batch in loader:
         for x, y, m, _ in split_batch(batch, ctx):
             primary, taps, fused = net(x)[:3]
-            scores.append(nd.sigmoid(fused))
+            logits.append(fused)
             labels.append(y)
             masks.append(m)
             if loss_fn is not None:
                 total += float(loss_fn(primary, taps, y, m).sum().asscalar())
                 count += x.shape[0]
     to_np = lambda arrs: np.concatenate([a.asnumpy() for a in arrs]) if arrs else np.zeros((0, 0))
-    return to_np(scores), to_np(labels), to_np(masks), (total / count if count else float('nan'))
+    return to_np(logits).astype(np.float64), to_np(labels), to_np(masks), (total / count if count else float('nan'))
 
 
 def evaluate(net, loader, ctx, names):
     """Every metric of ``metrics.evaluate`` on a split, plus the chance-level mAP of its labels."""
-    scores, labels, masks, _ = predict(net, loader, ctx)
-    result = metrics.evaluate(scores, labels, masks, names)
+    logits, labels, masks, _ = predict(net, loader, ctx)
+    result = metrics.evaluate(logits, labels, masks, names)
     result['chance_mAP'] = metrics.chance_map(labels, masks)
     return result

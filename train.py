@@ -89,7 +89,8 @@ def get_data(cfg, ctx, rank=0, num_workers=1):
                         % (cfg['batch_size'], shard, ' per worker' if num_workers > 1 else ''))
     remainder = shard % cfg['batch_size']
     last_batch = 'discard' if 0 < remainder < max(2, len(ctx)) else 'keep'      # BN needs 2+ samples
-    train_loader, sampler = make_loader(train, config.transform(cfg, train=True), cfg['batch_size'], shuffle=True,
+    train_loader, sampler = make_loader(train, config.transform(cfg, train=True), cfg['batch_size'],
+                                        shuffle=cfg.get('shuffle', True),
                                         num_workers=cfg['num_workers'], last_batch=last_batch, seed=cfg['seed'],
                                         shard=rank, num_shards=num_workers)
     return Data(names, train, val, test, train_loader, sampler, config.eval_loader(cfg, val),
@@ -150,8 +151,7 @@ def restore(run):
              state['lr'], run.cfg['monitor'], state['best'])
     if not run.batch:
         return None
-    return dict({k: extra[k].asnumpy() for k in ('scores', 'labels', 'masks')}, loss_sum=state['loss_sum'],
-                seen=state['seen'])
+    return dict({k: v.asnumpy() for k, v in extra.items()}, loss_sum=state['loss_sum'], seen=state['seen'])
 
 
 def train_epoch(run, epoch, saved, stop):
@@ -188,7 +188,7 @@ def save_interrupted(run, epoch, totals, batch_no):
     """Checkpoint a partial epoch so that --resume continues after its last finished batch."""
     saved = totals.state()
     history = run.trainers.sync.merged_history(run.history, run.data.sampler.indices)
-    extra = {k: saved[k] for k in ('scores', 'labels', 'masks')}
+    extra = {k: saved[k] for k in ('logits', 'labels', 'masks')}
     run.folder.save('last', run.net, meta(run, epoch, batch_no, loss_sum=saved['loss_sum'], seen=saved['seen']),
                     run.trainers.trainers, history, extra)
 
@@ -197,9 +197,9 @@ def validate(run, epoch, totals):
     """Train mAP from the epoch's predictions; validation metrics and loss (the objective training
     minimises); the schedule's verdict. Returns (metrics row, new best?, per-attribute val AP)."""
     out = totals.arrays()
-    train_result = metrics.evaluate(out['scores'], out['labels'], out['masks'], run.data.names)
-    scores, labels, masks, val_loss = steps.predict(run.net, run.data.val_loader, run.ctx, run.loss)
-    val = metrics.evaluate(scores, labels, masks, run.data.names)
+    train_result = metrics.evaluate(out['logits'], out['labels'], out['masks'], run.data.names)
+    logits, labels, masks, val_loss = steps.predict(run.net, run.data.val_loader, run.ctx, run.loss)
+    val = metrics.evaluate(logits, labels, masks, run.data.names)
     improved = run.schedule.update(epoch, val[run.cfg['monitor']])
     row = dict(epoch=epoch, lr=run.schedule.lr, train_loss=totals.mean_loss(), val_loss=val_loss,
                train_mAP=train_result['mAP'], val_mAP=val['mAP'], val_mA=val['mA'], val_f1=val['f1'])
@@ -263,7 +263,7 @@ def train(cfg, explicit=()):
             run.loss.hybridize(static_alloc=True, static_shape=True)
         for epoch in range(run.epoch, cfg['epochs']):
             tic = time.time()
-            run.trainers.set_phase(epoch)                                         # frozen / end to end
+            run.trainers.set_phase(epoch, run.loss)                               # heads / end to end
             totals, batch_no, speed = train_epoch(run, epoch, saved, stop)
             saved = None
             if batch_no < len(run.data.train_loader):                             # a stop signal came

@@ -5,8 +5,8 @@
 * building them: one per module of ``net.stage_modules()`` (``backbone``; per tap ``stage_N/fconv``,
   ``stage_N/fatt``, ``stage_N/fsr``), as the authors' loop had; with ``finetune`` (the authors'
   meaning) the backbone gets no gradient and no Trainer;
-* the phases of the paper's schedule (:meth:`StageTrainers.set_phase`): the backbone's model-zoo layers
-  frozen for the first ``freeze_epochs`` epochs while the heads and the new output layer train, then
+* the phases of the paper's schedule (:meth:`StageTrainers.set_phase`): for the first ``freeze_epochs``
+  epochs only the attention branches and their classifiers train, with their loss alone; then
   everything end to end;
 * the learning rate, one for all Trainers (the authors shared one scheduler between them), and the
   plateau schedule (:class:`PlateauSchedule`) that lowers it;
@@ -30,7 +30,7 @@ LOG = logging.getLogger('vaa')
 
 class PlateauSchedule(object):
     """Divide the learning rate by 10 once the monitored validation metric has not improved for more
-    than ``patience`` epochs, at most ``max_drops`` times (SPEC 5); also tracks the best epoch.
+    than ``patience`` epochs, at most ``max_drops`` times; also tracks the best epoch.
 
     ``state_dict()`` uses the checkpoint's keys: ``lr``, ``best``, ``best_epoch``, ``patience`` (epochs
     without improvement so far) and ``drops``.
@@ -78,7 +78,7 @@ class StageTrainers(object):
     finetune : bool
         The authors' ``--finetune``: the whole backbone frozen for the whole run (no backbone Trainer).
     freeze_epochs : int
-        The paper's first phase: epochs during which the backbone's model-zoo layers are frozen.
+        The paper's first phase: epochs during which only the attention heads train.
     amp : bool
         Float16 training: dynamic loss scaling shared by every Trainer.
     """
@@ -96,19 +96,31 @@ class StageTrainers(object):
         self.scaling = LossScaling(amp)
         self.frozen = None
 
-    def set_phase(self, epoch):
-        """Freeze the backbone's model-zoo layers before epoch ``freeze_epochs``, train end to end from
-        then on. Returns True when the phase changed (and says so in the log)."""
+    def set_phase(self, epoch, loss=None):
+        """The paper's two phases: before epoch ``freeze_epochs`` only the attention branches and their
+        classifiers train (the whole backbone, its output layer and its BatchNorm statistics stay as they
+        are, and :attr:`trains_primary` is False); from then on everything trains end to end. ``loss``
+        (a ``losses.VAALoss``) gets its primary term switched to match. Returns True when the phase
+        changed (and says so in the log)."""
         frozen = epoch < self.freeze_epochs
+        if loss is not None:
+            loss.primary = not (self.finetune or frozen)
         if self.finetune or frozen == self.frozen:
             return False
         if frozen:
-            LOG.info('epochs 0-%d: backbone frozen, training the heads', self.freeze_epochs - 1)
+            LOG.info('epochs 0-%d: backbone and primary classifier frozen, training the attention heads with '
+                     'their loss', self.freeze_epochs - 1)
         elif self.frozen:
             LOG.info('epoch %d: training end to end', epoch)
-        self.net.freeze_backbone(frozen, keep_output=True)
+        self.net.freeze_backbone(frozen, fix_statistics=True)
         self.frozen = frozen
         return True
+
+    @property
+    def trains_primary(self):
+        """Whether the backbone and its output layer train now, i.e. whether the primary (focal) loss
+        applies: not under ``finetune``, not in the first phase."""
+        return not (self.finetune or self.frozen)
 
     @property
     def learning_rate(self):

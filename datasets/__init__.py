@@ -15,7 +15,8 @@ rec       train.rec/.idx, ... (packed by datasets.recordio)    ``datasets/record
 ``get_split(name, data_path, split, **options)`` returns an :class:`datasets.base.AttributeDataset`;
 options a dataset does not take (e.g. ``partition`` for WIDER) are ignored. ``load_split`` adds the
 checks training and evaluation need (not empty, the expected attribute count). ``defaults(name)``
-gives the settings ``train.py`` uses for that dataset unless told otherwise.
+gives the settings ``train.py`` uses for that dataset unless told otherwise; ``detect(data_path)`` tells
+the dataset from a folder's layout (``train.py --data_path`` without ``--dataset``).
 """
 import importlib
 import inspect
@@ -72,6 +73,33 @@ def load_split(name, data_path, split, num_classes=None, **options):
         raise UserError('--num_classes %d but the %s labels have %d attributes; drop --num_classes or fix it'
                         % (num_classes, name, data.num_classes))
     return data
+
+
+# What marks each dataset's folder, checked in this order (a folder of records also holds .lst files).
+LAYOUTS = (
+    ('wider', ('Annotations/wider_attribute_trainval.json',)),
+    ('peta', ('PETA.mat',)),
+    ('pa100k', ('annotation.mat',)),
+    ('rec', ('train.rec', 'training_list.rec', 'wider_records/training_list.rec')),
+    ('lst', ('train.lst', 'training_list.lst', 'wider_records/training_list.lst')),
+    ('csv', ('train.csv',)),
+)
+
+
+def detect(data_path):
+    """The dataset whose layout ``data_path`` has; ``demo`` without a path (or for a folder holding the
+    demo's cache). UserError naming what was looked for otherwise: a folder is never guessed at."""
+    if not data_path:
+        return 'demo'
+    if not os.path.isdir(data_path):
+        raise UserError('--data_path %s does not exist; give the dataset folder (and --dataset)' % data_path)
+    for name, marks in LAYOUTS:
+        if any(os.path.isfile(os.path.join(data_path, mark)) for mark in marks):
+            return name
+    if any(f.startswith('digits-canvas-') and f.endswith('.npz') for f in os.listdir(data_path)):
+        return 'demo'
+    raise UserError('cannot tell the dataset of --data_path %s from its layout (looked for %s); give --dataset'
+                    % (data_path, ', '.join('%s (%s)' % (' or '.join(marks), name) for name, marks in LAYOUTS)))
 
 
 def defaults(name):

@@ -1,4 +1,4 @@
-"""What every dataset provides, and the image transforms of SPEC 5.
+"""What every dataset provides, and the image transforms (the paper's augmentation).
 
 A dataset is a ``gluon.data.Dataset`` of ``(image, index)`` where ``image`` is an RGB uint8 H x W x 3
 array, with ``labels`` (N x C float32 in {0, 1}) and ``mask`` (N x C, 1 = specified) held as arrays so
@@ -16,7 +16,7 @@ from errors import UserError
 
 LOG = logging.getLogger('vaa')
 
-# Normalisation per preset (SPEC 5): ImageNet mean/std for model-zoo weights; the released code
+# Normalisation per preset: ImageNet mean/std for model-zoo weights; the released code
 # subtracted 104/117/123 from R/G/B and did not divide.
 NORMALISATION = {
     'paper': (np.array([123.675, 116.28, 103.53], np.float32), np.array([58.395, 57.12, 57.375], np.float32)),

@@ -10,6 +10,8 @@ Each JSON has ``images``: [{``file_name`` (relative to ``Image/``), ``scene_id``
 [{``attribute``: 14 ints in 1 / -1 / 0, ``bbox``: [x, y, w, h]}]}] and ``attribute_id_map``. One sample
 per target: the person box, clipped to the image, cropped and resized to 256 x 256 (as the authors'
 preprocessing did), cached as JPEG files on first use so later epochs never decode whole scenes again.
+The cache is a per-user folder (``--cache-dir`` to choose another); each crop's file name is a hash of
+what determines it (scene, box, crop settings), so an edited annotation file gets new crops.
 
 Splits: ``train`` and ``val`` (from the trainval JSON by the image folder), ``trainval``, ``test``.
 The paper trained on ``train`` only.
@@ -88,17 +90,20 @@ def _crop_job(job):
 
 
 def default_cache_dir(data_path):
-    """``<data_path>/crops256`` when writable, else a per-dataset folder in ~/.cache."""
-    folder = os.path.join(data_path, 'crops256')
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, '.write-test')
-        open(probe, 'w').close()
-        os.remove(probe)
-        return folder
-    except OSError:
-        key = hashlib.sha1(os.path.abspath(data_path).encode()).hexdigest()[:10]
-        return os.path.join(os.path.expanduser('~'), '.cache', 'vaa-attributes', 'wider-%s' % key)
+    """A per-user folder for the crops of this dataset folder: ``$XDG_CACHE_HOME/vaa-attributes/`` (or
+    ``~/.cache/...``) ``wider-<hash of the path>-crop256``; nothing is written into the data folder."""
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    key = hashlib.sha1(os.path.abspath(data_path).encode()).hexdigest()[:10]
+    return os.path.join(base, 'vaa-attributes', 'wider-%s-crop%d' % (key, CROP))
+
+
+def crop_name(scene, file_name, bbox):
+    """The cache file name of a person crop: a hash of everything that determines it (the scene's
+    name, size and modification time, the box, the crop size and JPEG settings), so that a reordered,
+    cut or corrected annotation file never pairs an old crop with new labels."""
+    stat = os.stat(scene)
+    key = json.dumps([file_name, [float(v) for v in bbox], stat.st_size, stat.st_mtime_ns, CROP, 'area', 95])
+    return hashlib.sha1(key.encode()).hexdigest()[:20] + '.jpg'
 
 
 class WiderAttribute(ImageFileDataset):
@@ -132,7 +137,7 @@ class WiderAttribute(ImageFileDataset):
                 if not os.path.isfile(scene):
                     bad.report(where, 'image file %s does not exist' % scene)
                     continue
-                crop = os.path.join(cache_dir, SPLITS[split], '%06d_%02d.jpg' % (i, t))
+                crop = os.path.join(cache_dir, SPLITS[split], crop_name(scene, file_name, bbox))
                 samples.append((crop, signed, where))
                 if not os.path.isfile(crop):
                     jobs.setdefault(scene, ([], [], []))

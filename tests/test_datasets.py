@@ -9,6 +9,7 @@ import pytest
 import datasets
 import eval as evaluation
 import train
+from datasets import wider
 from datasets.base import Transform, make_loader
 from datasets.recordio import prepare
 from errors import UserError
@@ -48,7 +49,31 @@ def test_wider_counts_splits_crops_and_labels(wider_root):
     # train = scenes in Image/train, val = Image/val, both from the trainval JSON
     np.testing.assert_array_equal(trainval.labels[:8], train_ds.labels)
     np.testing.assert_array_equal(trainval.labels[8:], val_ds.labels)
-    assert os.path.isdir(os.path.join(root, 'crops256', 'trainval'))      # cached crops
+    cache = wider.default_cache_dir(root)                                 # cached crops, per user
+    assert len(os.listdir(os.path.join(cache, 'trainval'))) == 12 and len(os.listdir(os.path.join(cache, 'test'))) == 6
+    assert sorted(os.listdir(root)) == ['Annotations', 'Image']            # nothing written into the data folder
+
+
+def test_wider_crop_cache_follows_edits_of_the_annotations(tmp_path):
+    """Reordered scenes and a corrected box: every sample still shows its own box (crops are keyed by
+    scene, box and crop settings, not by position in the JSON)."""
+    root = str(tmp_path / 'W')
+    made = fixtures.wider(root)
+    first = datasets.get_split('wider', root, 'trainval', cache_dir=str(tmp_path / 'crops'))
+    assert len(first) == 12
+    path = os.path.join(root, 'Annotations', 'wider_attribute_trainval.json')
+    ann = json.load(open(path))
+    ann['images'].reverse()
+    ann['images'][0]['targets'] = ann['images'][0]['targets'][::-1]
+    ann['images'][0]['targets'][0]['bbox'] = [95, 30, 20, 40]       # a box moved inside the same colour patch
+    json.dump(ann, open(path, 'w'))
+    again = datasets.get_split('wider', root, 'trainval', cache_dir=str(tmp_path / 'crops'))
+    colours = [colour for _, info in reversed(made['trainval']) for _, colour, _ in info]
+    colours[0], colours[1] = colours[1], colours[0]
+    for i, colour in enumerate(colours):
+        np.testing.assert_allclose(_mean_colour(again[i][0]), colour, atol=12)
+        signed = np.array(ann['images'][i // 2]['targets'][i % 2]['attribute'])
+        np.testing.assert_array_equal(again.labels[i], signed == 1)
 
 
 def test_wider_class_weights_from_the_training_split(wider_root):
@@ -301,7 +326,7 @@ def test_loader_with_worker_processes_matches_in_process(tmp_path):
 def _one_epoch(tmp_path, dataset, data_path, extra=(), name=None):
     out = str(tmp_path / (name or 'run-' + dataset))
     argv = ['--dataset', dataset, '--data_path', data_path, '--out', out, '--epochs', '1', '--batch_size', '4',
-            '--backbone', 'resnet18_v1', '--input-size', '32', '--num-workers', '0'] + list(extra)
+            '--backbone', 'resnet18_v1', '--input-size', '32', '--num-workers', '0', '--no-pretrained'] + list(extra)
     result = train.main(argv)
     again = evaluation.main([out, '--num-workers', '0'])
     assert again['mAP'] == pytest.approx(result['mAP'], abs=1e-6, nan_ok=True)

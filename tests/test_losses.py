@@ -229,3 +229,35 @@ def test_history_lives_on_its_context_and_returns_on_requested_one():
     assert w.context == mx.cpu(0) and hist.buffer.context == mx.cpu(1)
     np.testing.assert_allclose(w.asnumpy()[0], 1 + np_history_std([np.array([.2, .4]), np.array([.6, .4])]),
                                rtol=1e-5)
+
+
+def test_the_authors_focal_branch_has_the_same_values_and_gradients_as_ours():
+    """The released WeightedFocal's focal branch (wider_training.py), as written: p copied into a new
+    NDArray with mx.nd.array, log(p + 1e-12), weights exp(y + (1 - 2y) r). Under mxnet 1.9.1 that copy
+    is recorded, so gradients flow through it: values and gradients equal our softplus form (away from
+    saturation, where the 1e-12 clip would bite)."""
+    np.random.seed(3)
+    x, y, _ = _data(n=12, c=5, scale=2.0)
+    x[0] = np.random.randn(5)                                          # no saturated logits here
+    r = np.random.uniform(0.05, 1.0, 5).astype(np.float32)              # batch_ratios = 1 / class weights
+    gamma = 2                                                          # the released branch's gamma
+    pred = nd.array(x)
+    pred.attach_grad()
+    with autograd.record():
+        p = mx.nd.array(1 / (1 + nd.exp(-pred)))
+        label, ratios = nd.array(y), nd.array(r)
+        weights = nd.exp(label + (1 - label * 2) * ratios)
+        w_p, w_n = nd.power(1. - p, gamma), nd.power(p, gamma)
+        theirs = -(w_p * nd.log(p + 1e-12) * label + w_n * nd.log(1. - p + 1e-12) * (1. - label))
+        theirs = nd.mean(theirs * weights, axis=0, exclude=True)
+    theirs.backward()
+    their_grad = pred.grad.asnumpy()
+    ours_fn = WeightedFocalLoss(np.exp(1 - r), np.exp(r), gamma=gamma)
+    pred2 = nd.array(x)
+    pred2.attach_grad()
+    with autograd.record():
+        ours = ours_fn(pred2, nd.array(y))
+    ours.backward()
+    assert np.abs(their_grad).max() > 1e-3                             # the gradient is not cut
+    np.testing.assert_allclose(theirs.asnumpy(), ours.asnumpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(their_grad, pred2.grad.asnumpy(), rtol=1e-4, atol=1e-6)

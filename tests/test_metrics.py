@@ -1,4 +1,5 @@
-"""Evaluation protocols against brute force and hand-worked examples."""
+"""Evaluation protocols against the official WIDER script and the authors' function (NumPy
+transcriptions), brute force and hand-worked examples."""
 import numpy as np
 import pytest
 
@@ -6,9 +7,9 @@ import metrics
 
 
 def brute_force_ap(scores, signed):
-    """WIDER AP by enumerating thresholds: for every distinct score t, precision and recall of
-    'score >= t' over the specified samples; AP = sum over recall levels of the recall step times the
-    best precision at that recall or beyond."""
+    """AP by enumerating thresholds: for every distinct score t, precision and recall of 'score >= t'
+    over the specified samples; AP = sum over recall levels of the recall step times the best precision
+    at that recall or beyond. (Equal to the ranking definition when no two scores tie.)"""
     keep = signed != 0
     s, pos = scores[keep], signed[keep] == 1
     if pos.sum() == 0:
@@ -27,64 +28,113 @@ def brute_force_ap(scores, signed):
     return ap
 
 
-def upstream_style_ap(scores, signed):
-    """The authors' test-time function, as the protocol describes it: sort descending, cumulative TP
-    and FP (unspecified entries count as neither), precision made monotone from the right."""
-    order = np.argsort(-scores, kind='mergesort')
-    lab = signed[order]
-    tp, fp = np.cumsum(lab == 1), np.cumsum(lab == -1)
-    rec = tp / float((signed == 1).sum())
-    with np.errstate(invalid='ignore'):
-        prec = tp / (tp + fp)
+def official_wider_ap(scores, labels):
+    """get_mAP_eccv16.m (the official WIDER-Attribute script), line by line in NumPy: MATLAB's
+    sort(..., 'descend') is stable, 0/0 is NaN, and MATLAB's max ignores NaN (np.fmax)."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels)
+    num_truths = np.sum(labels == 1)
+    srtd = np.argsort(-scores, kind='stable')
+    fp = np.cumsum(labels[srtd] == -1)
+    tp = np.cumsum(labels[srtd] == 1)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        rec = tp / num_truths
+        prec = tp / (fp + tp)
     mrec = np.r_[0, rec, 1]
     mpre = np.r_[0, prec, 0]
-    for i in range(len(mpre) - 2, 0, -1):
+    for i in range(len(mpre) - 2, -1, -1):
+        mpre[i] = np.fmax(mpre[i], mpre[i + 1])
+    i = np.where(mrec[1:] != mrec[:-1])[0] + 1
+    return float(np.sum((mrec[i] - mrec[i - 1]) * mpre[i]))
+
+
+def authors_ap(scores, labels):
+    """The authors' evaluate_mAP(testingFlag=True) inner function (evaluation.py), in NumPy."""
+    num_truths = sum(labels == 1)
+    sort_ids = scores.argsort()[::-1]
+    fp = np.cumsum(labels[sort_ids] == -1)
+    tp = np.cumsum(labels[sort_ids] == 1)
+    rec = tp / float(num_truths)
+    with np.errstate(invalid='ignore'):
+        prec = np.true_divide(tp, fp + tp)
+    mrec = np.concatenate((np.array([0]), rec, np.array([1])), axis=0)
+    mpre = np.concatenate((np.array([0]), prec, np.array([0])), axis=0)
+    for i in range(mpre.shape[0] - 2, 0, -1):
         mpre[i] = max(mpre[i], mpre[i + 1])
-    idx = np.where(mrec[1:] != mrec[:-1])[0] + 1
-    return float(np.sum((mrec[idx] - mrec[idx - 1]) * mpre[idx]))
+    i = np.where(mrec[1:] != mrec[0:-1])[0] + 1
+    return sum((mrec[i] - mrec[i - 1]) * mpre[i])
+
+
+def _split(signed):
+    return (signed == 1).astype(np.float32), (signed != 0).astype(np.float32)
 
 
 def test_ap_hand_worked():
     # ranking without the unspecified: + - + -  -> AP = .5 * 1 + .5 * 2/3
     assert metrics.average_precision(np.array([.9, .8, .7, .6, .5]), np.array([1, -1, 0, 1, -1])) == \
         pytest.approx(0.5 + 0.5 * 2 / 3)
-    # a tie between a positive and a negative is one threshold: P = 1/2 at R = 1/2, then 2/3 at R = 1
-    assert metrics.average_precision(np.array([.9, .9, .5]), np.array([1, -1, 1])) == pytest.approx(2 / 3)
+    # a tie keeps the input order, as the official script's stable sort: + - + gives 1/2 * 1 + 1/2 * 2/3,
+    # - + + gives precision 1/2 then 2/3, made monotone: 2/3 at both recall steps
+    assert metrics.average_precision(np.array([.9, .9, .5]), np.array([1, -1, 1])) == pytest.approx(5 / 6)
     assert metrics.average_precision(np.array([.9, .9, .5]), np.array([-1, 1, 1])) == pytest.approx(2 / 3)
 
 
 @pytest.mark.parametrize('seed', range(6))
-def test_ap_equals_brute_force_with_ties_and_unspecified(seed):
+def test_ap_equals_the_official_script_with_ties_saturation_shuffles_and_unspecified(seed):
     rng = np.random.RandomState(seed)
-    n, c = 60, 8
-    scores = np.round(rng.rand(n, c), 1)                 # many ties
+    n, c = 80, 9
     signed = rng.choice([1, -1, 0], size=(n, c), p=[.3, .6, .1])
     signed[:, 5] = -1                                    # all negative
     signed[:, 6] = 0                                     # all unspecified
     signed[:, 7] = np.where(rng.rand(n) < .5, 1, 0)      # positives and unspecified only
-    labels, mask = (signed == 1).astype(np.float32), (signed != 0).astype(np.float32)
-    m_ap, aps = metrics.wider_map(scores, labels, mask)
-    expected = np.array([brute_force_ap(scores[:, i], signed[:, i]) for i in range(c)])
-    np.testing.assert_allclose(aps, expected, rtol=1e-12, equal_nan=True)
-    assert np.isnan(aps[5]) and np.isnan(aps[6]) and aps[7] == pytest.approx(1.0)
-    assert m_ap == pytest.approx(np.nanmean(expected))
+    signed[:3, 8] = 0                                    # unspecified entries ranked first
+    scores = np.round(rng.rand(n, c), 1)                 # many ties
+    scores[:, 3] = 1 / (1 + np.exp(-rng.uniform(10, 25, n).astype(np.float32)))   # float32 sigmoids: 1.0 ties
+    scores[:3, 8] = 2.0
+    for order in (np.arange(n), rng.permutation(n), rng.permutation(n)):
+        s, g = scores[order], signed[order]
+        m_ap, aps = metrics.wider_map(s, *_split(g))
+        expected = np.array([official_wider_ap(s[:, i], g[:, i]) for i in range(c)])
+        np.testing.assert_allclose(aps, expected, rtol=0, atol=1e-12, equal_nan=True)
+        assert np.isnan(aps[5]) and np.isnan(aps[6]) and aps[7] == pytest.approx(1.0)
+        assert m_ap == pytest.approx(np.nanmean(expected), abs=1e-12)
 
 
-def test_ap_without_ties_equals_the_authors_function():
+def test_ap_without_ties_equals_the_authors_function_and_brute_force():
     rng = np.random.RandomState(1)
     scores = rng.rand(500, 5)
     signed = rng.choice([1, -1, 0], size=(500, 5), p=[.2, .7, .1])
     for i in range(5):
-        assert metrics.average_precision(scores[:, i], signed[:, i]) == \
-            pytest.approx(upstream_style_ap(scores[:, i], signed[:, i]), abs=1e-12)
+        ap = metrics.average_precision(scores[:, i], signed[:, i])
+        assert ap == pytest.approx(authors_ap(scores[:, i], signed[:, i]), abs=1e-12)
+        assert ap == pytest.approx(brute_force_ap(scores[:, i], signed[:, i]), abs=1e-12)
+        perm = rng.permutation(500)                      # without ties the input order does not matter
+        assert metrics.average_precision(scores[perm, i], signed[perm, i]) == pytest.approx(ap, abs=1e-15)
 
 
-def test_ap_does_not_depend_on_the_order_of_tied_scores():
-    rng = np.random.RandomState(2)
-    scores = np.round(rng.rand(200), 1)
-    signed = rng.choice([1, -1], size=200)
-    perm = rng.permutation(200)
-    assert metrics.average_precision(scores, signed) == metrics.average_precision(scores[perm], signed[perm])
+def test_ranking_on_logits_avoids_the_ties_of_saturated_sigmoids():
+    """Logits above ~16.6 all give float32 sigmoid 1.0: ranked on those, positives and negatives tie
+    and the AP depends on their input order. evaluate() ranks on the logits themselves."""
+    rng = np.random.RandomState(4)
+    n = 400
+    signed = rng.choice([1, -1], size=(n, 1), p=[.4, .6])
+    logits = np.where(signed == 1, rng.uniform(15, 30, (n, 1)), rng.uniform(-5, 20, (n, 1))).astype(np.float32)
+    probs32 = (1 / (1 + np.exp(-logits))).astype(np.float32)
+    assert (probs32 == 1.0).mean() > 0.2                  # the saturation is real
+    result = metrics.evaluate(logits, *_split(signed))
+    on_logits = official_wider_ap(logits[:, 0].astype(np.float64), signed[:, 0])
+    assert result['mAP'] == pytest.approx(on_logits, abs=1e-12)
+    assert official_wider_ap(probs32[:, 0], signed[:, 0]) < on_logits - 0.005    # what the ties cost
+    # thresholded metrics use p = sigmoid(logit) >= 0.5, i.e. logit >= 0
+    assert result['mA'] == pytest.approx(metrics.label_based((logits >= 0).astype(float), *_split(signed))[0])
+
+
+def test_an_attribute_without_positives_is_reported_and_left_out_of_the_mean():
+    signed = np.array([[1, -1], [-1, -1], [1, 0], [-1, -1]])
+    result = metrics.evaluate(np.array([[2., 1], [1, 2], [3, 0], [0, 1]]), *_split(signed), names=['a', 'b'])
+    assert result['no_positive'] == ['b'] and result['per_attribute'][1]['ap'] is None
+    assert result['mAP'] == pytest.approx(1.0)
+    table = metrics.format_table(result)
+    assert 'mAP over 1 of 2 attributes: no positive label for b' in table and 'n/a' in table
 
 
 def _hand_example():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import mxnet as mx
 from mxnet import autograd, gluon, nd
-from mxnet.gluon.model_zoo import vision
+from mxnet.gluon.model_zoo import model_store, vision
 
 import attention
 from errors import UserError
@@ -144,25 +144,68 @@ def _flat(outs):
 
 
 def test_pretrained_missing_cache_fails_at_once_with_the_file_to_place(tmp_path, monkeypatch):
+    """Offline: the model zoo's download is tried once for the right URL, then one error names the file,
+    the folder, the URL and --no-pretrained; nothing is left behind."""
     monkeypatch.setenv('MXNET_HOME', str(tmp_path))
+    tried = []
+
+    def offline(url, path=None, **kwargs):
+        tried.append(url)
+        raise OSError('Network is unreachable')
+    monkeypatch.setattr(model_store, 'download', offline)
     path, url = model_zoo_file('resnet18_v1')
     start = time.time()
     with pytest.raises(UserError) as err:
         VAANet('resnet18_v1', 3, 'paper', 64, pretrained=True)
-    assert time.time() - start < 5
+    assert time.time() - start < 5 and tried == [url]
     message = str(err.value)
     assert os.path.basename(path) in message and str(tmp_path / 'models') in message and url in message
+    assert '--no-pretrained' in message and 'Network is unreachable' in message
     assert not os.listdir(tmp_path) or not os.listdir(tmp_path / 'models')   # nothing downloaded
+
+
+def _zoo_weights(path):
+    zoo = vision.resnet18_v1()
+    zoo.initialize(mx.init.Normal(0.5))
+    zoo(nd.zeros((1, 3, 32, 32)))
+    zoo.save_parameters(path)
+    return zoo
+
+
+def test_pretrained_missing_file_is_downloaded_through_the_model_zoo_with_its_sha1_check(tmp_path, monkeypatch):
+    """A fake model-zoo server: the zip is fetched, checked against the zoo's SHA-1 and loaded; a file
+    whose SHA-1 differs is refused."""
+    import hashlib
+    import zipfile
+    served = str(tmp_path / 'served.params')
+    zoo = _zoo_weights(served)
+    sha1 = hashlib.sha1(open(served, 'rb').read()).hexdigest()
+    monkeypatch.setenv('MXNET_HOME', str(tmp_path / 'home'))
+    monkeypatch.setitem(model_store._model_sha1, 'resnet18_v1', sha1)
+    path, url = model_zoo_file('resnet18_v1')
+
+    def server(address, path=None, **kwargs):
+        assert address == url
+        with zipfile.ZipFile(path, 'w') as zf:
+            zf.write(served, os.path.basename(model_zoo_file('resnet18_v1')[0]))
+        return path
+    monkeypatch.setattr(model_store, 'download', server)
+    net = get_vaa_net('resnet18_v1', 3, 'paper', 64, pretrained=True)
+    assert os.path.isfile(path)
+    ours = {n[len(net.backbone.zoo_prefix):]: p for n, p in net.backbone.collect_params().items()}
+    for name, param in zoo.features.collect_params().items():
+        np.testing.assert_array_equal(ours[name[len(zoo.prefix):]].data().asnumpy(), param.data().asnumpy())
+    os.remove(path)
+    monkeypatch.setitem(model_store._model_sha1, 'resnet18_v1', sha1[:8] + '0' * 32)   # same file name
+    with pytest.raises(UserError, match='different hash'):
+        VAANet('resnet18_v1', 3, 'paper', 64, pretrained=True)
 
 
 def test_pretrained_loads_the_cached_file(tmp_path, monkeypatch):
     monkeypatch.setenv('MXNET_HOME', str(tmp_path))
     path, _ = model_zoo_file('resnet18_v1')
     os.makedirs(os.path.dirname(path))
-    zoo = vision.resnet18_v1()
-    zoo.initialize(mx.init.Normal(0.5))
-    zoo(nd.zeros((1, 3, 32, 32)))
-    zoo.save_parameters(path)
+    zoo = _zoo_weights(path)
     net = get_vaa_net('resnet18_v1', 3, 'paper', 64, pretrained=True)
     ours = {n[len(net.backbone.zoo_prefix):]: p for n, p in net.backbone.collect_params().items()}
     theirs = {n[len(zoo.prefix):]: p for n, p in zoo.features.collect_params().items()}

@@ -7,9 +7,11 @@ import pytest
 
 import config
 import eval as evaluation
+import inference
 import metrics
 import train
 from datasets import digits
+from datasets.wider import WIDER_ATTRIBUTES
 
 
 @pytest.fixture(scope='session')
@@ -89,8 +91,9 @@ def test_eval_compare_paper_and_images(tiny_run, tmp_path, capsys):
     out, _ = tiny_run
     res = evaluation.main([out, '--split', 'val', '--limit', '64', '--compare', 'paper',
                            '--out', str(tmp_path / 'val.json')])
-    assert res['paper']['wider_mAP'] == 86.4
-    assert 'paper' in capsys.readouterr().out
+    # the paper reports nothing for the demo: no deltas, and the output says why
+    assert res['paper'] is None
+    assert 'paper: no numbers to compare with' in capsys.readouterr().out
     ds = digits.DigitsCanvas(json.load(open(os.path.join(out, 'config.json')))['data_path'], 'test')
     import cv2
     img = str(tmp_path / 'canvas.png')
@@ -101,9 +104,31 @@ def test_eval_compare_paper_and_images(tiny_run, tmp_path, capsys):
     assert 'many_digits' in text and 'attention maps' in text
 
 
+def test_paper_numbers_apply_only_where_the_paper_reported_them():
+    wider = inference.paper_reference('lst', list(WIDER_ATTRIBUTES))
+    assert wider['mAP'] == 86.4 and wider['per_attribute']['stripe'] == 68 and wider['resnet101_mAP'] == 83.7
+    assert inference.paper_reference('peta', ['a%d' % i for i in range(35)])['mA'] == 84.59
+    assert inference.paper_reference('peta', ['a%d' % i for i in range(105)]) is None
+    assert inference.paper_reference('demo', list(digits.ATTRIBUTES)) is None
+    assert inference.paper_reference('wider', list(WIDER_ATTRIBUTES)[::-1]) is None
+
+
+def test_export_to_the_authors_layout_and_evaluate_it_back(tiny_run, demo_path, tmp_path, capsys):
+    out, result = tiny_run
+    folder = str(tmp_path / 'saved_models')
+    written = evaluation.main([out, '--export-upstream', folder])
+    assert sorted(os.path.basename(p) for p in written) == sorted(
+        ['backbone_resnet.params'] + ['%s_stage_%d.params' % (m, n) for m in ('fconv', 'fatt', 'fsr') for n in (3, 4)])
+    printed = capsys.readouterr().out
+    assert "cannot load these" in printed and '--preset paper --backbone resnet18_v1 --input-size 48' in printed
+    again = evaluation.main([folder, '--preset', 'paper', '--backbone', 'resnet18_v1', '--input-size', '48',
+                             '--dataset', 'demo', '--data_path', demo_path, '--limit', '480'])
+    assert again['mAP'] == pytest.approx(result['mAP'], abs=1e-9)
+
+
 def test_upstream_flag_names_parse_to_the_same_settings():
     args = config.build_parser().parse_args(
-        ['--data_path', '/d', '--epochs', '7', '--lr', '0.01', '--wd', '0.0001', '--mom', '0.8',
+        ['--dataset', 'wider', '--data_path', '/d', '--epochs', '7', '--lr', '0.01', '--wd', '0.0001', '--mom', '0.8',
          '--batch_size', '16', '--num_classes', '14', '--finetune', '--test'])
     cfg = config.resolve_config(args)
     assert (cfg['data_path'], cfg['epochs'], cfg['lr'], cfg['wd'], cfg['mom'], cfg['batch_size'],

@@ -9,9 +9,12 @@ import mxnet as mx
 from mxnet import autograd, nd
 
 import config
+import datasets
 import steps
+from errors import UserError
 from losses import PredictionHistory, VAALoss
 from model import get_vaa_net
+from tests import fixtures
 from trainers import PlateauSchedule, StageTrainers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,27 +67,32 @@ def test_validation_loss_is_the_objective_the_training_step_minimises(finetune):
     assert train_mean == pytest.approx(expected, rel=1e-5)
 
 
-def test_freeze_epochs_train_only_heads_and_output_layer_then_everything():
+def test_first_phase_trains_only_the_attention_heads_with_their_loss_then_everything():
+    """--freeze-epochs 2: in epochs 0 and 1 the backbone and the primary classifier (weights and BatchNorm
+    statistics) stay bitwise as they were and the loss has no primary term; from epoch 2 all of it trains."""
     net = get_vaa_net('resnet18_v1', 3, 'paper', 32)
     trainers = StageTrainers(net, [mx.cpu()], 'sgd', {'learning_rate': 0.5}, freeze_epochs=2)
     loss_fn = VAALoss()
     history = PredictionHistory(4, 3)
     x, y = nd.random.normal(shape=(4, 3, 32, 32)), nd.array(np.random.randint(0, 2, (4, 3)))
     batch = (x, y, nd.ones_like(y), nd.arange(4, dtype='int64'))
-    output = set(net.backbone.output.collect_params().keys())
+    backbone = set(net.backbone.collect_params().keys())           # model-zoo layers + primary classifier
     moved = {}
     for epoch in (0, 1, 2):
-        assert trainers.set_phase(epoch) == (epoch in (0, 2))
+        assert trainers.set_phase(epoch, loss_fn) == (epoch in (0, 2))
+        assert loss_fn.primary == (epoch == 2) == trainers.trains_primary
+        with autograd.train_mode():          # phase 1: the frozen backbone normalises with its stored statistics
+            training = net(x)[0].asnumpy()
+        assert np.array_equal(training, net(x)[0].asnumpy()) == (epoch < 2)
         before = {k: p.data().copy() for k, p in net.collect_params().items()}
         steps.train_step(net, loss_fn, trainers, history, batch, epoch, [mx.cpu()])
-        moved[epoch] = {k for k, p in net.collect_params().items() if 'running' not in k and
-                        not np.array_equal(before[k].asnumpy(), p.data().asnumpy())}
-    backbone = {k for k in net.backbone.collect_params().keys() if 'running' not in k}
-    zoo = backbone - output
+        moved[epoch] = {k for k, p in net.collect_params().items()
+                        if not np.array_equal(before[k].asnumpy(), p.data().asnumpy())}
     for epoch in (0, 1):
-        assert not moved[epoch] & zoo and output <= moved[epoch]
-        assert any('branch' in k for k in moved[epoch])
-    assert zoo <= moved[2]
+        assert not moved[epoch] & backbone, sorted(moved[epoch] & backbone)[:3]
+        assert any('branch' in k for k in moved[epoch]) and any('classifier' in k for k in moved[epoch])
+    weights = {k for k in backbone if not k.endswith(('running_mean', 'running_var'))}
+    assert weights <= moved[2] and any(k.endswith('running_mean') for k in moved[2] & backbone)
 
 
 def test_plateau_schedule_drops_after_more_than_patience_epochs_and_at_most_max_drops():
@@ -155,3 +163,55 @@ def test_no_import_circle_and_eval_and_train_are_independent():
     for node in graph:
         if node not in state:
             visit(node, [node])
+
+
+def test_real_datasets_default_to_the_papers_protocol_and_the_demo_to_its_own():
+    paper = config.defaults(dataset='wider')
+    assert (paper['pretrained'], paper['freeze_epochs'], paper['shuffle']) == (True, 3, True)
+    assert (paper['optimizer'], paper['lr'], paper['batch_size']) == ('sgd', 1e-3, 32)
+    upstream = config.defaults(dataset='wider', preset='upstream')
+    assert (upstream['pretrained'], upstream['freeze_epochs'], upstream['shuffle']) == (True, 0, False)
+    assert config.defaults(dataset='peta')['freeze_epochs'] == 3
+    demo = config.defaults()
+    assert (demo['dataset'], demo['pretrained'], demo['freeze_epochs']) == ('demo', False, 0)
+    assert config.defaults(dataset='wider', pretrained=False)['pretrained'] is False     # --no-pretrained
+    assert config.defaults(dataset='wider', finetune=True)['freeze_epochs'] == 0
+    with pytest.raises(UserError, match='drop --freeze-epochs'):
+        config.defaults(dataset='wider', finetune=True, freeze_epochs=2)
+    cfg, _ = config.parse_args(['--dataset', 'wider', '--no-pretrained', '--no-shuffle', '--freeze-epochs', '1'])
+    assert (cfg['pretrained'], cfg['shuffle'], cfg['freeze_epochs']) == (False, False, 1)
+
+
+def test_the_dataset_is_told_from_the_folder_layout_or_refused(tmp_path):
+    layouts = {'wider': fixtures.wider, 'peta': fixtures.peta, 'pa100k': fixtures.pa100k,
+               'csv': fixtures.csv_dataset, 'lst': fixtures.lst_dataset}
+    for name, make in layouts.items():
+        root = tmp_path / name
+        root.mkdir()
+        make(str(root))
+        assert datasets.detect(str(root)) == name
+        cfg, _ = config.parse_args(['--data_path', str(root)])
+        assert cfg['dataset'] == name and cfg['backbone'] == 'resnet101_v1'
+    (tmp_path / 'records').mkdir()
+    for f in ('train.rec', 'train.lst'):
+        (tmp_path / 'records' / f).write_text('')
+    assert datasets.detect(str(tmp_path / 'records')) == 'rec'
+    assert datasets.detect(None) == 'demo'
+    empty = tmp_path / 'photos'
+    empty.mkdir()
+    with pytest.raises(UserError, match='cannot tell the dataset of --data_path .*photos.*give --dataset'):
+        config.parse_args(['--data_path', str(empty)])
+    assert not list(empty.iterdir())                    # nothing written into a folder we were not given
+
+
+def test_upstream_preset_reads_the_training_split_in_file_order(demo_path):
+    import train
+    cfg, _ = config.parse_args(['--data_path', demo_path, '--preset', 'upstream', '--limit', '64', '--batch_size', '16'])
+    data = train.get_data(cfg, [mx.cpu()])
+    data.sampler.set_epoch(3)
+    assert [int(i) for batch in data.train_loader for i in batch[3].asnumpy()] == list(range(64))
+    cfg, _ = config.parse_args(['--data_path', demo_path, '--limit', '64', '--batch_size', '16'])
+    data = train.get_data(cfg, [mx.cpu()])
+    data.sampler.set_epoch(3)
+    order = [int(i) for batch in data.train_loader for i in batch[3].asnumpy()]
+    assert sorted(order) == list(range(64)) and order != list(range(64))
