@@ -17,7 +17,8 @@ Rows (images/sec, higher is better):
 * ``bare backbone train``: the model-zoo backbone alone with a Dense(C) output, hybridized, forward +
   backward + SGD step: the ceiling for anything built on it.
 * ``data (files)`` / ``data (RecordIO)``: the training DataLoader (decode, random crop, mirror,
-  normalise) over 256x256 JPEG files and over the same images packed with im2rec.
+  normalise) over 256x256 JPEG files and over the same images packed with im2rec, with worker threads
+  (what train.py uses) and, for comparison, with forked worker processes.
 
 Ratios printed at the end: ours/reference, ours/bare backbone, data/ours train.
 """
@@ -159,11 +160,13 @@ def bench_data(args):
         resize = int(round(256 * args.input_size / 224.0))
         crop = (int(round(128 * args.input_size / 224.0)), args.input_size)
         out = {}
-        for name, dataset, path in (('files', 'csv', src), ('RecordIO', 'rec', rec)):
+        for name, dataset, path, processes in (('files', 'csv', src, False), ('RecordIO', 'rec', rec, False),
+                                               ('files, processes', 'csv', src, True),
+                                               ('RecordIO, processes', 'rec', rec, True)):
             ds = datasets.get_split(dataset, path, 'train')
             tf = Transform(args.input_size, resize, crop, train=True)
             loader, sampler = make_loader(ds, tf, args.batch, shuffle=True, num_workers=args.workers,
-                                          last_batch='discard')
+                                          last_batch='discard', processes=processes)
             sampler.set_epoch(0)
             for _ in loader:                      # warm up the worker processes and the page cache
                 break
@@ -204,12 +207,11 @@ def main(argv=None):
         rows['reference train'], rows['reference eval'] = bench_reference(args, ctx, x, y, m)
         rows['bare backbone train'] = bench_backbone(args, ctx, x, y)
     if args.only != 'model':
-        data = bench_data(args)
-        rows['data (files, %d workers)' % args.workers] = data['files']
-        rows['data (RecordIO, %d workers)' % args.workers] = data['RecordIO']
-    print('%-32s %12s' % ('', 'images/sec'))
+        for name, value in bench_data(args).items():
+            rows['data (%s, %d workers)' % (name, args.workers)] = value
+    print('%-40s %12s' % ('', 'images/sec'))
     for name, value in rows.items():
-        print('%-32s %12.2f' % (name, value))
+        print('%-40s %12.2f' % (name, value))
     if 'ours train' in rows:
         print('ours / reference: train %.2fx, eval %.2fx' % (rows['ours train'] / rows['reference train'],
                                                              rows['ours eval'] / rows['reference eval']))

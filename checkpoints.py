@@ -14,13 +14,14 @@ keys are the parameter names without the block's prefix:
 NDArray files hold no Python objects, so loading them executes nothing. Files are written to a
 temporary name and renamed, so an interrupted save never leaves a half-written file behind.
 """
+import errno
 import os
 
 import numpy as np
 import mxnet as mx
 from mxnet import nd
 
-from errors import UserError
+from errors import UserError, mxnet_message
 
 
 def upstream_files(net):
@@ -45,12 +46,19 @@ def _strip(params, prefix):
     return out
 
 
-def atomic_save_ndarrays(path, arrays):
-    """``nd.save`` to ``path`` through a temporary file + fsync + rename (+ fsync of the folder), so
-    that a crash at any moment leaves either the old or the new file, never a mix."""
-    tmp = '%s.tmp%d' % (path, os.getpid())
+def temp_name(path):
+    """The temporary file a write to ``path`` goes through: ``name.tmp<pid>.ext`` beside it."""
+    root, ext = os.path.splitext(path)
+    return '%s.tmp%d%s' % (root, os.getpid(), ext)
+
+
+def atomic_write(path, write):
+    """``write(temporary path)``, then fsync + rename over ``path`` (+ fsync of the folder): a crash at
+    any moment leaves either the old or the new file, never a mix. A full disk or an unwritable folder
+    becomes a :class:`UserError` that names the file and says the previous one is intact."""
+    tmp = temp_name(path)
     try:
-        nd.save(tmp, arrays)
+        write(tmp)
         with open(tmp, 'rb') as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -62,9 +70,22 @@ def atomic_save_ndarrays(path, arrays):
                 os.close(folder)
         except OSError:      # some filesystems cannot fsync a directory; the rename is still atomic
             pass
+    except mx.base.MXNetError as err:
+        raise UserError('could not write %s (%s); %s is as it was before. Free some space (or fix the folder) and '
+                        'run again' % (path, mxnet_message(err), os.path.basename(path)))
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+            raise
+        raise UserError('could not write %s (%s); %s is as it was before. Free some space (or fix the folder) and '
+                        'run again' % (path, err.strerror, os.path.basename(path)))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_save_ndarrays(path, arrays):
+    """``nd.save`` to ``path`` atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda tmp: nd.save(tmp, arrays))
 
 
 def save_upstream(net, folder):
@@ -85,7 +106,7 @@ def _load_ndarray_file(path):
     try:
         arrays = nd.load(path)
     except mx.base.MXNetError as err:
-        raise UserError('%s is not an MXNet parameter file (%s)' % (path, str(err).splitlines()[0]))
+        raise UserError('%s is not an MXNet parameter file (%s)' % (path, mxnet_message(err)))
     if not isinstance(arrays, dict):
         raise UserError('%s holds an unnamed list of arrays, not named parameters' % path)
     return arrays

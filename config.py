@@ -11,8 +11,8 @@ combine into the config a run saves (``config.json``, and inside every checkpoin
 * :func:`merge_resume`: a resumed run's saved config with the flags a resume may change.
 * :func:`defaults`: the resolved config for a few settings (eval.py on the authors' files, which carry
   no config).
-* :func:`transform`, :func:`eval_loader`, :func:`data_options`: the image transform, evaluation loader
-  and dataset options a config implies.
+* :func:`transform`, :func:`train_loader`, :func:`eval_loader`, :func:`data_options`: the image
+  transform, loaders and dataset options a config implies.
 """
 import argparse
 import copy
@@ -41,6 +41,7 @@ PRESET_SETTINGS = {
     'upstream': dict(plain_bce=True, history_zero_rows=True, normalisation='upstream', freeze_epochs=0,
                      shuffle=False),
     'paper': dict(plain_bce=False, history_zero_rows=False, normalisation='paper', freeze_epochs=3, shuffle=True),
+    'demo': dict(plain_bce=False, history_zero_rows=False, normalisation='paper', freeze_epochs=0, shuffle=True),
 }
 # Used when neither the flags, the dataset nor the schedule say. Real datasets start from ImageNet
 # weights as in the paper (the demo's defaults say otherwise).
@@ -116,8 +117,10 @@ def _authors_flags(a):
 
 
 def _method_flags(a):
-    a('--preset', default='paper', choices=sorted(PRESETS),
-      help='paper: the supplement architecture with the focal/history losses; upstream: the released code')
+    a('--preset', choices=sorted(PRESETS),
+      help="paper: the supplement's architecture and the paper's losses and schedule; upstream: the released "
+           "code; demo: the paper's heads, narrower, on taps s1 and s2 (12x12 and 6x6 maps on the 48-pixel demo) "
+           "(default: demo for the demo dataset, paper otherwise)")
     a('--backbone', choices=BACKBONES, help='backbone (default: resnet101_v1; resnet18_v1 for the demo)')
     a('--pretrained', dest='pretrained', action='store_true', default=None,
       help='start the backbone from ImageNet weights, downloaded into the model-zoo cache when missing '
@@ -232,6 +235,8 @@ def resolve_config(args):
     if cfg.get('dataset') is None and not cfg.get('resume'):
         cfg['dataset'] = datasets.detect(cfg.get('data_path'))
     data_defaults = datasets.defaults(cfg['dataset']) if cfg.get('dataset') else {}
+    if cfg.get('preset') is None:
+        cfg['preset'] = data_defaults.get('preset', 'paper')
     family = DATASET_FAMILY.get(cfg.get('dataset'))
     schedule = SCHEDULES.get((cfg['preset'], family)) or SCHEDULES.get(('paper', family)) or {}
     for key, fallback in FALLBACKS.items():
@@ -241,13 +246,37 @@ def resolve_config(args):
     for key, value in PRESET_SETTINGS[cfg['preset']].items():
         if cfg.get(key) is None:
             cfg[key] = 0 if key == 'freeze_epochs' and cfg.get('finetune') else data_defaults.get(key, value)
-    if cfg['freeze_epochs'] < 0 or cfg['epochs'] < 1 or cfg['batch_size'] < 1:
-        raise UserError('--epochs and --batch_size must be positive and --freeze-epochs non-negative')
+    check_ranges(cfg, RANGES)
     if cfg['finetune'] and cfg['freeze_epochs']:
         raise UserError('--finetune freezes the backbone for the whole run; drop --freeze-epochs')
-    if cfg['lr'] <= 0:
-        raise UserError('--lr must be positive, got %g' % cfg['lr'])
     return cfg
+
+
+def _finite(test):
+    return lambda v: v == v and abs(v) != float('inf') and test(v)
+
+
+# Each number a flag can take: (config key, test, what the flag needs). None always passes (not given).
+RANGES = (
+    ('epochs', lambda v: v >= 1, 'at least 1'), ('batch_size', lambda v: v >= 1, 'at least 1'),
+    ('lr', _finite(lambda v: v > 0), 'a positive number'), ('wd', _finite(lambda v: v >= 0), '0 or more'),
+    ('mom', _finite(lambda v: 0 <= v < 1), 'in [0, 1)'), ('gamma', _finite(lambda v: v >= 0), '0 or more'),
+    ('freeze_epochs', lambda v: v >= 0, '0 or more'), ('history_start', lambda v: v >= 0, '0 or more'),
+    ('history_track', lambda v: v >= 1, 'at least 1'), ('lr_patience', lambda v: v >= 0, '0 or more'),
+    ('lr_drops', lambda v: v >= 0, '0 or more'), ('limit', lambda v: v >= 1, 'at least 1'),
+    ('num_workers', lambda v: v >= 0, '0 or more'), ('cpus', lambda v: v >= 1, 'at least 1'),
+    ('log_interval', lambda v: v >= 1, 'at least 1'), ('partition', lambda v: 0 <= v <= 4, 'in 0..4'),
+    ('input_size', lambda v: v >= 32, 'at least 32 (the backbones downsample the input 32 times)'),
+)
+
+
+def check_ranges(cfg, ranges):
+    """UserError naming the first flag whose value is out of its range."""
+    for key, test, what in ranges:
+        value = cfg.get(key)
+        if value is not None and not test(value):
+            raise UserError('--%s must be %s, got %s' % (key.replace('_', '-') if key not in (
+                'batch_size', 'num_classes') else key, what, value))
 
 
 def defaults(**flags):
@@ -260,9 +289,15 @@ def defaults(**flags):
     return resolve_config(args)
 
 
-def merge_resume(cfg, saved, explicit):
+def merge_resume(cfg, saved, explicit, state=None):
     """The saved config of the run being resumed, with the flags a resume may change (``explicit``:
-    the flags the user gave). A flag that would change the model or the schedule is refused."""
+    the flags the user gave). A flag that would change the model or the schedule is refused, and so is
+    an ``--epochs`` below the epochs the run has finished (``state``: its checkpoint's loop state)."""
+    done = (state or {}).get('epoch', 0)
+    if 'epochs' in explicit and cfg['epochs'] < done:
+        raise UserError('--resume %s: the run has finished %d epochs, so --epochs %d would train nothing; give '
+                        '--epochs above %d to train more (eval.py %s evaluates it as it is)'
+                        % (cfg['resume'], done, cfg['epochs'], done, cfg['resume']))
     conflicts = ['--%s %s (the run has %s)' % (k.replace('_', '-') if k != 'num_classes' else k, cfg[k], saved.get(k))
                  for k in RESUME_FIXED if k in explicit and cfg[k] != saved.get(k)]
     if conflicts:
@@ -282,6 +317,19 @@ def transform(cfg, train=False):
     """The image transform of a config: random crops and mirrors for training, the centre crop else."""
     return Transform(cfg['input_size'], cfg['resize'], cfg['crop_range'], train=train,
                      normalisation=cfg['normalisation'], seed=cfg.get('seed', 0))
+
+
+def train_loader(cfg, data, num_devices=1, rank=0, num_workers=1):
+    """(loader, sampler) of this worker's shard of ``data`` with the training transform and order."""
+    shard = len(data) // num_workers
+    if cfg['batch_size'] > shard:
+        raise UserError('--batch_size %d is larger than the training split (%d samples%s); lower it'
+                        % (cfg['batch_size'], shard, ' per worker' if num_workers > 1 else ''))
+    remainder = shard % cfg['batch_size']
+    last_batch = 'discard' if 0 < remainder < max(2, num_devices) else 'keep'      # BN needs 2+ samples
+    return make_loader(data, transform(cfg, train=True), cfg['batch_size'], shuffle=cfg.get('shuffle', True),
+                       num_workers=cfg['num_workers'], last_batch=last_batch, seed=cfg['seed'], shard=rank,
+                       num_shards=num_workers)
 
 
 def eval_loader(cfg, data):

@@ -12,6 +12,19 @@ class UserError(Exception):
     """A problem with the user's input, reported as one line without a traceback."""
 
 
+def mxnet_message(err):
+    """The line of an MXNetError's text that says what went wrong (its first line is often just
+    "Traceback (most recent call last):" of the C++ side)."""
+    lines = [l.strip() for l in str(err).strip().splitlines() if l.strip()]
+    useful = [l for l in lines if not l.startswith(('Traceback', 'File ', 'Stack trace', '[bt]', '['))
+              and not l.endswith(':')] or lines or [type(err).__name__]
+    text = useful[-1]
+    for prefix in ('MXNetError: ', 'mxnet.base.MXNetError: '):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    return text[:200]
+
+
 def run_main(main, argv=None):
     """Run ``main(argv)``; turn a :class:`UserError` into ``error: ...`` on stderr and exit code 2."""
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -76,9 +76,8 @@ def explain_images(net, cfg, names, paths, out_dir, ctx):
     os.makedirs(out_dir, exist_ok=True)
     transform = config.transform(cfg)
     net.return_attention = True
-    written = []
-    for path in paths:
-        image = read_image(path)
+    written, images = [], [read_image(path) for path in paths]     # every image checked before any work
+    for path, image, out in zip(paths, images, overlay_names(paths, out_dir)):
         x = nd.array(transform(image, 0)[None], ctx=ctx[0])
         _, _, fused, maps = net(x)
         probs = nd.sigmoid(fused)[0].asnumpy()
@@ -86,13 +85,28 @@ def explain_images(net, cfg, names, paths, out_dir, ctx):
         for name, p in sorted(zip(names, probs), key=lambda t: -t[1]):
             print('  %-16s %.3f' % (name, p))
         crop = transform.eval_view(image)      # show the maps over the crop the network saw
-        out = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + '_attention.png')
         plots.attention_overlay(crop, [m[0].asnumpy() for m in maps], names, probs, out,
                                 tap_names(cfg['backbone'], net.taps))
         written.append(out)
         print('  attention maps: %s' % out)
     net.return_attention = False
     return written
+
+
+def overlay_names(paths, out_dir):
+    """``<name>_attention.png`` per image; images of the same name from different folders get the
+    folder too (``a/x.png``, ``b/x.png`` -> ``x_attention.png``, ``b_x_attention.png``), never one file."""
+    names, used = [], set()
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        parts = os.path.normpath(os.path.abspath(path)).split(os.sep)[:-1]
+        name, k = stem, 0
+        while name in used:
+            k += 1
+            name = '_'.join(parts[-k:] + [stem]) if k <= len(parts) else '%s_%d' % (stem, k)
+        used.add(name)
+        names.append(os.path.join(out_dir, name + '_attention.png'))
+    return names
 
 
 def export_upstream(net, cfg, names, folder):
@@ -111,6 +125,10 @@ def export_upstream(net, cfg, names, folder):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    config.check_ranges(vars(args), [r for r in config.RANGES if r[0] in ('batch_size', 'limit', 'num_workers',
+                                                                          'input_size', 'partition')])
+    if args.out:
+        inference.check_output_file(args.out, '--out')
     ctx = parse_contexts(args.gpus)
     upstream = dict(preset=args.preset, backbone=args.backbone, input_size=args.input_size, dataset=args.dataset,
                     data_path=args.data_path, num_classes=args.num_classes, split=args.split)

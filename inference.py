@@ -20,6 +20,7 @@ import plots
 import steps
 from errors import UserError
 from datasets.wider import WIDER_ATTRIBUTES
+from distributed import parse_contexts
 from model import build_net
 from runfolder import CHECKPOINT_DIR, checkpoint_path
 
@@ -78,12 +79,21 @@ def load_source(source, ctx, which='best', upstream=None, overrides=None):
     return net, cfg, names
 
 
+def check_output_file(path, flag):
+    """Before any work: ``path`` must be a file name (not a folder) in a folder we can write."""
+    if os.path.isdir(path):
+        raise UserError('%s %s is a folder; give a file name such as %s' % (flag, path, os.path.join(path, 'result.json')))
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK) or (os.path.exists(path) and
+                                                                       not os.access(path, os.W_OK)):
+        raise UserError('%s %s cannot be written (%s); choose another place' % (
+            flag, path, 'no folder %s' % folder if not os.path.isdir(folder) else 'not writable'))
+
+
 def evaluate_split(net, cfg, names, split, ctx):
     """Score ``split`` of the config's dataset; the split must have the model's attributes."""
-    data = datasets.load_split(cfg['dataset'], cfg['data_path'], split, **config.data_options(cfg))
-    if list(data.attribute_names) != list(names):
-        raise UserError('the %s split has attributes %s but the model was trained for %s'
-                        % (split, list(data.attribute_names)[:5], list(names)[:5]))
+    data = datasets.load_split(cfg['dataset'], cfg['data_path'], split, attribute_names=names,
+                               **config.data_options(cfg))
     result = steps.evaluate(net, config.eval_loader(cfg, data), ctx, names)
     result['split'] = split
     return result
@@ -117,13 +127,15 @@ def paper_reference(dataset, names):
     return None
 
 
-def report(result, json_path, png_path, title, bars_title, compare=None):
-    """Write ``result`` to ``json_path`` and its AP bars to ``png_path``; print the per-attribute table
-    (with the paper's APs and the deltas when ``compare`` is given) and the chance level."""
-    with open(json_path, 'w') as f:
-        json.dump(result, f, indent=1)
-    plots.ap_bars(result, png_path, bars_title, compare)
-    print(metrics.format_table(result, compare=compare, title=title))
+def report(result, json_path, png_path, title, bars_title, compare=None, show=print):
+    """Write ``result`` to ``json_path`` and its AP bars to ``png_path``; ``show`` the per-attribute
+    table (with the paper's APs and the deltas when ``compare`` is given)."""
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(result, f, indent=1)
+    checkpoints.atomic_write(json_path, write)
+    checkpoints.atomic_write(png_path, lambda tmp: plots.ap_bars(result, tmp, bars_title, compare))
+    show(metrics.format_table(result, compare=compare, title=title))
     return json_path
 
 
@@ -141,3 +153,16 @@ def paper_line(result, dataset):
     keys = ('mA', 'accuracy', 'precision', 'recall', 'f1')
     return 'paper (PETA): ' + ', '.join('%s %.2f, ours %.2f (delta %+.2f)' % (k, ref[k], ours[k], ours[k] - ref[k])
                                         for k in keys)
+
+
+def test_from_train_flags(cfg):
+    """``train.py --test`` (the authors' flag): the test split with the best checkpoint of --resume, or
+    with the authors' files of --upstream-weights; writes ``eval_test.json`` beside them, like eval.py."""
+    source = cfg.get('resume') or cfg.get('upstream_weights')
+    if not source:
+        raise UserError('--test needs --resume RUN_DIR (our run) or --upstream-weights saved_models/')
+    ctx = parse_contexts(cfg['gpus'])
+    upstream = {k: cfg[k] for k in ('preset', 'backbone', 'input_size', 'dataset', 'data_path', 'num_classes')}
+    net, run_cfg, names = load_source(source, ctx, upstream=upstream, overrides={'data_path': cfg['data_path']})
+    net.hybridize(static_alloc=True, static_shape=True)
+    return report_split(net, run_cfg, names, 'test', ctx, source)

@@ -90,8 +90,8 @@ class WeightedFocalLoss(_MaskedLoss):
     def _weights(self, ctx, dtype, num_classes):
         key = (ctx, np.dtype(dtype).name)
         if key not in self._cache:
-            pos = np.ones((1, num_classes)) if self._pos is None else self._pos
-            neg = np.ones((1, num_classes)) if self._neg is None else self._neg
+            pos = np.ones((1, num_classes)) if self._pos is None or self._plain_bce else self._pos
+            neg = np.ones((1, num_classes)) if self._neg is None or self._plain_bce else self._neg
             if pos.shape[1] != num_classes:
                 raise UserError('class weights are for %d attributes but the logits have %d'
                                 % (pos.shape[1], num_classes))
@@ -106,14 +106,12 @@ class WeightedFocalLoss(_MaskedLoss):
 
     def hybrid_forward(self, F, pred, label, mask, pos_weight, neg_weight):  # pylint: disable=arguments-differ
         log_p, log_1mp = _log_sigmoids(F, pred)
-        if self._plain_bce:
-            loss = -(label * log_p + (1 - label) * log_1mp)
-        else:
-            # (1-p)^gamma = exp(gamma log(1-p)), p^gamma = exp(gamma log p): smooth, no p clipping.
-            pos_term = F.broadcast_mul(pos_weight, label * F.exp(self._gamma * log_1mp) * log_p)
-            neg_term = F.broadcast_mul(neg_weight, (1 - label) * F.exp(self._gamma * log_p) * log_1mp)
-            loss = -(pos_term + neg_term)
-        return self._masked_mean(F, loss, mask)
+        # (1-p)^gamma = exp(gamma log(1-p)), p^gamma = exp(gamma log p): smooth, no p clipping. With
+        # plain_bce the weights are ones and gamma 0, which is exactly BCE (and uses every input).
+        gamma = 0.0 if self._plain_bce else self._gamma
+        pos_term = F.broadcast_mul(pos_weight, label * F.exp(gamma * log_1mp) * log_p)
+        neg_term = F.broadcast_mul(neg_weight, (1 - label) * F.exp(gamma * log_p) * log_1mp)
+        return self._masked_mean(F, -(pos_term + neg_term), mask)
 
 
 class AttentionHistoryLoss(_MaskedLoss):
@@ -171,6 +169,14 @@ class VAALoss(gluon.Block):
         with self.name_scope():
             self.focal = WeightedFocalLoss(pos_weight, neg_weight, gamma=gamma, plain_bce=plain_bce)
             self.attention = AttentionHistoryLoss(plain_bce=plain_bce)
+
+    def __repr__(self):
+        taps = 'plain sigmoid BCE' if self.attention._plain_bce else 'history-weighted BCE (Eqs. 5-6)'
+        if not self.primary:
+            return '%s on each tap; no loss on the primary logits (backbone frozen)' % taps
+        if self.focal._plain_bce:
+            return 'plain sigmoid BCE on the primary logits and on each tap (the released code)'
+        return 'weighted focal loss (Eq. 4, gamma %g) on the primary logits + %s on each tap' % (self.focal._gamma, taps)
 
     def forward(self, primary, taps, label, mask=None, std_weight=None):  # pylint: disable=arguments-differ
         dtype = np.float32 if primary.dtype == np.float16 else primary.dtype

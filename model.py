@@ -47,6 +47,9 @@ PRESETS = {
                   cls_channels=(256, 512, 512)),
     'upstream': dict(taps=('s3-3', 's3', 's4'), att_channels=(512, 512), att_second_kernel=3,
                      cls_channels=(256, 512, 1024)),
+    # The embedded demo's 48-pixel canvases leave 3x3 and 2x2 maps at s3/s4: the paper's head design,
+    # narrower, on the end of stages 1 and 2 gives 12x12 and 6x6 maps at the same cost.
+    'demo': dict(taps=('s1', 's2'), att_channels=(64, 64), att_second_kernel=1, cls_channels=(64, 128, 128)),
 }
 
 # The authors' backbone prefix (``saved_models/backbone_resnet.params`` keys are stripped of it).
@@ -262,7 +265,7 @@ class VAANet(gluon.HybridBlock):
                  pretrained=False, taps=None, root=None, **kwargs):
         super(VAANet, self).__init__(**kwargs)
         if preset not in PRESETS:
-            raise UserError('unknown preset %r: use paper or upstream' % preset)
+            raise UserError('unknown preset %r: use %s' % (preset, ', '.join(sorted(PRESETS))))
         if num_classes < 1:
             raise UserError('num_classes must be at least 1, got %d' % num_classes)
         cfg = PRESETS[preset]
@@ -419,5 +422,10 @@ def build_net(cfg, ctx=None, pretrained=None):
     checkpoint need no ImageNet cache).
     """
     pretrained = cfg.get('pretrained', False) if pretrained is None else pretrained
-    return get_vaa_net(cfg['backbone'], cfg['num_classes'], cfg['preset'], cfg['input_size'], pretrained, ctx,
-                       cfg.get('taps'))
+    net = get_vaa_net(cfg['backbone'], cfg['num_classes'], cfg['preset'], cfg['input_size'], pretrained, ctx,
+                      cfg.get('taps'))
+    for tap, shape in zip(tap_names(net.backbone_name, net.taps), net.tap_shapes):
+        if shape[1] * shape[2] < 4:
+            LOG.warning('tap %s has a %dx%d map at --input-size %d: its spatial attention has next to nothing to '
+                        'choose from (use a larger --input-size)', tap, shape[1], shape[2], cfg['input_size'])
+    return net

@@ -53,24 +53,41 @@ def ap_bars(result, path, title='', compare=None):
 
 
 def attention_overlay(image, maps, names, probs, path, tap_names=None):
-    """One row per tap: the image with each attribute's attention map over it (paper Fig. 3/4).
+    """One row per tap: the image, then each attribute's attention map over it (paper Fig. 3/4).
 
-    ``image`` H x W x 3 uint8; ``maps`` list over taps of C x h x w arrays; ``probs`` C floats.
+    ``image`` H x W x 3 uint8 (the crop the network saw); ``maps`` list over taps of C x h x w arrays
+    (each map sums to 1); ``probs`` C floats. Maps are shown as multiples of the uniform weight
+    1 / (h w), on one colour scale shared by every tile (so taps and attributes compare), upsampled
+    to the image's pixels; every tile carries its attribute's full name and predicted probability.
     """
+    import cv2
     taps, classes = len(maps), len(names)
-    fig, axes = plt.subplots(taps, classes + 1, figsize=(1.6 * (classes + 1), 1.75 * taps), squeeze=False)
     h, w = image.shape[:2]
+    scaled = [[cv2.resize(np.asarray(m[c], np.float32) * m[c].size, (w, h), interpolation=cv2.INTER_CUBIC)
+               for c in range(classes)] for m in maps]
+    top = max(float(np.percentile(np.stack([t for row in scaled for t in row]), 99.5)), 1.0)
+    fig, axes = plt.subplots(taps, classes + 1, figsize=(1.45 * (classes + 1) + 0.8, 1.55 * taps + 0.6),
+                             squeeze=False)
     for t in range(taps):
         axes[t, 0].imshow(image)
-        axes[t, 0].set_title(tap_names[t] if tap_names else 'tap %d' % t, fontsize=8)
+        axes[t, 0].set_ylabel('%s (%dx%d)' % (tap_names[t] if tap_names else 'tap %d' % t, maps[t].shape[1],
+                                              maps[t].shape[2]), fontsize=8)
         for c in range(classes):
             ax = axes[t, c + 1]
             ax.imshow(image)
-            ax.imshow(maps[t][c], cmap='jet', alpha=0.5, extent=(0, w, h, 0), interpolation='bilinear')
+            shown = ax.imshow(np.clip(scaled[t][c], 0, top), cmap='jet', alpha=0.55, vmin=0, vmax=top,
+                              interpolation='nearest')
+            ax.text(0.03, 0.97, 'p=%.2f' % probs[c], transform=ax.transAxes, fontsize=6.5, va='top', ha='left',
+                    color='white', bbox=dict(facecolor='black', alpha=0.55, pad=1, linewidth=0))
             if t == 0:
-                ax.set_title('%s\n%.2f' % (names[c][:14], probs[c]), fontsize=7)
+                ax.set_title(names[c].replace('_', '_\n', 1) if len(names[c]) > 12 else names[c], fontsize=7)
+    axes[0, 0].set_title('input', fontsize=7)
     for ax in axes.ravel():
-        ax.axis('off')
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.subplots_adjust(left=0.04, right=0.93, top=0.86, bottom=0.03, wspace=0.06, hspace=0.08)
+    bar = fig.add_axes([0.945, 0.1, 0.012, 0.7])
+    fig.colorbar(shown, cax=bar).set_label('attention (x uniform)', fontsize=7)
+    bar.tick_params(labelsize=6)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -55,6 +55,6 @@ fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)}"
 case "$job" in
   test)  exec "$venv/bin/python" -m pytest tests "$@" ;;
-  train) exec "$venv/bin/python" train.py "$@" ;;
+  train) VAA_LAUNCHER="$0 train" exec "$venv/bin/python" train.py "$@" ;;   # (the resume hint uses it)
   eval)  exec "$venv/bin/python" eval.py "$@" ;;
 esac

@@ -15,10 +15,14 @@ A run folder (``--out``, default ``runs/<dataset>-<backbone>-<preset>-<time>``) 
 * :class:`FiniteGuard`: a non-finite training loss stops the run naming the epoch and batch.
 """
 import csv
+import fcntl
 import json
 import logging
 import os
+import re
+import shutil
 import signal
+import socket
 import sys
 import time
 
@@ -31,6 +35,7 @@ from errors import UserError
 
 LOG = logging.getLogger('vaa')
 CHECKPOINT_DIR = 'checkpoints'
+TEMP_FILE = re.compile(r'\.tmp\d+(\.\w+)?$')     # checkpoints.temp_name's pattern
 
 
 def checkpoint_path(run_dir, which):
@@ -38,68 +43,154 @@ def checkpoint_path(run_dir, which):
     return os.path.join(run_dir, CHECKPOINT_DIR, '%s.params' % which)
 
 
+def resume_checkpoint(run_dir):
+    """The last checkpoint of the run in ``run_dir``; UserError when there is none."""
+    path = checkpoint_path(run_dir, 'last')
+    if not os.path.isfile(path):
+        raise UserError('--resume %s: no %s/last.params there; give the folder of an earlier run'
+                        % (run_dir, CHECKPOINT_DIR))
+    return path
+
+
 class RunFolder(object):
-    """The files of one run. Only the lead worker (rank 0) writes; on the others every write is skipped."""
+    """The files of one run. Only the lead worker (rank 0) writes; on the others every write is skipped.
+
+    The lead holds an exclusive lock on ``<run>/.lock`` while it works (released when the process
+    ends, even by ``kill -9``), so two processes never share a run folder. Every file is written
+    through a temporary file and a rename, so a crash never leaves a cut ``metrics.json``.
+    """
+
+    MARKER = '.vaa-run'
 
     def __init__(self, path, lead=True):
         self.path, self.lead = path, lead
-        self.rows = []
+        self.rows, self.created, self._lock = [], False, None
 
     @classmethod
     def prepare(cls, cfg, lead=True):
-        """The folder of ``--resume`` (which must hold a run), or a new one (never one that holds a run)."""
+        """The folder of ``--resume`` (which must hold a run), or a new one: never one that holds a
+        run, another process's run, or files that are not a run's."""
         if not lead:
             return cls(cfg['resume'] or cfg['out'] or '.', lead=False)
         if cfg['resume']:
-            if not os.path.isfile(checkpoint_path(cfg['resume'], 'last')):
-                raise UserError('--resume %s: no %s/last.params there; give the folder of an earlier run'
-                                % (cfg['resume'], CHECKPOINT_DIR))
+            resume_checkpoint(cfg['resume'])
             folder = cls(cfg['resume'])
+            folder.lock()
             folder.rows = folder.read_rows()
             return folder
         path = cfg['out'] or os.path.join('runs', '%s-%s-%s-%s' % (
             cfg['dataset'], cfg['backbone'], cfg['preset'], time.strftime('%Y%m%d-%H%M%S')))
+        folder = cls(path)
+        folder.check_new(path)
+        folder.created = not os.path.exists(path)
+        try:
+            os.makedirs(os.path.join(path, CHECKPOINT_DIR), exist_ok=True)
+            with open(os.path.join(path, cls.MARKER), 'w') as f:
+                f.write('a run folder of vaa-attributes (train.py)\n')
+        except OSError as err:
+            raise UserError('cannot write the run folder %s (%s); choose another --out' % (path, err.strerror))
+        folder.lock()
+        if os.path.isfile(checkpoint_path(path, 'last')):        # another process got there first
+            folder.close()
+            raise UserError('%s already holds a run; continue it with --resume %s or choose another --out'
+                            % (path, path))
+        return folder
+
+    @classmethod
+    def check_new(cls, path):
+        """Refuse a folder that holds a run or files of the user's (an empty folder is fine)."""
         if os.path.isfile(checkpoint_path(path, 'last')):
             raise UserError('%s already holds a run; continue it with --resume %s or choose another --out'
                             % (path, path))
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UserError('cannot write the run folder %s (Not a directory); choose another --out' % path)
+        if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, cls.MARKER)):
+            raise UserError('--out %s already holds files that are not a run of ours (%s); choose a new or empty '
+                            'folder' % (path, ', '.join(sorted(os.listdir(path))[:3])))
+
+    def lock(self):
+        """Take the folder's lock, or stop naming the process that holds it; then clear the temporary
+        files that writers killed mid-write left behind (only the holder writes here)."""
+        lock_path = os.path.join(self.path, '.lock')
+        handle = open(lock_path, 'a+')
         try:
-            os.makedirs(os.path.join(path, CHECKPOINT_DIR), exist_ok=True)
-            probe = os.path.join(path, '.write-test')
-            with open(probe, 'w') as f:
-                f.write('ok')
-            os.remove(probe)
-        except OSError as err:
-            raise UserError('cannot write the run folder %s (%s); choose another --out' % (path, err.strerror))
-        return cls(path)
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or 'another process'
+            handle.close()
+            raise UserError('run folder %s is in use by %s; wait for it to finish or choose another --out'
+                            % (self.path, holder))
+        handle.seek(0)
+        handle.truncate()
+        handle.write('process %d on %s since %s' % (os.getpid(), socket.gethostname(), time.strftime('%Y-%m-%d %H:%M:%S')))
+        handle.flush()
+        self._lock = handle
+        for folder in (self.path, os.path.join(self.path, CHECKPOINT_DIR)):
+            for name in os.listdir(folder) if os.path.isdir(folder) else ():
+                if TEMP_FILE.search(name):
+                    os.remove(os.path.join(folder, name))
+
+    def close(self):
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def abandon(self):
+        """After a failure before the first checkpoint: remove what this run wrote (the whole folder
+        when the run created it), so that no empty run folder is left behind."""
+        if not self.lead or os.path.isfile(self.checkpoint('last')):
+            return
+        self.close()
+        if self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        for name in (self.MARKER, '.lock', 'config.json', 'train.log'):
+            if os.path.isfile(os.path.join(self.path, name)):
+                os.remove(os.path.join(self.path, name))
+        if os.path.isdir(os.path.join(self.path, CHECKPOINT_DIR)) and \
+                not os.listdir(os.path.join(self.path, CHECKPOINT_DIR)):
+            os.rmdir(os.path.join(self.path, CHECKPOINT_DIR))
 
     def checkpoint(self, which):
         return checkpoint_path(self.path, which)
 
+    def last_good(self):
+        """Where a stopped run can continue from, in words."""
+        if not os.path.isfile(self.checkpoint('last')):
+            return 'No checkpoint was written yet, so the run folder is not kept'
+        return 'The last good checkpoint is %s (%s)' % (self.checkpoint('last'), resume_command(self.path))
+
     def write_config(self, cfg):
         if self.lead:
-            with open(os.path.join(self.path, 'config.json'), 'w') as f:
-                json.dump(cfg, f, indent=1, sort_keys=True)
+            write_json(os.path.join(self.path, 'config.json'), cfg, sort_keys=True)
 
     def read_rows(self):
         path = os.path.join(self.path, 'metrics.json')
         if not os.path.isfile(path):
             return []
-        with open(path) as f:
-            return json.load(f)
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except ValueError as err:
+            raise UserError('%s is damaged (%s); restore it or remove it to resume without the earlier rows'
+                            % (path, err))
 
     def add_row(self, row):
-        """Append an epoch's row; rewrite metrics.json, metrics.csv and curves.png."""
+        """Append an epoch's row; rewrite metrics.json, metrics.csv and curves.png (atomically)."""
         self.rows.append(row)
         if not self.lead:
             return
-        with open(os.path.join(self.path, 'metrics.json'), 'w') as f:
-            json.dump(self.rows, f, indent=1)
+        write_json(os.path.join(self.path, 'metrics.json'), self.rows)
         keys = [k for k in self.rows[0] if not isinstance(self.rows[0][k], (list, dict))]
-        with open(os.path.join(self.path, 'metrics.csv'), 'w', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=keys, extrasaction='ignore')
-            writer.writeheader()
-            writer.writerows(self.rows)
-        plots.curves(self.rows, os.path.join(self.path, 'curves.png'))
+
+        def write_csv(tmp):
+            with open(tmp, 'w', newline='') as f:
+                writer = csv.DictWriter(f, fieldnames=keys, extrasaction='ignore')
+                writer.writeheader()
+                writer.writerows(self.rows)
+        checkpoints.atomic_write(os.path.join(self.path, 'metrics.csv'), write_csv)
+        checkpoints.atomic_write(os.path.join(self.path, 'curves.png'), lambda tmp: plots.curves(self.rows, tmp))
 
     def save(self, which, net, meta, trainers=None, history=None, extra=None):
         """Write checkpoint ``which`` atomically: the weights, and for ``last`` the optimizer states
@@ -108,30 +199,59 @@ class RunFolder(object):
             checkpoints.save_training(self.checkpoint(which), net, trainers or {}, history, meta, extra)
 
 
-def setup_logging(run_dir, rank=None):
-    """Log to stdout and (rank 0) ``<run_dir>/train.log``; other workers prefix their rank."""
+def write_json(path, obj, **kwargs):
+    """``obj`` as indented JSON at ``path``, atomically."""
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=1, **kwargs)
+    checkpoints.atomic_write(path, write)
+
+
+def setup_logging(folder=None, rank=None):
+    """Log to stdout and (the lead worker) ``<run>/train.log``; other workers prefix their rank."""
     LOG.setLevel(logging.INFO)
     LOG.handlers[:] = []
     fmt = logging.Formatter('%(asctime)s ' + ('[worker %d] ' % rank if rank else '') + '%(message)s', '%H:%M:%S')
     handlers = [logging.StreamHandler(sys.stdout)]
-    if run_dir:
-        handlers.append(logging.FileHandler(os.path.join(run_dir, 'train.log')))
+    if folder is not None and folder.lead:
+        handlers.append(logging.FileHandler(os.path.join(folder.path, 'train.log')))
     for handler in handlers:
         handler.setFormatter(fmt)
         LOG.addHandler(handler)
     LOG.propagate = False
 
 
+def log_to_file(message):
+    """Put ``message`` in train.log only (it is also written to stderr, so not to stdout again)."""
+    record = LOG.makeRecord(LOG.name, logging.INFO, __file__, 0, message, (), None)
+    for handler in LOG.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def resume_command(run_dir):
+    """The command that continues the run in ``run_dir``, as this process was started: through
+    ``run.sh`` (which says so in VAA_LAUNCHER) or with this interpreter."""
+    launcher = os.environ.get('VAA_LAUNCHER')
+    if not launcher:
+        on_path = shutil.which('python')
+        python = 'python' if on_path and os.path.realpath(on_path) == os.path.realpath(sys.executable) \
+            else sys.executable
+        launcher = '%s train.py' % python
+    return '%s --resume %s' % (launcher, run_dir)
+
+
 class Progress(object):
     """tqdm bar on a terminal; otherwise a log line every ``interval`` batches with samples/sec."""
 
-    def __init__(self, total, desc, interval):
+    def __init__(self, total, desc, interval, done=0):
+        """``total`` batches, of which ``done`` were finished before (a resumed epoch)."""
         self.total, self.desc, self.interval = total, desc, max(1, interval)
-        self.count, self.samples, self.start = 0, 0, time.time()
+        self.count, self.samples, self.start = done, 0, time.time()
         self.bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=done, desc=desc, leave=False, dynamic_ncols=True)
 
     def update(self, samples, loss_fn):
         """Count a batch; ``loss_fn()`` gives the running loss (called only when shown: it syncs)."""
@@ -178,12 +298,12 @@ class StopSignals(object):
             flag = float(sync.allreduce_array('stop', nd.array([flag], ctx=sync.ctx[0])).asscalar())
         return flag > 0
 
-    def exit(self, epoch, batch, folder):
-        """Say how to resume and exit with status 128 + the signal number."""
+    def exit(self, epoch, batches_done, batches, folder):
+        """Say how to resume (once: on stderr, and in train.log) and exit with status 128 + the signal."""
         name = signal.Signals(self.received[0]).name if self.received else 'a stop request'
-        message = ('stopped by %s in epoch %d after batch %d; checkpoint %s written. Resume with:\n'
-                   '  python train.py --resume %s' % (name, epoch, batch, folder.checkpoint('last'), folder.path))
-        LOG.info(message.replace('\n', ' '))
+        message = ('stopped by %s in epoch %d after batch %d of %d; checkpoint %s written. Resume with:\n  %s'
+                   % (name, epoch, batches_done, batches, folder.checkpoint('last'), resume_command(folder.path)))
+        log_to_file(message.replace('\n ', ''))
         sys.stderr.write(message + '\n')
         raise SystemExit(128 + (self.received[0] if self.received else 0))
 
@@ -203,7 +323,6 @@ class FiniteGuard(object):
     def check(self):
         bad = float(self.first_bad.asscalar())
         if np.isfinite(bad):
-            raise UserError('the training loss became inf/NaN in epoch %d at batch %d; stopped without saving. '
-                            'The last good checkpoint is %s (resume with --resume %s, e.g. after lowering the '
-                            'learning rate in a new run, or check the data)' % (
-                                self.epoch, int(bad), self.folder.checkpoint('last'), self.folder.path))
+            raise UserError('the training loss became inf/NaN in epoch %d at batch %d; stopped without saving. %s; '
+                            'or start a new run with a lower --lr, or check the data'
+                            % (self.epoch, int(bad), self.folder.last_good()))

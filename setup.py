@@ -32,7 +32,7 @@ setup(
     extras_require={
         'cpu': ['mxnet==1.9.1'],
         'cu112': ['mxnet-cu112==1.9.1'],
-        'test': ['pytest>=7'],
+        'test': ['pytest>=7', 'pytest-timeout>=2.1'],
     },
     classifiers=['Programming Language :: Python :: 3'],
 )

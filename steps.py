@@ -15,6 +15,7 @@ from mxnet import autograd, nd
 
 import metrics
 from distributed import split_batch
+from errors import UserError
 
 Step = collections.namedtuple('Step', 'loss logits labels masks')
 
@@ -102,6 +103,9 @@ def predict(net, loader, ctx, loss_fn=None):
 def evaluate(net, loader, ctx, names):
     """Every metric of ``metrics.evaluate`` on a split, plus the chance-level mAP of its labels."""
     logits, labels, masks, _ = predict(net, loader, ctx)
+    if not np.isfinite(logits).all():
+        raise UserError('the network gives inf/NaN outputs for %d of %d samples: its weights are broken (a diverged '
+                        'run?); evaluate another checkpoint' % ((~np.isfinite(logits)).any(1).sum(), len(logits)))
     result = metrics.evaluate(logits, labels, masks, names)
     result['chance_mAP'] = metrics.chance_map(labels, masks)
     return result

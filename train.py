@@ -42,7 +42,6 @@ import metrics  # noqa: E402
 import mixed_precision  # noqa: E402
 import runfolder  # noqa: E402
 import steps  # noqa: E402
-from datasets.base import make_loader  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
 from losses import PredictionHistory, VAALoss, class_prior_weights  # noqa: E402
 from model import build_net, use_sync_batchnorm  # noqa: E402
@@ -53,46 +52,33 @@ Data = collections.namedtuple('Data', 'names train val test train_loader sampler
 
 
 def setup(cfg, explicit):
-    """Devices, workers, the run folder and its log; with --resume, the run's own config."""
+    """Devices, workers and, with --resume, the run's own config (checked before anything is written)."""
     ctx = distributed.parse_contexts(cfg['gpus'], cfg.get('cpus', 1))
     kvstore = distributed.create_kvstore(cfg['kvstore'], len(ctx))
     rank, workers = (kvstore.rank, kvstore.num_workers) if kvstore is not None else (0, 1)
-    folder = runfolder.RunFolder.prepare(cfg, lead=rank == 0)       # only rank 0 writes
-    runfolder.setup_logging(folder.path if folder.lead else None, rank if workers > 1 else None)
     resumed = None
     if cfg['resume']:
-        resumed = checkpoints.read_meta(folder.checkpoint('last'))
-        cfg = config.merge_resume(cfg, resumed[0]['config'], explicit)
-    LOG.info('run folder: %s; %s', folder.path, _OMP_NOTE)
-    LOG.info('devices: %s%s', ', '.join(str(c) for c in ctx),
-             '; worker %d of %d (%s)' % (rank, workers, cfg['kvstore']) if workers > 1 else '')
+        resumed = checkpoints.read_meta(runfolder.resume_checkpoint(cfg['resume']))
+        cfg = config.merge_resume(cfg, resumed[0]['config'], explicit, resumed[0]['state'])
     mx.random.seed(cfg['seed'])
     np.random.seed(cfg['seed'])
     if cfg['amp']:
         mixed_precision.init_amp(ctx)           # before the network is built
     return types.SimpleNamespace(cfg=cfg, ctx=ctx, kvstore=kvstore, rank=rank, num_workers=workers,
-                                 folder=folder, resumed=resumed, epoch=0, batch=0)
+                                 resumed=resumed, epoch=0, batch=0)
 
 
 def get_data(cfg, ctx, rank=0, num_workers=1):
     """The three splits; the training loader serves this worker's shard with the random augmentation."""
-    train, val, test = (datasets.load_split(cfg['dataset'], cfg['data_path'], cfg[key], cfg['num_classes'],
-                                            **config.data_options(cfg))
-                        for key in ('train_split', 'val_split', 'test_split'))
+    train = datasets.load_split(cfg['dataset'], cfg['data_path'], cfg['train_split'], cfg['num_classes'],
+                                **config.data_options(cfg))
     names = list(train.attribute_names)
+    val, test = (datasets.load_split(cfg['dataset'], cfg['data_path'], cfg[key], attribute_names=names,
+                                     **config.data_options(cfg)) for key in ('val_split', 'test_split'))
     cfg['num_classes'] = len(names)
     LOG.info('%s: %d train, %d val, %d test samples, %d attributes', cfg['dataset'], len(train), len(val),
              len(test), len(names))
-    shard = len(train) // num_workers
-    if cfg['batch_size'] > shard:
-        raise UserError('--batch_size %d is larger than the training split (%d samples%s); lower it'
-                        % (cfg['batch_size'], shard, ' per worker' if num_workers > 1 else ''))
-    remainder = shard % cfg['batch_size']
-    last_batch = 'discard' if 0 < remainder < max(2, len(ctx)) else 'keep'      # BN needs 2+ samples
-    train_loader, sampler = make_loader(train, config.transform(cfg, train=True), cfg['batch_size'],
-                                        shuffle=cfg.get('shuffle', True),
-                                        num_workers=cfg['num_workers'], last_batch=last_batch, seed=cfg['seed'],
-                                        shard=rank, num_shards=num_workers)
+    train_loader, sampler = config.train_loader(cfg, train, len(ctx), rank, num_workers)
     return Data(names, train, val, test, train_loader, sampler, config.eval_loader(cfg, val),
                 config.eval_loader(cfg, test))
 
@@ -118,9 +104,7 @@ def get_losses(cfg, train, ctx):
     history = PredictionHistory(len(train), cfg['num_classes'], track=cfg['history_track'],
                                 start_epoch=cfg['history_start'], ctx=ctx[0],
                                 upstream_zero_rows=cfg['history_zero_rows'])
-    LOG.info('losses: %s%s', 'plain BCE (upstream)' if cfg['plain_bce'] else 'weighted focal (gamma %g, %s '
-             'weights) + history-weighted BCE' % (cfg['gamma'], cfg['class_weights']),
-             ' (no primary loss: --finetune)' if cfg['finetune'] else '')
+    LOG.info('losses: %s%s', loss, '' if cfg['plain_bce'] else ' (%s class weights)' % cfg['class_weights'])
     return loss, history
 
 
@@ -147,8 +131,8 @@ def restore(run):
     run.schedule.load_state_dict(state)
     run.trainers.set_learning_rate(state['lr'])
     run.epoch, run.batch = state['epoch'], state.get('batch', 0)
-    LOG.info('resumed at epoch %d%s (lr %g, best %s %.4f)', run.epoch, ' batch %d' % run.batch if run.batch else '',
-             state['lr'], run.cfg['monitor'], state['best'])
+    LOG.info('resumed at epoch %d%s (lr %g, best val %s %.2f%%)', run.epoch, ' batch %d' % run.batch if run.batch
+             else '', state['lr'], run.cfg['monitor'], 100 * state['best'])
     if not run.batch:
         return None
     return dict({k: v.asnumpy() for k, v in extra.items()}, loss_sum=state['loss_sum'], seen=state['seen'])
@@ -160,7 +144,7 @@ def train_epoch(run, epoch, saved, stop):
     cfg, loader = run.cfg, run.data.train_loader
     start = run.batch if saved else 0
     run.data.sampler.set_epoch(epoch, skip=start * cfg['batch_size'])
-    progress = runfolder.Progress(len(loader) - start, 'epoch %d' % epoch, cfg['log_interval'])
+    progress = runfolder.Progress(len(loader), 'epoch %d' % epoch, cfg['log_interval'], done=start)
     guard = runfolder.FiniteGuard(run.ctx[0], epoch, run.folder)
     totals = steps.EpochTotals(run.ctx[0], cfg['num_classes'], saved)
     batch_no = start
@@ -200,10 +184,11 @@ def validate(run, epoch, totals):
     train_result = metrics.evaluate(out['logits'], out['labels'], out['masks'], run.data.names)
     logits, labels, masks, val_loss = steps.predict(run.net, run.data.val_loader, run.ctx, run.loss)
     val = metrics.evaluate(logits, labels, masks, run.data.names)
-    improved = run.schedule.update(epoch, val[run.cfg['monitor']])
+    finite = np.isfinite(logits).all() and np.isfinite(val_loss)                # else: diverged
+    improved = run.schedule.update(epoch, val[run.cfg['monitor']] if finite else float('nan'))
     row = dict(epoch=epoch, lr=run.schedule.lr, train_loss=totals.mean_loss(), val_loss=val_loss,
                train_mAP=train_result['mAP'], val_mAP=val['mAP'], val_mA=val['mA'], val_f1=val['f1'])
-    return row, improved, [r['ap'] for r in val['per_attribute']]
+    return row, improved, {r['name']: r['ap'] for r in val['per_attribute']}
 
 
 def end_epoch(run, epoch, totals, speed, tic):
@@ -211,11 +196,15 @@ def end_epoch(run, epoch, totals, speed, tic):
     run.trainers.sync.average_aux_states()
     row, improved, val_ap = validate(run, epoch, totals) if run.folder.lead else (None, False, None)
     run.trainers.follow(run.schedule)
+    if run.schedule.diverged:
+        raise UserError('the validation outputs became inf/NaN in epoch %d: the weights diverged although the training '
+                        'loss stayed finite. Nothing of this epoch was saved. %s; or start a new run with a lower --lr '
+                        '(this one: %g)' % (epoch, run.folder.last_good(), run.cfg['lr']))
     history = run.trainers.sync.merged_history(run.history, run.data.sampler.indices)
     if not run.folder.lead:
         return
     row.update(samples_per_sec=speed, seconds=time.time() - tic, val_ap=val_ap)
-    LOG.info('Epoch [%d]: train loss %.4f  val loss %.4f  train mAP %.2f  val mAP %.2f  val mA %.2f  '
+    LOG.info('Epoch [%d]: train loss %.4f  val loss %.4f  train mAP %.2f%%  val mAP %.2f%%  val mA %.2f%%  '
              '(%.1f samples/sec, %.0fs)%s', epoch, row['train_loss'], row['val_loss'], 100 * row['train_mAP'],
              100 * row['val_mAP'], 100 * row['val_mA'], speed, row['seconds'], '  * best' if improved else '')
     scaling = run.trainers.scaling
@@ -237,8 +226,8 @@ def test(run):
     result.update(split=run.cfg['test_split'], checkpoint=best, best_epoch=epoch)
     inference.report(result, os.path.join(run.folder.path, 'test_metrics.json'), os.path.join(
         run.folder.path, 'test_ap.png'), 'Test split, best checkpoint (epoch %d of %s):' % (epoch, run.folder.path),
-        'test (epoch %d)' % epoch)
-    LOG.info('test mAP %.2f (chance level from the label priors: %.2f); run folder %s', 100 * result['mAP'],
+        'test (epoch %d)' % epoch, show=LOG.info)
+    LOG.info('test mAP %.2f%% (chance level from the label priors: %.2f%%); run folder %s', 100 * result['mAP'],
              100 * result['chance_mAP'], run.folder.path)
     return result
 
@@ -251,49 +240,51 @@ def train(cfg, explicit=()):
     """
     with runfolder.StopSignals() as stop:       # (loader workers forked from here on ignore the signals)
         run = setup(cfg, explicit)
-        cfg, ctx = run.cfg, run.ctx
-        run.data = get_data(cfg, ctx, run.rank, run.num_workers)                  # data
-        run.folder.write_config(cfg)
-        run.net = get_net(cfg, ctx)                                               # network
-        run.loss, run.history = get_losses(cfg, run.data.train, ctx)              # Eq. 7, history
-        run.trainers, run.schedule = get_trainers(cfg, run.net, ctx, run.kvstore)  # a Trainer per stage
-        saved = restore(run) if run.resumed else None
-        if cfg['hybridize']:
-            run.net.hybridize(static_alloc=True, static_shape=True)
-            run.loss.hybridize(static_alloc=True, static_shape=True)
-        for epoch in range(run.epoch, cfg['epochs']):
-            tic = time.time()
-            run.trainers.set_phase(epoch, run.loss)                               # heads / end to end
-            totals, batch_no, speed = train_epoch(run, epoch, saved, stop)
-            saved = None
-            if batch_no < len(run.data.train_loader):                             # a stop signal came
-                save_interrupted(run, epoch, totals, batch_no)
-                stop.exit(epoch, batch_no - 1, run.folder)
-            end_epoch(run, epoch, totals, speed, tic)                             # validate, schedule
-    if cfg.get('save_all_ranks') and run.num_workers > 1:
-        checkpoints.save_training(os.path.join(run.folder.path, 'rank%d.params' % run.rank), run.net, {}, None,
-                                  meta(run, cfg['epochs'], 0))
-    run.trainers.sync.barrier()
-    return test(run) if run.folder.lead else None
+        run.folder = runfolder.RunFolder.prepare(run.cfg, lead=run.rank == 0)      # only rank 0 writes
+        try:
+            runfolder.setup_logging(run.folder, run.rank if run.num_workers > 1 else None)
+            LOG.info('run folder: %s; %s; devices: %s%s', run.folder.path, _OMP_NOTE, ', '.join(map(str, run.ctx)),
+                     '; worker %d of %d (%s)' % (run.rank, run.num_workers, run.cfg['kvstore'])
+                     if run.num_workers > 1 else '')
+            train_epochs(run, stop)
+            if run.cfg.get('save_all_ranks') and run.num_workers > 1:
+                checkpoints.save_training(os.path.join(run.folder.path, 'rank%d.params' % run.rank), run.net, {},
+                                          None, meta(run, run.cfg['epochs'], 0))
+            run.trainers.sync.barrier()
+            return test(run) if run.folder.lead else None
+        except BaseException:
+            run.folder.abandon()                # a run that failed before its first checkpoint leaves nothing
+            raise
+        finally:
+            run.folder.close()
 
 
-def test_only(cfg):
-    """``--test`` (the authors' flag): the test split with the best checkpoint of --resume or with the
-    authors' files of --upstream-weights; writes ``eval_test.json`` beside them, like eval.py."""
-    source = cfg.get('resume') or cfg.get('upstream_weights')
-    if not source:
-        raise UserError('--test needs --resume RUN_DIR (our run) or --upstream-weights saved_models/')
-    ctx = distributed.parse_contexts(cfg['gpus'])
-    upstream = {k: cfg[k] for k in ('preset', 'backbone', 'input_size', 'dataset', 'data_path', 'num_classes')}
-    net, run_cfg, names = inference.load_source(source, ctx, upstream=upstream,
-                                                overrides={'data_path': cfg['data_path']})
-    net.hybridize(static_alloc=True, static_shape=True)
-    return inference.report_split(net, run_cfg, names, 'test', ctx, source)
+def train_epochs(run, stop):
+    """Data, network, losses, trainers; then the epochs, each: phase, training pass, validation."""
+    cfg, ctx = run.cfg, run.ctx
+    run.data = get_data(cfg, ctx, run.rank, run.num_workers)                  # data
+    run.net = get_net(cfg, ctx)                                               # network
+    run.loss, run.history = get_losses(cfg, run.data.train, ctx)              # Eq. 7, history
+    run.trainers, run.schedule = get_trainers(cfg, run.net, ctx, run.kvstore)  # a Trainer per stage
+    saved = restore(run) if run.resumed else None
+    run.folder.write_config(cfg)
+    if cfg['hybridize']:
+        run.net.hybridize(static_alloc=True, static_shape=True)
+        run.loss.hybridize(static_alloc=True, static_shape=True)
+    for epoch in range(run.epoch, cfg['epochs']):
+        tic = time.time()
+        run.trainers.set_phase(epoch, run.loss)                               # heads / end to end
+        totals, batch_no, speed = train_epoch(run, epoch, saved, stop)
+        saved = None
+        if batch_no < len(run.data.train_loader):                             # a stop signal came
+            save_interrupted(run, epoch, totals, batch_no)
+            stop.exit(epoch, batch_no, len(run.data.train_loader), run.folder)
+        end_epoch(run, epoch, totals, speed, tic)                             # validate, schedule
 
 
 def main(argv=None):
     cfg, explicit = config.parse_args(argv)
-    return test_only(cfg) if cfg['test'] else train(cfg, explicit)
+    return inference.test_from_train_flags(cfg) if cfg['test'] else train(cfg, explicit)
 
 
 if __name__ == '__main__':

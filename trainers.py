@@ -20,6 +20,7 @@ is on hand for checkpoints (``checkpoints.save_training``).
 import collections
 import logging
 
+import numpy as np
 from mxnet import gluon
 
 from distributed import GradientSync
@@ -39,9 +40,14 @@ class PlateauSchedule(object):
     def __init__(self, lr, patience, max_drops, monitor='mAP'):
         self.lr, self.patience, self.max_drops, self.monitor = float(lr), int(patience), int(max_drops), monitor
         self.best, self.best_epoch, self.waited, self.drops = -1.0, -1, 0, 0
+        self.diverged = False
 
     def update(self, epoch, value):
-        """Record ``epoch``'s validation value; True when it is a new best. May lower the rate."""
+        """Record ``epoch``'s validation value; True when it is a new best. May lower the rate. A
+        non-finite value (the network's outputs were inf/NaN) is never a best: it sets ``diverged``."""
+        if not np.isfinite(value):
+            self.diverged = True
+            return False
         if value > self.best:
             self.best, self.best_epoch, self.waited = value, epoch, 0
             return True
@@ -131,9 +137,10 @@ class StageTrainers(object):
             trainer.set_learning_rate(lr)
 
     def follow(self, schedule):
-        """Every worker takes rank 0's learning rate and drop count, and sets the rate on every Trainer."""
-        lr, drops = self.sync.broadcast_values('schedule', [schedule.lr, schedule.drops])
-        schedule.lr, schedule.drops = lr, int(drops)
+        """Every worker takes rank 0's learning rate, drop count and verdict on divergence, and sets the
+        rate on every Trainer."""
+        lr, drops, diverged = self.sync.broadcast_values('schedule', [schedule.lr, schedule.drops, schedule.diverged])
+        schedule.lr, schedule.drops, schedule.diverged = lr, int(drops), bool(diverged)
         self.set_learning_rate(lr)
 
     def scale(self, losses):

@@ -61,10 +61,16 @@ def get_split(name, data_path, split, **options):
     return cls(data_path, split, **kwargs)
 
 
-def load_split(name, data_path, split, num_classes=None, **options):
+def load_split(name, data_path, split, num_classes=None, attribute_names=None, **options):
     """:func:`get_split` for training and evaluation: logs the samples skipped as bad, and refuses an
-    empty split or one whose attribute count differs from ``num_classes`` (``--num_classes``)."""
+    empty split, one whose attribute count differs from ``num_classes`` (``--num_classes``), and one
+    whose attributes are not ``attribute_names`` in that order (those of the training split)."""
     data = get_split(name, data_path, split, **options)
+    if attribute_names is not None and list(data.attribute_names) != list(attribute_names):
+        raise UserError('the %s split of %s has the attributes %s, but the model is trained for %s: every split '
+                        'needs the same attributes in the same order' % (
+                            split, name, _differ(data.attribute_names, attribute_names),
+                            _differ(attribute_names, data.attribute_names)))
     if getattr(data, 'skipped', 0):
         LOG.warning('%s %s: %d bad sample(s) skipped (--skip-bad-samples)', name, split, data.skipped)
     if len(data) == 0:
@@ -100,6 +106,17 @@ def detect(data_path):
         return 'demo'
     raise UserError('cannot tell the dataset of --data_path %s from its layout (looked for %s); give --dataset'
                     % (data_path, ', '.join('%s (%s)' % (' or '.join(marks), name) for name, marks in LAYOUTS)))
+
+
+def _differ(names, other):
+    """``names`` as a list, shortened around where they first differ from ``other`` when long."""
+    names, other = list(names), list(other)
+    if len(names) <= 8:
+        return '[%s] (%d)' % (', '.join(names), len(names))
+    first = next((i for i, (a, b) in enumerate(zip(names, other)) if a != b), min(len(names), len(other)))
+    start = max(min(first, len(names)) - 1, 0)
+    return '[%s%s%s] (%d)' % ('..., ' if start else '', ', '.join(names[start:start + 4]),
+                              ', ...' if len(names) > start + 4 else '', len(names))
 
 
 def defaults(name):

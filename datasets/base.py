@@ -72,7 +72,21 @@ def decode_image(path):
     image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     if image is None:
         raise UserError('%s is not a readable image (empty, truncated or not JPEG/PNG/BMP)' % path)
+    if truncated(data):
+        raise UserError('%s is truncated (its end-of-image marker is missing): re-download or re-encode it' % path)
     return image[:, :, ::-1]
+
+
+def truncated(data):
+    """Whether encoded JPEG or PNG bytes lack their end (OpenCV decodes a cut JPEG without complaint,
+    filling the missing part with grey): a JPEG ends with the EOI marker FF D9 (some writers pad a few
+    bytes after it), a PNG with its IEND chunk."""
+    head, tail = data[:8].tobytes(), data[-64:].tobytes()
+    if head[:2] == b'\xff\xd8':
+        return b'\xff\xd9' not in tail
+    if head == b'\x89PNG\r\n\x1a\n':
+        return b'IEND' not in tail
+    return False
 
 
 def check_images(paths, bad, verify=False):
@@ -244,16 +258,26 @@ class _Transformed(gluon.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = divmod(int(key), len(self._dataset))
-        image, index = self._dataset[index]
+        try:
+            image, index = self._dataset[index]
+        except UserError as err:
+            raise UserError('%s (or pass --skip-bad-samples, which checks every image before the first epoch and '
+                            'skips the bad ones)' % err)
         data = self._transform(image, index, epoch)
         return data, self._labels[index], self._mask[index], np.int64(index)
 
 
 def make_loader(dataset, transform, batch_size, shuffle, num_workers=0, last_batch='keep', seed=0, shard=0,
-                num_shards=1):
-    """(DataLoader, EpochSampler) over ``dataset``; batches are (data, label, mask, index) NDArrays."""
+                num_shards=1, processes=False):
+    """(DataLoader, EpochSampler) over ``dataset``; batches are (data, label, mask, index) NDArrays.
+
+    ``num_workers`` decode and transform in threads (OpenCV and NumPy release the GIL): forking worker
+    processes after MXNet's engine threads exist can deadlock (a lock held by another thread at the
+    fork is never released in the child, or the parent waits on one). ``processes=True`` forks
+    instead, for comparison (benchmark.py).
+    """
     sampler = EpochSampler(len(dataset), shuffle, seed, shard, num_shards)
     batches = gluon.data.BatchSampler(sampler, batch_size, last_batch)
     loader = gluon.data.DataLoader(_Transformed(dataset, transform), batch_sampler=batches,
-                                   num_workers=num_workers, thread_pool=False)
+                                   num_workers=num_workers, thread_pool=not processes)
     return loader, sampler

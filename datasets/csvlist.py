@@ -30,7 +30,7 @@ class CsvDataset(ImageFileDataset):
         if not os.path.isfile(path):
             raise UserError('CSV dataset: %s is missing (one CSV per split: train.csv, val.csv, test.csv)' % path)
         bad = BadSamples(skip_bad, 'CSV %s' % split)
-        with open(path, newline='') as f:
+        with open(path, newline='', encoding='utf-8-sig') as f:      # (Excel writes a BOM)
             reader = csv.reader(f)
             header = next(reader, None)
             if not header or header[0].strip().lower() not in PATH_COLUMNS or len(header) < 2:

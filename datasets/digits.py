@@ -152,4 +152,4 @@ class DigitsCanvas(AttributeDataset):
 # crop (the attributes depend on where digits are), Adam because the backbone starts from scratch.
 DEFAULTS = dict(backbone='resnet18_v1', input_size=48, resize=52, crop_range=(44, 52), epochs=8,
                 batch_size=32, optimizer='adam', lr=1e-3, num_workers=0, monitor='mAP', pretrained=False,
-                freeze_epochs=0)
+                freeze_epochs=0, preset='demo')

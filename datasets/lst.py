@@ -33,7 +33,7 @@ def list_file(data_path, split, ext='.lst'):
 def attribute_names(data_path, count):
     path = os.path.join(data_path, 'attributes.txt')
     if os.path.isfile(path):
-        names = [l.strip() for l in open(path) if l.strip()]
+        names = [l.strip() for l in open(path, encoding='utf-8-sig') if l.strip()]
         if len(names) != count:
             raise UserError('%s names %d attributes but the labels have %d' % (path, len(names), count))
         return names
@@ -43,7 +43,7 @@ def attribute_names(data_path, count):
 def read_lst(path, bad, limit=None):
     """[(index, signed labels, relative path)] of a .lst file; bad rows go to ``bad``."""
     rows, count = [], None
-    with open(path) as f:
+    with open(path, encoding='utf-8-sig') as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue

@@ -13,6 +13,7 @@ import argparse
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 
@@ -82,11 +83,13 @@ class RecordDataset(AttributeDataset):
         return keys
 
     def _open(self):
+        """The record file, opened once per process and thread (a handle's position is not shared)."""
         import mxnet as mx
-        if self._record is None or self._pid != os.getpid():   # one handle per (worker) process
-            self._record = mx.recordio.MXIndexedRecordIO(self.idx, self.rec, 'r')
-            self._pid = os.getpid()
-        return self._record
+        if self._record is None or self._pid != os.getpid():
+            self._record, self._pid = threading.local(), os.getpid()
+        if not hasattr(self._record, 'handle'):
+            self._record.handle = mx.recordio.MXIndexedRecordIO(self.idx, self.rec, 'r')
+        return self._record.handle
 
     def _header(self, key):
         import mxnet as mx

@@ -18,11 +18,11 @@ The paper trained on ``train`` only.
 """
 import hashlib
 import json
-import multiprocessing
 import os
 
 import numpy as np
 import cv2
+from multiprocessing.pool import ThreadPool
 
 from datasets.base import BadSamples, ImageFileDataset, decode_image, require_dir
 from errors import UserError
@@ -166,7 +166,8 @@ class WiderAttribute(ImageFileDataset):
         items = [(scene, boxes, outs) for scene, (boxes, outs, _) in jobs.items()]
         failed = {}
         workers = workers or min(8, os.cpu_count() or 1)
-        pool = multiprocessing.Pool(workers) if workers > 1 and len(items) > 50 else None
+        # threads, not forked processes (OpenCV releases the GIL; forking after MXNet's threads can deadlock)
+        pool = ThreadPool(workers) if workers > 1 and len(items) > 50 else None
         try:
             results = pool.imap(_crop_job, items, chunksize=16) if pool else map(_crop_job, items)
             for (scene, boxes, outs), problems in tqdm(zip(items, results), total=len(items),

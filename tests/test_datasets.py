@@ -304,7 +304,10 @@ def test_recordio_prepare_and_read(tmp_path):
     np.testing.assert_array_equal(rec.labels, datasets.get_split('csv', root, 'val').labels)
 
 
-def test_loader_with_worker_processes_matches_in_process(tmp_path):
+@pytest.mark.parametrize('processes', [False, True])
+def test_loader_with_worker_processes_matches_in_process(tmp_path, processes):
+    """Worker threads (what train.py uses) and forked worker processes give exactly the batches of the
+    in-process loader."""
     root, out = str(tmp_path / 'csv'), str(tmp_path / 'rec')
     os.makedirs(root)
     fixtures.csv_dataset(root)
@@ -313,10 +316,12 @@ def test_loader_with_worker_processes_matches_in_process(tmp_path):
     tf = Transform(32, 37, (18, 32), train=True, seed=3)
     batches = []
     for workers in (0, 2):
-        loader, sampler = make_loader(ds, tf, 5, shuffle=True, num_workers=workers, seed=3)
+        loader, sampler = make_loader(ds, tf, 5, shuffle=True, num_workers=workers, seed=3, processes=processes)
         sampler.set_epoch(4)
         batches.append([[x.asnumpy() for x in b] for b in loader])
+    assert len(batches[0]) == len(batches[1]) == 3                      # 12 samples, batches of 5
     for b0, b1 in zip(*batches):
+        assert len(b0) == len(b1) == 4
         for x0, x1 in zip(b0, b1):
             np.testing.assert_array_equal(x0, x1)
 

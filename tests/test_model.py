@@ -62,6 +62,12 @@ def test_output_shapes_and_taps_match_model_zoo_graph(backbone, preset):
         np.testing.assert_allclose(got.asnumpy(), ref.asnumpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_demo_preset_gives_attention_maps_of_at_least_6x6_on_the_demo_canvases():
+    net = VAANet('resnet18_v1', 12, 'demo', 48)
+    assert tap_names('resnet18_v1', net.taps) == ['s1', 's2']
+    assert net.tap_shapes == [(64, 12, 12), (128, 6, 6)]
+
+
 def test_resnet101_taps_at_224_are_the_spec_table():
     net = VAANet('resnet101_v1', 14, 'upstream', 224)
     assert tap_names('resnet101_v1', net.taps) == ['s3b20', 's3', 's4']

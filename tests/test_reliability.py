@@ -5,6 +5,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -49,16 +50,22 @@ def test_sigterm_mid_epoch_leaves_a_checkpoint_that_resumes_exactly(straight_run
     cmd = [sys.executable, 'train.py', '--data_path', demo_path, '--out', run, '--epochs', '3'] + TINY
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             universal_newlines=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    watchdog = threading.Timer(240, proc.kill)    # a hung child must not hang the suite (reading its stdout)
+    watchdog.start()
     for line in proc.stdout:                      # wait until epoch 1 is under way
         if 'epoch 1 [2/' in line:
             proc.send_signal(signal.SIGTERM)
             break
-    proc.stdout.read()
+    stdout = proc.stdout.read()
     stderr = proc.stderr.read()
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    watchdog.cancel()
     assert 'stopped by SIGTERM in epoch 1' in stderr and 'python train.py --resume %s' % run in stderr
     meta, _ = checkpoints.read_meta(os.path.join(run, 'checkpoints', 'last.params'))
     assert meta['state']['epoch'] == 1 and meta['state']['batch'] >= 2
+    # said once (stderr, and the log file), counting batches as the progress lines do (1-based)
+    assert 'stopped by' not in stdout and 'after batch %d of 6;' % meta['state']['batch'] in stderr
+    assert open(os.path.join(run, 'train.log')).read().count('stopped by SIGTERM') == 1
     resumed = train.main(['--resume', run])
     assert _rows(run) == _rows(out)
     assert resumed['mAP'] == result['mAP']
@@ -187,7 +194,7 @@ def test_error_checkpoint_of_another_model(tmp_path, straight_run):
     _error(['eval.py', ups, '--preset', 'paper', '--backbone', 'resnet18_v1', '--input-size', '32',
             '--dataset', 'demo', '--num_classes', '12'], 'this model (resnet18_v1, preset paper, 12 classes')
     _error(['train.py', '--resume', out, '--preset', 'upstream'],
-           '--resume %s continues that run as it was configured; --preset upstream (the run has paper)' % out)
+           '--resume %s continues that run as it was configured; --preset upstream (the run has demo)' % out)
     _error(['train.py', '--resume', out, '--backbone', 'resnet50_v1'], '--backbone resnet50_v1 (the run has resnet18_v1)')
 
 

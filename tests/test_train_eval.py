@@ -73,6 +73,8 @@ def test_short_run_learns_and_writes_the_run_folder(tiny_run):
     assert result['mAP'] > chance + 0.10
     log = open(os.path.join(out, 'train.log')).read()
     assert 'Speed:' in log and 'samples/sec' in log
+    assert 'Test split, best checkpoint' in log and 'many_digits' in log         # the final table, in the log too
+    assert list(rows[0]['val_ap']) == list(digits.ATTRIBUTES)                     # per-attribute AP, named
 
 
 def test_eval_reproduces_the_final_metrics(tiny_run, capsys):
@@ -120,8 +122,8 @@ def test_export_to_the_authors_layout_and_evaluate_it_back(tiny_run, demo_path, 
     assert sorted(os.path.basename(p) for p in written) == sorted(
         ['backbone_resnet.params'] + ['%s_stage_%d.params' % (m, n) for m in ('fconv', 'fatt', 'fsr') for n in (3, 4)])
     printed = capsys.readouterr().out
-    assert "cannot load these" in printed and '--preset paper --backbone resnet18_v1 --input-size 48' in printed
-    again = evaluation.main([folder, '--preset', 'paper', '--backbone', 'resnet18_v1', '--input-size', '48',
+    assert "cannot load these" in printed and '--preset demo --backbone resnet18_v1 --input-size 48' in printed
+    again = evaluation.main([folder, '--preset', 'demo', '--backbone', 'resnet18_v1', '--input-size', '48',
                              '--dataset', 'demo', '--data_path', demo_path, '--limit', '480'])
     assert again['mAP'] == pytest.approx(result['mAP'], abs=1e-9)
 

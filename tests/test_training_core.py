@@ -173,7 +173,8 @@ def test_real_datasets_default_to_the_papers_protocol_and_the_demo_to_its_own():
     assert (upstream['pretrained'], upstream['freeze_epochs'], upstream['shuffle']) == (True, 0, False)
     assert config.defaults(dataset='peta')['freeze_epochs'] == 3
     demo = config.defaults()
-    assert (demo['dataset'], demo['pretrained'], demo['freeze_epochs']) == ('demo', False, 0)
+    assert (demo['dataset'], demo['pretrained'], demo['freeze_epochs'], demo['preset']) == ('demo', False, 0, 'demo')
+    assert config.defaults(preset='paper')['preset'] == 'paper'
     assert config.defaults(dataset='wider', pretrained=False)['pretrained'] is False     # --no-pretrained
     assert config.defaults(dataset='wider', finetune=True)['freeze_epochs'] == 0
     with pytest.raises(UserError, match='drop --freeze-epochs'):
