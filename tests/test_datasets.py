@@ -334,7 +334,8 @@ def _one_epoch(tmp_path, dataset, data_path, extra=(), name=None):
             '--backbone', 'resnet18_v1', '--input-size', '32', '--num-workers', '0', '--no-pretrained'] + list(extra)
     result = train.main(argv)
     again = evaluation.main([out, '--num-workers', '0'])
-    assert again['mAP'] == pytest.approx(result['mAP'], abs=1e-6, nan_ok=True)
+    assert np.isfinite(result['mAP']) and again['mAP'] == pytest.approx(result['mAP'], abs=1e-9)
+    assert [r['ap'] for r in again['per_attribute']] == [r['ap'] for r in result['per_attribute']]
     return out, result
 
 
@@ -363,6 +364,11 @@ def test_one_epoch_train_and_eval(tmp_path, dataset):
     cfg = json.load(open(os.path.join(out, 'config.json')))
     assert cfg['dataset'] == dataset and os.path.isfile(os.path.join(out, 'checkpoints', 'best.params'))
     assert 0 <= result['mAP'] <= 1
+    # the scored test split is the dataset's own: its labels and masks, counted per attribute
+    test = datasets.get_split(dataset, root, 'test')
+    assert [r['name'] for r in result['per_attribute']] == list(test.attribute_names)
+    assert [r['positives'] for r in result['per_attribute']] == (test.labels * test.mask).sum(0).astype(int).tolist()
+    assert [r['specified'] for r in result['per_attribute']] == test.mask.sum(0).astype(int).tolist()
 
 
 def test_skip_bad_samples_is_logged(tmp_path):
