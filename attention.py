@@ -20,6 +20,23 @@ from mxnet.gluon import nn
 HEAD_INIT = mx.init.Xavier(rnd_type='gaussian', factor_type='in', magnitude=2)
 
 
+class ReturnsAttention(object):
+    """A ``return_attention`` switch for a HybridBlock: when on, ``forward`` also returns its attention
+    maps. Changing it rebuilds the cached graph (a hybridized graph is traced for one setting)."""
+
+    _return_attention = False
+
+    @property
+    def return_attention(self):
+        return self._return_attention
+
+    @return_attention.setter
+    def return_attention(self, value):
+        if bool(value) != self._return_attention:
+            self._return_attention = bool(value)
+            self._clear_cached_op()
+
+
 def spatial_softmax(F, logits):
     """Softmax over the H*W positions of each (sample, attribute) map: every output map sums to 1."""
     flat = F.reshape(logits, shape=(0, 0, -1))          # N x C x (H*W)

@@ -27,13 +27,16 @@ from errors import UserError, mxnet_message
 def upstream_files(net):
     """``{file name: (ParameterDict, prefix to strip)}``: one file per module of ``net.stage_modules()``
     (``backbone`` -> ``backbone_resnet.params``, ``stage_N/fatt`` -> ``fatt_stage_N.params``, ...)."""
+    if getattr(net, 'plugins', None):
+        raise UserError("the authors' saved_models/ layout has no place for %s; export a run without related "
+                        "systems (its own checkpoints keep everything)" % ' and '.join(net.plugins))
     files = {}
-    for name, block in net.stage_modules().items():
+    for name, params in net.stage_modules().items():
         if name == 'backbone':
-            files['backbone_%s.params' % net.backbone.family] = (block.collect_params(), net.backbone.zoo_prefix)
+            files['backbone_%s.params' % net.backbone.family] = (params, net.backbone.zoo_prefix)
         else:
             stage, module = name.split('/')
-            files['%s_%s.params' % (module, stage)] = (block.collect_params(), block.prefix)
+            files['%s_%s.params' % (module, stage)] = (params, params.prefix)
     return files
 
 

@@ -20,7 +20,8 @@ import copy
 import datasets
 from datasets.base import Transform, make_loader
 from errors import UserError
-from model import BACKBONES, PRESETS
+from backbone import BACKBONES
+from model import PRESETS
 
 # Schedules (paper and supplement; the released main.py for upstream). Patience p means: divide the learning rate by 10 once the monitored validation
 # metric has not improved for more than p epochs, at most `lr_drops` times.
@@ -53,7 +54,8 @@ RESUME_OVERRIDES = ('epochs', 'data_path', 'gpus', 'cpus', 'num_workers', 'log_i
 # What a resumed run must not change (the weights and the schedule depend on them).
 RESUME_FIXED = ('dataset', 'preset', 'backbone', 'input_size', 'num_classes', 'lr', 'batch_size', 'optimizer',
                 'seed', 'train_split', 'partition', 'all_attributes', 'freeze_epochs', 'finetune', 'gamma',
-                'shuffle', 'pretrained')
+                'shuffle', 'pretrained', 'taps', 'head', 'rga', 'rga_stages', 'rga_ratios', 'gcn_embeddings',
+                'gcn_t', 'gcn_p', 'gcn_reweight', 'gcn_pool', 'backbone_lr_mult')
 
 
 # ---------------------------------------------------------------------------------------------- flags
@@ -142,6 +144,29 @@ def _method_flags(a):
       help='use only stored predictions with any preset')
 
 
+def _related_flags(a):
+    a('--taps', help="the attention taps, e.g. 's3,s4' (default: the preset's); 'none' for no attention branch "
+                     "(the primary classifier alone)")
+    a('--head', choices=['vaa', 'gcn'], default='vaa',
+      help="primary classifier: vaa (a Dense layer, the paper's) or gcn (ML-GCN: a label graph's GCN gives "
+           "the classifiers)")
+    a('--rga', choices=['none', 's', 'c', 'sc'], default='none',
+      help='Relation-Aware Global Attention after ResNet stages: spatial, channel, or both (S then C)')
+    a('--rga-stages', default='1,2,3,4', help='stages followed by an RGA module (stage 1 is costly at 224: '
+                                               '2,3,4 halves the cost)')
+    a('--rga-ratios', default='8,8,8', help='RGA channel, spatial and down-sampling ratios')
+    a('--gcn-embeddings', default='onehot',
+      help="ML-GCN label embeddings: a C x d .npy file (GloVe of the attribute names, as the paper), or the "
+           "offline fallbacks onehot, cooc (co-occurrence eigenvectors), random")
+    a('--gcn-t', type=float, default=0.4, help='ML-GCN: threshold tau on P(label j | label i)')
+    a('--gcn-p', type=float, default=0.25, help='ML-GCN: re-weighting p (the paper states 0.2)')
+    a('--gcn-reweight', choices=['code', 'paper'], default='code',
+      help='ML-GCN correlation matrix as the released code computes it, or as Eq. 8 of the paper')
+    a('--gcn-pool', choices=['max', 'avg'], default='max', help='ML-GCN image feature pooling')
+    a('--backbone-lr-mult', type=float, default=1.0,
+      help="learning-rate factor for the model-zoo layers (ML-GCN's recipe: 0.1)")
+
+
 def _schedule_flags(a):
     a('--optimizer', choices=['sgd', 'adam'], help='optimizer (default: per preset and dataset)')
     a('--freeze-epochs', type=int,
@@ -203,6 +228,7 @@ def build_parser():
                     'takes both spellings, e.g. --batch_size or --batch-size.', formatter_class=HelpFormatter)
     _authors_flags(group_adder(p, "the authors' flags (same names and meanings)"))
     _method_flags(group_adder(p, 'model and losses'))
+    _related_flags(group_adder(p, 'related systems (README, "Related systems")'))
     _schedule_flags(group_adder(p, 'schedule'))
     _data_flags(group_adder(p, 'data'))
     _run_flags(group_adder(p, 'run folder, devices and machines'))
@@ -249,6 +275,11 @@ def resolve_config(args):
     check_ranges(cfg, RANGES)
     if cfg['finetune'] and cfg['freeze_epochs']:
         raise UserError('--finetune freezes the backbone for the whole run; drop --freeze-epochs')
+    if (cfg.get('taps') or '').strip().lower() == 'none' and (cfg['finetune'] or cfg['freeze_epochs']):
+        raise UserError('--taps none leaves only the primary classifier, which --finetune/--freeze-epochs '
+                        'would freeze: nothing would train; drop one of them')
+    if cfg.get('rga', 'none') != 'none' and cfg['backbone'].startswith('densenet'):
+        raise UserError('--rga is built for ResNet backbones; %s is a DenseNet' % cfg['backbone'])
     return cfg
 
 
@@ -267,6 +298,8 @@ RANGES = (
     ('num_workers', lambda v: v >= 0, '0 or more'), ('cpus', lambda v: v >= 1, 'at least 1'),
     ('log_interval', lambda v: v >= 1, 'at least 1'), ('partition', lambda v: 0 <= v <= 4, 'in 0..4'),
     ('input_size', lambda v: v >= 32, 'at least 32 (the backbones downsample the input 32 times)'),
+    ('gcn_t', _finite(lambda v: 0 < v <= 1), 'in (0, 1]'), ('gcn_p', _finite(lambda v: 0 <= v <= 1), 'in [0, 1]'),
+    ('backbone_lr_mult', _finite(lambda v: v >= 0), '0 or more'),
 )
 
 

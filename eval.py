@@ -26,7 +26,8 @@ import inference  # noqa: E402
 import plots  # noqa: E402
 from distributed import parse_contexts  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
-from model import BACKBONES, PRESETS, tap_names  # noqa: E402
+from backbone import BACKBONES, tap_names  # noqa: E402
+from model import PRESETS  # noqa: E402
 
 
 def build_parser():
@@ -89,6 +90,11 @@ def explain_images(net, cfg, names, paths, out_dir, ctx):
                                 tap_names(cfg['backbone'], net.taps))
         written.append(out)
         print('  attention maps: %s' % out)
+        if net.rga:                            # the RGA modules' spatial attention, in a figure of its own
+            rga_out = out.replace('_attention.png', '_rga.png')
+            plots.rga_overlay(crop, [(n, m[0, 0].asnumpy()) for n, m in net.rga_attention(x)], rga_out)
+            written.append(rga_out)
+            print('  RGA spatial attention: %s' % rga_out)
     net.return_attention = False
     return written
 

@@ -91,3 +91,53 @@ def attention_overlay(image, maps, names, probs, path, tap_names=None):
     bar.tick_params(labelsize=6)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def rga_overlay(image, maps, path):
+    """The spatial attention of every RGA module over the image: ``maps`` [(name, H x W)], each shown as
+    a multiple of its mean (1 = no preference), on one colour scale with a colour bar."""
+    import cv2
+    h, w = image.shape[:2]
+    scaled = [cv2.resize(np.asarray(m, np.float32) / max(float(np.mean(m)), 1e-12), (w, h),
+                         interpolation=cv2.INTER_CUBIC) for _, m in maps]
+    low, top = np.percentile(np.stack(scaled), [0.5, 99.5])            # shared by every tile
+    top = max(float(top), float(low) + 1e-3)
+    fig, axes = plt.subplots(1, len(maps) + 1, figsize=(1.6 * (len(maps) + 1) + 0.8, 2.1), squeeze=False)
+    axes[0, 0].imshow(image)
+    axes[0, 0].set_title('input', fontsize=7)
+    for ax, (name, m), tile in zip(axes[0, 1:], maps, scaled):
+        ax.imshow(image)
+        shown = ax.imshow(np.clip(tile, low, top), cmap='jet', alpha=0.55, vmin=low, vmax=top, interpolation='nearest')
+        ax.set_title('%s spatial (%dx%d)' % (name, m.shape[0], m.shape[1]), fontsize=7)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.subplots_adjust(left=0.02, right=0.9, top=0.85, bottom=0.03, wspace=0.06)
+    bar = fig.add_axes([0.915, 0.12, 0.015, 0.7])
+    fig.colorbar(shown, cax=bar).set_label('attention (x mean)', fontsize=7)
+    bar.tick_params(labelsize=6)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare_bars(names, aps, labels, frequency, path):
+    """Per-attribute AP (%) of several systems side by side, attributes in the given order (most to
+    least frequent), with each attribute's positive rate under its name."""
+    k, c = len(aps), len(names)
+    fig, ax = plt.subplots(figsize=(max(7, 0.5 * c * max(k, 2) / 2 + 2), 4.2))
+    width = 0.8 / k
+    x = np.arange(c)
+    for i, (values, label) in enumerate(zip(aps, labels)):
+        ax.bar(x - 0.4 + width * (i + 0.5), [100 * v if v is not None else 0 for v in values], width, label=label)
+    ax.set_xticks(x)
+    ax.set_xticklabels(['%s\n%.0f%%' % (n, 100 * f) for n, f in zip(names, frequency)], rotation=60, ha='right',
+                       fontsize=7)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel('AP (%)')
+    ax.set_title('per-attribute AP, most to least frequent positive label (positive rate under each name)',
+                 fontsize=8)
+    ax.legend(fontsize=7, loc='upper right')
+    ax.grid(axis='y', alpha=.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

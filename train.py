@@ -83,14 +83,15 @@ def get_data(cfg, ctx, rank=0, num_workers=1):
                 config.eval_loader(cfg, test))
 
 
-def get_net(cfg, ctx):
-    """The network of the config on every device (with --syncbn, BatchNorm statistics over all GPUs)."""
+def get_net(cfg, ctx, train):
+    """The network of the config on every device (with --syncbn, BatchNorm statistics over all GPUs);
+    ``train``: the training split, whose labels the ML-GCN head's label graph comes from."""
     if cfg['syncbn'] and len(ctx) > 1 and ctx[0].device_type == 'cpu':
         raise UserError("--syncbn needs GPUs: mxnet 1.9's SyncBatchNorm deadlocks across CPU contexts; "
                         'drop --syncbn or use --gpus 0,1')
-    net = build_net(cfg, ctx)
-    LOG.info('model: %s, preset %s, taps %s, input %d', cfg['backbone'], cfg['preset'], '/'.join(net.taps),
-             cfg['input_size'])
+    net = build_net(cfg, ctx, labels=train.labels, mask=train.mask)
+    LOG.info('model: %s, preset %s, taps %s, input %d%s', cfg['backbone'], cfg['preset'], '/'.join(net.taps) or 'none',
+             cfg['input_size'], ''.join('; ' + p for p in net.plugins))
     if cfg['syncbn'] and len(ctx) > 1:
         LOG.info('SyncBatchNorm over %d devices: %d layers', len(ctx), use_sync_batchnorm(net, len(ctx)))
     return net
@@ -263,7 +264,7 @@ def train_epochs(run, stop):
     """Data, network, losses, trainers; then the epochs, each: phase, training pass, validation."""
     cfg, ctx = run.cfg, run.ctx
     run.data = get_data(cfg, ctx, run.rank, run.num_workers)                  # data
-    run.net = get_net(cfg, ctx)                                               # network
+    run.net = get_net(cfg, ctx, run.data.train)                               # network
     run.loss, run.history = get_losses(cfg, run.data.train, ctx)              # Eq. 7, history
     run.trainers, run.schedule = get_trainers(cfg, run.net, ctx, run.kvstore)  # a Trainer per stage
     saved = restore(run) if run.resumed else None

@@ -3,8 +3,9 @@
 :class:`StageTrainers` owns everything about the Trainers:
 
 * building them: one per module of ``net.stage_modules()`` (``backbone``; per tap ``stage_N/fconv``,
-  ``stage_N/fatt``, ``stage_N/fsr``), as the authors' loop had; with ``finetune`` (the authors'
-  meaning) the backbone gets no gradient and no Trainer;
+  ``stage_N/fatt``, ``stage_N/fsr``, as the authors' loop had; ``rga`` and ``gcn`` when those
+  related systems are on); with ``finetune`` (the authors' meaning) the backbone gets no gradient
+  and no Trainer;
 * the phases of the paper's schedule (:meth:`StageTrainers.set_phase`): for the first ``freeze_epochs``
   epochs only the attention branches and their classifiers train, with their loss alone; then
   everything end to end;
@@ -94,9 +95,9 @@ class StageTrainers(object):
         self.net, self.finetune, self.freeze_epochs = net, bool(finetune), int(freeze_epochs)
         net.freeze_backbone(self.finetune)
         self.trainers = collections.OrderedDict(
-            (name, gluon.Trainer(block.collect_params(), optimizer, dict(optimizer_params or {}), kvstore=None,
+            (name, gluon.Trainer(params, optimizer, dict(optimizer_params or {}), kvstore=None,
                                  update_on_kvstore=False))
-            for name, block in net.stage_modules().items() if not (name == 'backbone' and self.finetune))
+            for name, params in net.stage_modules().items() if not (name == 'backbone' and self.finetune))
         self.params = list(net.collect_params().values())
         self.sync = GradientSync(net, ctx, kvstore)
         self.scaling = LossScaling(amp)

@@ -1,6 +1,8 @@
-"""Small datasets written in each real layout, for the dataset tests."""
+"""Small datasets written in each real layout, for the dataset tests; running the scripts as a user does."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import cv2
@@ -132,3 +134,22 @@ def lst_dataset(root, sizes=(12, 6, 6), classes=14, seed=0):
                 rows.append((rel, signed))
         out[split] = rows
     return out
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(args, env=None):
+    """Run ``python <args>`` in the project folder as a user would."""
+    return subprocess.run([sys.executable] + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=300, env=dict(os.environ, **(env or {})))
+
+
+def one_line_error(args, expected, env=None):
+    """The script stops with status 2 and exactly one ``error:`` line containing ``expected``, no traceback."""
+    proc = cli(args, env)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    errors = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
+    assert len(errors) == 1 and expected in errors[0], proc.stderr
+    assert 'Traceback' not in proc.stderr
+    return errors[0]

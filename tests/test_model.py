@@ -10,7 +10,8 @@ from mxnet.gluon.model_zoo import model_store, vision
 
 import attention
 from errors import UserError
-from model import PRESETS, VAANet, get_vaa_net, model_zoo_file, tap_names
+from backbone import model_zoo_file, tap_names
+from model import PRESETS, VAANet, get_vaa_net
 from trainers import StageTrainers
 
 

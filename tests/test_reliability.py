@@ -150,18 +150,7 @@ def test_non_finite_loss_stops_naming_epoch_and_batch(demo_path, tmp_path, monke
 
 # ---------------------------------------------------------------------------------------------- errors
 
-def _cli(args, env=None):
-    return subprocess.run([sys.executable] + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          universal_newlines=True, timeout=300, env=dict(os.environ, **(env or {})))
-
-
-def _error(args, expected, env=None):
-    proc = _cli(args, env)
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    errors = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
-    assert len(errors) == 1 and expected in errors[0], proc.stderr
-    assert 'Traceback' not in proc.stderr
-    return proc.stderr
+_cli, _error = fixtures.cli, fixtures.one_line_error
 
 
 def test_error_unknown_data_path(tmp_path):

@@ -1,7 +1,6 @@
 """No silent wrong results, run folders that are never mixed or clobbered, and one-line errors."""
 import json
 import os
-import subprocess
 import sys
 import warnings
 
@@ -22,18 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--limit', '64', '--input-size', '32', '--batch_size', '16', '--log-interval', '1']
 
 
-def _cli(args, env=None):
-    return subprocess.run([sys.executable] + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          universal_newlines=True, timeout=300, env=dict(os.environ, **(env or {})))
-
-
-def _error(args, expected, env=None):
-    proc = _cli(args, env)
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    errors = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
-    assert len(errors) == 1 and expected in errors[0], proc.stderr
-    assert 'Traceback' not in proc.stderr
-    return errors[0]
+_cli, _error = fixtures.cli, fixtures.one_line_error
 
 
 @pytest.fixture(scope='module')

@@ -1,0 +1,249 @@
+"""The backbones: Gluon model-zoo ResNet v1 (18/34/50/101/152) and DenseNet (121/161/169/201), cut at
+the taps into consecutive segments, with their ImageNet weights from the model-zoo cache.
+
+The zoo layers are used as they are (the same parameter names as the model zoo and as the authors'
+``saved_models/`` files), so the whole network still hybridizes into one graph. Taps are named ``sN``
+(end of stage N), ``sNbK`` (after block K of stage N) and ``sN-M`` (M blocks before the end of stage N).
+"""
+import logging
+import os
+import re
+
+import mxnet as mx
+from mxnet import gluon
+from mxnet.gluon import nn
+from mxnet.gluon.model_zoo import vision
+from mxnet.gluon.model_zoo import model_store
+
+from attention import HEAD_INIT
+from errors import UserError
+
+LOG = logging.getLogger('vaa')
+BACKBONES = ('resnet18_v1', 'resnet34_v1', 'resnet50_v1', 'resnet101_v1', 'resnet152_v1',
+             'densenet121', 'densenet161', 'densenet169', 'densenet201')
+# The authors' backbone prefix (``saved_models/backbone_resnet.params`` keys are stripped of it).
+ZOO_PREFIX = {'resnet': 'resnetv10_', 'densenet': 'densenet0_'}
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretrained weights
+# ----------------------------------------------------------------------------------------------
+
+def model_zoo_file(name, root=None):
+    """Path where Gluon's model zoo keeps the ImageNet weights of ``name``, and its download URL."""
+    root = os.path.expanduser(root or os.path.join(mx.base.data_dir(), 'models'))
+    file_name = '%s-%s' % (name, model_store.short_hash(name))
+    repo = os.environ.get('MXNET_GLUON_REPO', model_store.apache_repo_url)
+    url = '%s%sgluon/models/%s.zip' % (repo, '' if repo.endswith('/') else '/', file_name)
+    return os.path.join(root, file_name + '.params'), url
+
+
+def load_pretrained(zoo_net, name, root=None):
+    """Load ImageNet weights into ``zoo_net`` from the model-zoo cache (``$MXNET_HOME/models``). A missing
+    file is fetched with MXNet's own model-zoo download (SHA-1 checked); when that fails (offline),
+    :class:`UserError` names the file, the folder, the URL and ``--no-pretrained``.
+    """
+    path, url = model_zoo_file(name, root)
+    if not os.path.isfile(path):
+        LOG.info('ImageNet weights for %s are not in %s: downloading %s', name, os.path.dirname(path), url)
+        try:
+            model_store.get_model_file(name, root=os.path.dirname(path))
+        except Exception as err:  # pylint: disable=broad-except  (requests, OSError, hash mismatch...)
+            raise UserError(
+                'ImageNet weights for %s are not in the model-zoo cache: place %s in %s (downloading %s failed: '
+                '%s; fetch and unzip it there by hand, or set MXNET_HOME to the folder that holds models/), or '
+                'pass --no-pretrained to start from random weights' % (
+                    name, os.path.basename(path), os.path.dirname(path), url,
+                    str(err).splitlines()[0][:160] if str(err) else type(err).__name__))
+    try:
+        zoo_net.load_parameters(path, ctx=mx.cpu())
+    except Exception as err:  # mxnet raises MXNetError/AssertionError for damaged files
+        raise UserError('could not read the ImageNet weights in %s (%s): delete the file and download '
+                        '%s again' % (path, str(err).splitlines()[0] if str(err) else type(err).__name__,
+                                      url))
+
+
+# ----------------------------------------------------------------------------------------------
+# Backbone with taps
+# ----------------------------------------------------------------------------------------------
+
+def _zoo_units(zoo_net, family):
+    """Flatten the model zoo's ``features`` into units; return (units, stage end index, stage starts).
+
+    Unit i's output is the feature map after unit i. ResNet stages are split into their residual
+    blocks; DenseNet dense blocks into their layers and transitions into BN, ReLU, conv and pool.
+    ``ends['s3']`` is the index of the unit that ends stage 3 (for DenseNet blocks 1-3: the
+    transition conv, as in the authors' DenseNet tap ``conv3``); ``blocks[3]`` lists the unit index
+    of every block of stage 3.
+    """
+    units, ends, blocks = [], {}, {}
+    layers = list(zoo_net.features._children.values())  # pylint: disable=protected-access
+    stage = 0
+    if family == 'resnet':
+        for layer in layers[:-1]:                          # drop GlobalAvgPool2D: part of the tail
+            children = list(layer._children.values())  # pylint: disable=protected-access
+            if isinstance(layer, nn.HybridSequential) and children:
+                stage += 1
+                blocks[stage] = list(range(len(units), len(units) + len(children)))
+                units.extend(children)
+                ends['s%d' % stage] = len(units) - 1
+            else:
+                units.append(layer)
+        tail = []
+    else:
+        # conv0 bn relu pool, stage1, transition, stage2, transition, stage3, transition, stage4,
+        # bn, relu, AvgPool2D(7), Flatten. The fixed 7x7 pool is replaced by a global pool so any
+        # input size works (identical at 224).
+        body, tail = layers[:-4], layers[-4:-2]
+        for layer in body:
+            children = list(layer._children.values())  # pylint: disable=protected-access
+            if isinstance(layer, nn.HybridSequential) and layer.prefix.endswith('stage%d_' % (stage + 1)):
+                stage += 1
+                blocks[stage] = list(range(len(units), len(units) + len(children)))
+                units.extend(children)
+                ends['s%d' % stage] = len(units) - 1
+            elif isinstance(layer, nn.HybridSequential):    # transition: BN, ReLU, conv, pool
+                units.extend(children)
+                ends['s%d' % stage] = len(units) - 2        # after the transition conv
+            else:
+                units.append(layer)
+    return units, ends, blocks, tail
+
+
+def resolve_taps(taps, ends, blocks):
+    """Turn tap names into unit indices.
+
+    ``sN``: end of stage N. ``sNbK``: after block K (1-based) of stage N. ``sN-M``: M blocks before
+    the end of stage N (the authors' extra tap is ``s3-3``, which is ``s3b20`` for ResNet-101), clamped
+    to the first block of the stage for shallow nets.
+    """
+    indices = []
+    for tap in taps:
+        match = re.fullmatch(r's(\d)(?:b(\d+)|-(\d+))?', tap)
+        if not match or int(match.group(1)) not in blocks:
+            raise UserError('unknown tap %r: use sN (end of stage N), sNbK (after block K of stage N) or '
+                            'sN-M (M blocks before the end of stage N), N in %s'
+                            % (tap, sorted(blocks)))
+        stage = int(match.group(1))
+        stage_blocks = blocks[stage]
+        if match.group(2):
+            k = int(match.group(2))
+            if not 1 <= k <= len(stage_blocks):
+                raise UserError('tap %r: stage %d has blocks 1..%d' % (tap, stage, len(stage_blocks)))
+            indices.append(stage_blocks[k - 1])
+        elif match.group(3):
+            k = max(len(stage_blocks) - int(match.group(3)), 1)
+            indices.append(stage_blocks[k - 1])
+        else:
+            indices.append(ends['s%d' % stage])
+    if list(indices) != sorted(set(indices)):
+        raise UserError('taps %s must be distinct and in network order' % (list(taps),))
+    return indices
+
+
+def tap_names(backbone, taps):
+    """Canonical ``sN`` / ``sNbK`` names of ``taps`` for ``backbone`` (e.g. ``s3-3`` -> ``s3b20``)."""
+    family = 'densenet' if backbone.startswith('densenet') else 'resnet'
+    zoo = vision.get_model(backbone)
+    units, ends, blocks, _ = _zoo_units(zoo, family)
+    names = []
+    for tap, index in zip(taps, resolve_taps(taps, ends, blocks)):
+        stage = int(tap[1])
+        end_name = [k for k, v in ends.items() if v == index]
+        names.append(end_name[0] if end_name else 's%db%d' % (stage, blocks[stage].index(index) + 1))
+    return names
+
+
+def stage_shapes(units, ends, input_size):
+    """``{stage: (C, H, W)}`` at the end of every stage, by symbolic shape inference."""
+    x, outs, stage_of = mx.sym.var('data'), {}, {v: k for k, v in ends.items()}
+    for i, unit in enumerate(units):
+        x = unit(x)
+        if i in stage_of:
+            outs[int(stage_of[i][1:])] = x
+    stages = sorted(outs)
+    _, shapes, _ = mx.sym.Group([outs[s] for s in stages]).infer_shape(data=(1, 3, input_size, input_size))
+    return {s: tuple(shape[1:]) for s, shape in zip(stages, shapes)}
+
+
+class Backbone(gluon.HybridBlock):
+    """A model-zoo classifier cut into segments at the taps, with a new Dense(C) output.
+
+    ``forward(x)`` returns ``(tap_1, ..., tap_T, primary_logits)``. The zoo layers keep their own
+    parameter names (``resnetv10_stage3_conv12_weight``...); the new output layer is created in the zoo
+    network's name scope exactly as the authors did, so it is called ``dense1``.
+
+    Options for the related systems (all off by default, which leaves the network as above):
+    ``pool`` (``avg`` or ``max``) for the global pooling; ``output=False`` returns the pooled feature
+    vector (N x D) instead of logits; ``plugins(stage_shapes)`` returns ``{stage: block}``, blocks
+    inserted after the last unit of those stages (created here, outside the zoo's name prefix; a tap at
+    the end of such a stage sees the block's output, a tap inside the stage does not).
+    """
+
+    def __init__(self, name, num_classes, taps, pretrained=False, root=None, input_size=224, pool='avg',
+                 output=True, plugins=None, **kwargs):
+        super(Backbone, self).__init__(**kwargs)
+        if name not in BACKBONES:
+            raise UserError('unknown backbone %r: choose one of %s' % (name, ', '.join(BACKBONES)))
+        self.family = 'densenet' if name.startswith('densenet') else 'resnet'
+        with self.name_scope():
+            zoo = vision.get_model(name, prefix=ZOO_PREFIX[self.family])
+        if pretrained:
+            load_pretrained(zoo, name, root)
+        units, ends, blocks, tail = _zoo_units(zoo, self.family)
+        tap_indices = resolve_taps(taps, ends, blocks)
+        self.zoo_prefix = zoo.prefix
+        inserted = {}
+        if plugins is not None:
+            if self.family != 'resnet':
+                raise UserError('the RGA blocks are built for ResNet backbones; %s is a DenseNet' % name)
+            shapes = stage_shapes(units, ends, input_size)
+            with self.name_scope():
+                inserted = {ends['s%d' % stage]: block for stage, block in plugins(shapes).items()}
+        units, index = self._insert(units, inserted)
+        self.tap_indices = [index[i] for i in tap_indices]
+        with self.name_scope():
+            self.segments = nn.HybridSequential(prefix='')
+            start = 0
+            for end in self.tap_indices:
+                segment = nn.HybridSequential(prefix='')
+                segment.add(*units[start:end + 1])
+                self.segments.add(segment)
+                start = end + 1
+            self.head = nn.HybridSequential(prefix='')
+            self.head.add(*units[start:])
+            self.head.add(*tail)
+            self.head.add(nn.GlobalAvgPool2D() if pool == 'avg' else nn.GlobalMaxPool2D())
+        self.output = None
+        if output:
+            with zoo.name_scope():
+                # Same construction as the authors' getResNet: the new output layer is named dense1.
+                self.output = nn.Dense(num_classes, flatten=True, weight_initializer=HEAD_INIT)
+
+    @staticmethod
+    def _insert(units, inserted):
+        """Units with the inserted blocks, and old unit index -> new index (a stage end -> its block)."""
+        out, index = [], {}
+        for i, unit in enumerate(units):
+            out.append(unit)
+            if i in inserted:
+                out.append(inserted[i])
+            index[i] = len(out) - 1
+        return out, index
+
+    def zoo_params(self, with_output=True):
+        """The model-zoo layers' parameters (and the new output layer's, unless ``with_output`` is False)."""
+        output = set(self.output.collect_params().keys()) if self.output is not None and not with_output else set()
+        return [p for name, p in self.collect_params().items() if name.startswith(self.zoo_prefix) and name not in output]
+
+    def feature_params(self):
+        """The model-zoo layers' parameters (everything of the zoo but the new output layer)."""
+        return self.zoo_params(with_output=False)
+
+    def hybrid_forward(self, F, x):
+        taps = []
+        for segment in self.segments:
+            x = segment(x)
+            taps.append(x)
+        pooled = self.head(x)
+        return tuple(taps) + (self.output(pooled) if self.output is not None else F.flatten(pooled),)

@@ -1,0 +1,146 @@
+#!/usr/bin/env python
+"""Compare trained systems side by side on the same split.
+
+    python compare.py runs/vaa runs/rga runs/gcn                      # test split of the runs' dataset
+    python compare.py runs/vaa saved_models/ --dataset wider --data_path /data/WIDER --split test
+
+Every SOURCE (a run folder, a checkpoint, or the authors' ``saved_models/`` with ``--preset`` etc. as
+for eval.py) is evaluated on the same split with the same protocol. Printed: one row per source with
+its system and flags, mAP, mA, instance accuracy/precision/recall/F1, parameters, training images/sec
+(from its metrics.json) and evaluation images/sec (measured here); then the per-attribute AP of every
+source, attributes sorted by how often they are positive. Written: ``--out`` (PNG, per-attribute APs
+side by side in that order, so the effect of the imbalance shows) and the same numbers as JSON beside it.
+"""
+import os
+
+if 'OMP_NUM_THREADS' not in os.environ:        # must be set before mxnet is imported
+    os.environ['OMP_NUM_THREADS'] = str(os.cpu_count() or 1)
+
+import json  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import checkpoints  # noqa: E402
+import config  # noqa: E402
+import datasets  # noqa: E402
+import inference  # noqa: E402
+import plots  # noqa: E402
+import steps  # noqa: E402
+from distributed import parse_contexts  # noqa: E402
+from errors import UserError, run_main  # noqa: E402
+from backbone import BACKBONES  # noqa: E402
+from model import PRESETS  # noqa: E402
+
+
+def build_parser():
+    p = config.Parser(description=__doc__.split('\n')[0], formatter_class=config.HelpFormatter)
+    p.add_argument('sources', nargs='+', metavar='SOURCE', help='run folders, checkpoints or saved_models/ folders')
+    a = config.group_adder(p, 'what to compare on')
+    a('--split', default='test', help='split to evaluate every source on')
+    a('--dataset', choices=datasets.names(), help="dataset (default: the first run's)")
+    a('--data_path', help="dataset root (default: the first run's)")
+    a('--limit', type=int, help='evaluate only the first N samples')
+    a('--out', default='compare.png', help='PNG of the per-attribute APs (a .json with the numbers beside it)')
+    a('--gpus', help="GPU ids, e.g. '0' (default: the CPU)")
+    a = config.group_adder(p, "the authors' saved_models/ (they carry no config)")
+    a('--preset', choices=sorted(PRESETS), default='upstream', help="preset of the authors' files")
+    a('--backbone', choices=BACKBONES, default='resnet101_v1', help="backbone of the authors' files")
+    a('--input-size', type=int, default=224, help="input size for the authors' files")
+    a('--debug', action='store_true', help='show tracebacks')
+    return p
+
+
+def describe(cfg, kind):
+    """The system and its flags, in a few words."""
+    if kind == 'upstream':
+        return "authors' saved_models (%s, %s, %d)" % (cfg['preset'], cfg['backbone'], cfg['input_size'])
+    parts = ['ML-GCN head' if cfg.get('head') == 'gcn' else 'VAA']
+    if cfg.get('rga', 'none') != 'none':
+        parts.append('RGA-%s@%s' % (cfg['rga'].upper(), cfg.get('rga_stages', '1,2,3,4')))
+    taps = cfg.get('taps')
+    parts.append('taps %s' % (taps if taps else 'of the preset'))
+    return '%s (%s, %s, %d)' % (' + '.join(parts), cfg['preset'], cfg['backbone'], cfg['input_size'])
+
+
+def evaluate_source(source, args, ctx, common):
+    """One row: metrics on the split, parameter count, training and evaluation speed."""
+    kind = inference.resolve_source(source)[0]
+    upstream = dict(preset=args.preset, backbone=args.backbone, input_size=args.input_size,
+                    dataset=common.get('dataset'), data_path=common.get('data_path'), split=args.split)
+    net, cfg, names = inference.load_source(source, ctx, upstream=upstream, overrides=dict(common, limit=args.limit))
+    net.hybridize(static_alloc=True, static_shape=True)
+    data = datasets.load_split(cfg['dataset'], cfg['data_path'], args.split, **config.data_options(cfg))
+    loader = config.eval_loader(cfg, data)
+    steps.predict(net, [next(iter(loader))], ctx)                      # warm up (graph, memory)
+    start = time.time()
+    result = steps.evaluate(net, loader, ctx, names)
+    speed = len(data) / (time.time() - start)
+    params = sum(int(np.prod(p.shape)) for n, p in net.collect_params().items()
+                 if p.grad_req != 'null' or not n.endswith(('running_mean', 'running_var', 'adjacency', 'embeddings')))
+    metrics_file = os.path.join(cfg.get('run_dir', ''), 'metrics.json')
+    train_speed = None
+    if kind == 'ours' and os.path.isfile(metrics_file):
+        rows = json.load(open(metrics_file))
+        train_speed = float(np.mean([r['samples_per_sec'] for r in rows])) if rows else None
+    return dict(source=source, system=describe(cfg, kind), result=result, params=params, eval_speed=speed,
+                train_speed=train_speed, frequency=(data.labels * data.mask).sum(0) / np.maximum(data.mask.sum(0), 1),
+                names=list(names), dataset=cfg['dataset'], data_path=cfg['data_path'])
+
+
+def table(rows):
+    """The summary table and the per-attribute AP table, as text."""
+    pct = lambda v: '%6.2f' % (100 * v) if v is not None and np.isfinite(v) else '%6s' % 'n/a'  # noqa: E731
+    width = max(len(r['source']) for r in rows)
+    lines = ['%-*s  %-52s %6s %6s %6s %6s %6s %6s %9s %8s %8s' % (
+        width, 'source', 'system', 'mAP', 'mA', 'Acc', 'Prec', 'Rec', 'F1', 'params', 'train/s', 'eval/s')]
+    for r in rows:
+        m = r['result']
+        lines.append('%-*s  %-52s %s %s %s %s %s %s %8.1fM %8s %8.1f' % (
+            width, r['source'], r['system'][:52], pct(m['mAP']), pct(m['mA']), pct(m['accuracy']),
+            pct(m['precision']), pct(m['recall']), pct(m['f1']), r['params'] / 1e6,
+            '%.1f' % r['train_speed'] if r['train_speed'] else '-', r['eval_speed']))
+    order = np.argsort(-rows[0]['frequency'], kind='stable')
+    lines.append('')
+    lines.append('per-attribute AP (%), most to least frequent positive label:')
+    lines.append('%-18s %6s ' % ('attribute', 'pos %') + ' '.join('%9s' % ('#%d' % (i + 1)) for i in range(len(rows))))
+    for c in order:
+        aps = [r['result']['per_attribute'][c]['ap'] for r in rows]
+        lines.append('%-18s %6.1f ' % (rows[0]['names'][c][:18], 100 * rows[0]['frequency'][c]) +
+                     ' '.join('%9s' % ('%.2f' % (100 * a) if a is not None else 'n/a') for a in aps))
+    lines.append('   '.join('#%d = %s' % (i + 1, r['source']) for i, r in enumerate(rows)))
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    config.check_ranges(vars(args), [r for r in config.RANGES if r[0] in ('limit', 'input_size')])
+    inference.check_output_file(args.out, '--out')
+    ctx = parse_contexts(args.gpus)
+    common = {k: v for k, v in (('dataset', args.dataset), ('data_path', args.data_path)) if v is not None}
+    rows = []
+    for source in args.sources:
+        rows.append(evaluate_source(source, args, ctx, common))
+        common.setdefault('dataset', rows[0]['dataset'])             # every source on the first one's data
+        common.setdefault('data_path', rows[0]['data_path'])
+        if rows[-1]['names'] != rows[0]['names']:
+            raise UserError('%s predicts %d attributes, %s %d: compare systems trained for the same attributes'
+                            % (source, len(rows[-1]['names']), args.sources[0], len(rows[0]['names'])))
+    text = table(rows)
+    print('%s split of %s (%d sources):\n%s' % (args.split, rows[0]['dataset'], len(rows), text))
+    order = list(np.argsort(-rows[0]['frequency'], kind='stable'))
+    checkpoints.atomic_write(args.out, lambda tmp: plots.compare_bars(
+        [rows[0]['names'][c] for c in order], [[r['result']['per_attribute'][c]['ap'] for c in order] for r in rows],
+        ['#%d %s' % (i + 1, r['system']) for i, r in enumerate(rows)], [rows[0]['frequency'][c] for c in order], tmp))
+    summary = [dict(source=r['source'], system=r['system'], params=r['params'], eval_speed=r['eval_speed'],
+                    train_speed=r['train_speed'], **{k: r['result'][k] for k in ('mAP', 'mA', 'accuracy', 'precision',
+                                                                                   'recall', 'f1', 'per_attribute')})
+               for r in rows]
+    json_path = os.path.splitext(args.out)[0] + '.json'
+    checkpoints.atomic_write(json_path, lambda tmp: json.dump(summary, open(tmp, 'w'), indent=1))
+    print('written %s and %s' % (args.out, json_path))
+    return summary
+
+
+if __name__ == '__main__':
+    run_main(main)

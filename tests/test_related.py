@@ -1,0 +1,63 @@
+"""The related systems through train.py, eval.py and compare.py: on the demo and on a WIDER layout."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import compare
+import eval as evaluation
+import train
+from tests import fixtures
+
+SYSTEMS = (('vaa', []), ('rga', ['--rga', 'sc']), ('gcn', ['--head', 'gcn']),
+           ('gcn-alone', ['--head', 'gcn', '--taps', 'none']))
+
+
+@pytest.fixture(scope='module')
+def related_runs(demo_path, tmp_path_factory):
+    runs = {}
+    for name, flags in SYSTEMS:
+        out = str(tmp_path_factory.mktemp('related') / name)
+        result = train.main(['--data_path', demo_path, '--out', out, '--epochs', '1', '--limit', '96',
+                             '--batch_size', '16', '--log-interval', '100'] + flags)
+        runs[name] = (out, result)
+    return runs
+
+
+def test_each_system_trains_and_its_run_folder_rebuilds_the_same_network(related_runs):
+    for name, (out, result) in related_runs.items():
+        cfg = json.load(open(os.path.join(out, 'config.json')))
+        assert (cfg['rga'], cfg['head'], cfg['taps']) == {
+            'vaa': ('none', 'vaa', None), 'rga': ('sc', 'vaa', None), 'gcn': ('none', 'gcn', None),
+            'gcn-alone': ('none', 'gcn', 'none')}[name]
+        again = evaluation.main([out, '--limit', '96'])
+        assert np.isfinite(result['mAP']) and again['mAP'] == pytest.approx(result['mAP'], abs=1e-9), name
+    log = open(os.path.join(related_runs['gcn'][0], 'train.log')).read()
+    assert 'label-graph edges' in log and 'onehot (an offline fallback' in log
+    assert 'rga sc after stages 1,2,3,4' in open(os.path.join(related_runs['rga'][0], 'train.log')).read()
+
+
+def test_compare_puts_the_systems_side_by_side(related_runs, tmp_path, capsys):
+    sources = [related_runs[name][0] for name, _ in SYSTEMS]
+    png = str(tmp_path / 'side_by_side.png')
+    summary = compare.main(sources + ['--limit', '96', '--out', png])
+    text = capsys.readouterr().out
+    assert 'RGA-SC@1,2,3,4' in text and 'ML-GCN head' in text and 'per-attribute AP' in text
+    assert os.path.isfile(png) and os.path.isfile(png[:-4] + '.json')
+    for row, (name, _) in zip(summary, SYSTEMS):
+        assert row['mAP'] == pytest.approx(related_runs[name][1]['mAP'], abs=1e-9), name
+        assert row['params'] > 1e6 and row['eval_speed'] > 0 and row['train_speed'] > 0
+    assert summary[1]['params'] > summary[0]['params']               # the RGA blocks add parameters
+
+
+@pytest.mark.parametrize('flags', [['--rga', 'sc', '--rga-stages', '2,3,4'], ['--head', 'gcn', '--gcn-embeddings', 'cooc']])
+def test_related_systems_on_a_wider_layout(tmp_path, flags):
+    root = str(tmp_path / 'W')
+    fixtures.wider(root)
+    out = str(tmp_path / 'run')
+    result = train.main(['--data_path', root, '--out', out, '--epochs', '1', '--batch_size', '4', '--backbone',
+                         'resnet18_v1', '--input-size', '64', '--no-pretrained', '--freeze-epochs', '0'] + flags)
+    cfg = json.load(open(os.path.join(out, 'config.json')))
+    assert cfg['dataset'] == 'wider' and np.isfinite(result['mAP'])
+    assert evaluation.main([out])['mAP'] == pytest.approx(result['mAP'], abs=1e-9)
