@@ -17,7 +17,7 @@ setup(
     long_description_content_type='text/markdown',
     python_requires='>=3.8,<3.12',
     py_modules=['attention', 'backbone', 'benchmark', 'checkpoints', 'compare', 'config', 'distributed', 'errors', 'eval',
-                'inference', 'launch', 'losses', 'metrics', 'mixed_precision', 'mlgcn', 'model', 'plots', 'rga',
+                'inference', 'launch', 'losses', 'metrics', 'mixed_precision', 'mlgcn', 'model', 'plots', 'predict', 'rga',
                 'runfolder', 'steps', 'train', 'trainers', 'upstream_reference'],
     packages=find_packages(include=['datasets', 'datasets.*']),
     install_requires=[

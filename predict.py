@@ -1,0 +1,188 @@
+#!/usr/bin/env python
+"""Predict the attributes of many images with a trained model: one CSV row per image.
+
+    python predict.py runs/RUN photos/ --out predictions.csv
+    python predict.py runs/RUN list.txt a.jpg b.png --out p.csv --threshold val --gpus 0
+    python predict.py saved_models/ crops/ --preset upstream --dataset wider --data_path /data/WIDER --out p.csv
+
+SOURCE is a run folder (its best checkpoint), a checkpoint file or the authors' ``saved_models/``.
+Each INPUT is an image, a folder (searched recursively for JPEG/PNG/BMP files) or a text file with one
+image path per line (relative paths are relative to that file). The CSV has ``path``, one probability
+column per attribute (sigmoid of the fused logits) and, with ``--threshold``, one 0/1 column per
+attribute (``<name>_pred``): at 0.5, or per attribute at the threshold that maximises its balanced
+accuracy (TPR + TNR) / 2 on the run's validation split (``--threshold val``). Images get the
+evaluation preprocessing of the model (resize, centre crop, normalisation). Unreadable images are
+listed in the log and skipped with ``--skip-bad-images``; otherwise the first one stops the run.
+The CSV appears only when complete (written to a temporary file and renamed).
+"""
+import os
+
+if 'OMP_NUM_THREADS' not in os.environ:        # must be set before mxnet is imported
+    os.environ['OMP_NUM_THREADS'] = str(os.cpu_count() or 1)
+
+import csv  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+from mxnet import gluon, nd  # noqa: E402
+
+import checkpoints  # noqa: E402
+import config  # noqa: E402
+import datasets  # noqa: E402
+import inference  # noqa: E402
+import metrics  # noqa: E402
+import steps  # noqa: E402
+from backbone import BACKBONES  # noqa: E402
+from datasets.base import decode_image  # noqa: E402
+from distributed import parse_contexts, split_batch  # noqa: E402
+from errors import UserError, run_main  # noqa: E402
+from model import PRESETS  # noqa: E402
+
+LOG = logging.getLogger('vaa')
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
+
+
+def build_parser():
+    p = config.Parser(description=__doc__.split('\n')[0], formatter_class=config.HelpFormatter)
+    p.add_argument('source', help="run folder, checkpoint .params file, or the authors' saved_models/ folder")
+    p.add_argument('inputs', nargs='+', metavar='INPUT', help='image files, folders, or text files listing images')
+    a = config.group_adder(p, 'output')
+    a('--out', required=True, help='the CSV to write')
+    a('--threshold', help="add 0/1 columns: a number (e.g. 0.5), or 'val' for per-attribute thresholds chosen "
+                          "on the run's validation split")
+    a('--skip-bad-images', action='store_true', help='skip (and list) unreadable images instead of stopping')
+    a = config.group_adder(p, 'speed')
+    a('--gpus', help="GPU ids, e.g. '0' or '0,1' (default: the CPU)")
+    a('--batch_size', type=int, default=32, help='images per batch')
+    a('--num-workers', type=int, default=2, help='decoding threads')
+    a = config.group_adder(p, "the authors' saved_models/ (they carry no config)")
+    a('--preset', choices=sorted(PRESETS), default='upstream', help="preset of the authors' files")
+    a('--backbone', choices=BACKBONES, default='resnet101_v1', help="backbone of the authors' files")
+    a('--input-size', type=int, default=224, help="input size for the authors' files")
+    a('--dataset', choices=datasets.names(), help="dataset whose attribute names (and validation split) to use")
+    a('--data_path', help="dataset root (default: the run's)")
+    a('--num_classes', type=int, help="number of attributes of the authors' files (without --dataset)")
+    a('--debug', action='store_true', help='show tracebacks')
+    return p
+
+
+def list_images(inputs):
+    """Every image named by ``inputs`` (files, folders searched recursively, text lists), in order."""
+    paths = []
+    for item in inputs:
+        if os.path.isdir(item):
+            for root, dirs, files in os.walk(item):
+                dirs.sort()
+                paths.extend(os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS))
+        elif os.path.isfile(item) and item.lower().endswith(IMAGE_EXTENSIONS):
+            paths.append(item)
+        elif os.path.isfile(item):
+            base = os.path.dirname(os.path.abspath(item))
+            with open(item, encoding='utf-8-sig') as f:
+                paths.extend(l.strip() if os.path.isabs(l.strip()) else os.path.join(base, l.strip())
+                             for l in f if l.strip() and not l.startswith('#'))
+        else:
+            raise UserError('input %s does not exist (give image files, folders or text files listing images)' % item)
+    if not paths:
+        raise UserError('no images found in %s (looked for %s)' % (' '.join(inputs), ', '.join(IMAGE_EXTENSIONS)))
+    return paths
+
+
+class ImageList(gluon.data.Dataset):
+    """(CHW float32 input, index) per image, or (None, index) for an unreadable one (it is listed)."""
+
+    def __init__(self, paths, transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        try:
+            image = decode_image(self.paths[index])
+        except UserError:
+            return np.zeros((3, self.transform.input_size, self.transform.input_size), np.float32), np.int64(-1 - index)
+        return self.transform(image, index), np.int64(index)
+
+
+def predict_images(net, cfg, paths, ctx, batch_size, workers, skip_bad):
+    """(probabilities N x C for the readable images, their paths, the unreadable paths)."""
+    loader = gluon.data.DataLoader(ImageList(paths, config.transform(cfg)), batch_size=batch_size,
+                                   num_workers=workers, thread_pool=True)
+    from tqdm import tqdm
+    probs, kept, bad = [], [], []
+    for data, index in tqdm(loader, total=len(loader), desc='predicting', disable=not sys.stderr.isatty()):
+        index = index.asnumpy()
+        for i in index[index < 0]:
+            bad.append(paths[-1 - i])
+            LOG.warning('unreadable image: %s', paths[-1 - i])
+        if bad and not skip_bad:
+            raise UserError('%s is not a readable image; fix or remove it, or pass --skip-bad-images' % bad[0])
+        batch = (data, nd.zeros((data.shape[0], 1)), nd.zeros((data.shape[0], 1)), nd.array(index))
+        out = np.concatenate([metrics.sigmoid(net(x)[2].asnumpy()) for x, _, _, _ in split_batch(batch, ctx)])
+        probs.append(out[index >= 0])
+        kept.extend(paths[i] for i in index[index >= 0])
+    return np.concatenate(probs), kept, bad
+
+
+def validation_thresholds(net, cfg, names, ctx):
+    """Per attribute, the threshold on p that maximises (TPR + TNR) / 2 on the run's validation split."""
+    data = datasets.load_split(cfg['dataset'], cfg['data_path'], cfg.get('val_split', 'val'),
+                               attribute_names=names, **config.data_options(cfg))
+    logits, labels, masks, _ = steps.predict(net, config.eval_loader(cfg, data), ctx)
+    probs, thresholds = metrics.sigmoid(logits), []
+    for c in range(len(names)):
+        m = masks[:, c] > 0
+        p, y = probs[m, c], labels[m, c] > 0.5
+        if not y.any() or y.all():
+            thresholds.append(0.5)                 # nothing to balance on: the default
+            continue
+        candidates = np.unique(np.r_[p, 0.5])
+        scores = np.array([((p >= t) & y).sum() / y.sum() + ((p < t) & ~y).sum() / (~y).sum() for t in candidates])
+        best = candidates[scores >= scores.max() - 1e-12]
+        thresholds.append(float(best[np.argmin(np.abs(best - 0.5))]))      # of equally good ones, nearest 0.5
+    return thresholds
+
+
+def write_csv(path, names, paths, probs, thresholds=None):
+    def write(tmp):
+        with open(tmp, 'w', newline='') as f:
+            writer = csv.writer(f)
+            writer.writerow(['path'] + list(names) + (['%s_pred' % n for n in names] if thresholds is not None else []))
+            for p, row in zip(paths, probs):
+                extra = [int(v >= t) for v, t in zip(row, thresholds)] if thresholds is not None else []
+                writer.writerow([p] + ['%.6f' % v for v in row] + extra)
+    checkpoints.atomic_write(path, write)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    config.check_ranges(vars(args), [r for r in config.RANGES if r[0] in ('batch_size', 'num_workers', 'input_size')])
+    if not LOG.handlers:
+        logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
+    inference.check_output_file(args.out, '--out')
+    paths = list_images(args.inputs)
+    ctx = parse_contexts(args.gpus)
+    upstream = dict(preset=args.preset, backbone=args.backbone, input_size=args.input_size, dataset=args.dataset,
+                    data_path=args.data_path, num_classes=args.num_classes, split='val')
+    net, cfg, names = inference.load_source(args.source, ctx, upstream=upstream,
+                                            overrides=dict(dataset=args.dataset, data_path=args.data_path))
+    net.hybridize(static_alloc=True, static_shape=True)
+    thresholds = None
+    if args.threshold == 'val':
+        thresholds = validation_thresholds(net, cfg, names, ctx)
+        LOG.info('thresholds from the validation split: %s', ', '.join('%s %.3f' % t for t in zip(names, thresholds)))
+    elif args.threshold is not None:
+        try:
+            thresholds = [float(args.threshold)] * len(names)
+        except ValueError:
+            raise UserError("--threshold takes a number or 'val', got %r" % args.threshold)
+    probs, kept, bad = predict_images(net, cfg, paths, ctx, args.batch_size, args.num_workers, args.skip_bad_images)
+    write_csv(args.out, names, kept, probs, thresholds)
+    LOG.info('%d images -> %s%s', len(kept), args.out, '; %d unreadable skipped' % len(bad) if bad else '')
+    return dict(paths=kept, probabilities=probs, names=names, thresholds=thresholds, skipped=bad)
+
+
+if __name__ == '__main__':
+    run_main(main)
