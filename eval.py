@@ -6,6 +6,7 @@
     python eval.py saved_models/ --preset upstream --dataset wider --data_path /data/WIDER   # authors' files
     python eval.py RUN --image photo1.jpg photo2.png                     # probabilities + attention maps
     python eval.py RUN --export-upstream saved_models/                   # the authors' file layout
+    python eval.py RUN --export exported/        # MXNet symbol + params, ONNX, model.json (see export.py)
 
 Reports the WIDER mAP protocol and the PETA metrics (``metrics.py``), prints a per-attribute
 table and writes the result as JSON (``--out``; default ``<run>/eval_<split>.json``). ``--compare paper``
@@ -22,6 +23,7 @@ from mxnet import nd  # noqa: E402
 import checkpoints  # noqa: E402
 import config  # noqa: E402
 import datasets  # noqa: E402
+import export  # noqa: E402
 import inference  # noqa: E402
 import plots  # noqa: E402
 from distributed import parse_contexts  # noqa: E402
@@ -44,6 +46,8 @@ def build_parser():
     a('--out-dir', help='folder for the attention PNGs (default: <run>/attention)')
     a('--export-upstream', metavar='DIR', help="write the weights in the authors' saved_models/ layout into DIR "
                                               "(their main.py --test loads --preset upstream, resnet101_v1, 224)")
+    a('--export', metavar='DIR', help='write model-symbol.json + model-0000.params (MXNet), model.onnx and '
+                                      'model.json (attribute names, output, preprocessing) into DIR')
     a = config.group_adder(p, "data and devices (default: the run's)")
     a('--dataset', choices=datasets.names(), help="dataset (default: the run's)")
     a('--data_path', help="dataset root (default: the run's)")
@@ -142,6 +146,10 @@ def main(argv=None):
     net.hybridize(static_alloc=True, static_shape=True)
     if args.export_upstream:
         return export_upstream(net, cfg, names, args.export_upstream)
+    if args.export:
+        written = export.export(net, cfg, names, args.export, ctx)
+        print('wrote %s' % ', '.join(written))
+        return written
     if args.image:
         out_dir = args.out_dir or os.path.join(cfg['run_dir'], 'attention')
         return explain_images(net, cfg, names, args.image, out_dir, ctx)

@@ -16,9 +16,9 @@ setup(
     long_description=open('README.md').read(),
     long_description_content_type='text/markdown',
     python_requires='>=3.8,<3.12',
-    py_modules=['attention', 'backbone', 'benchmark', 'checkpoints', 'compare', 'config', 'distributed', 'errors', 'eval',
-                'inference', 'launch', 'losses', 'metrics', 'mixed_precision', 'mlgcn', 'model', 'plots', 'predict', 'rga',
-                'runfolder', 'steps', 'train', 'trainers', 'upstream_reference'],
+    py_modules=['attention', 'backbone', 'benchmark', 'checkpoints', 'compare', 'config', 'distributed', 'errors',
+                'eval', 'export', 'inference', 'launch', 'losses', 'metrics', 'mixed_precision', 'mlgcn', 'model',
+                'plots', 'predict', 'rga', 'runfolder', 'steps', 'train', 'trainers', 'upstream_reference'],
     packages=find_packages(include=['datasets', 'datasets.*']),
     install_requires=[
         'numpy>=1.21,<1.24',
@@ -32,7 +32,10 @@ setup(
     extras_require={
         'cpu': ['mxnet==1.9.1'],
         'cu112': ['mxnet-cu112==1.9.1'],
-        'test': ['pytest>=7', 'pytest-timeout>=2.1'],
+        # eval.py --export: MXNet 1.9.1's ONNX exporter uses onnx.mapping, which onnx 1.16 removed; onnxruntime
+        # 1.18/1.19 are the newest that install beside numpy<1.24 (1.15-1.17 need numpy>=1.24.2)
+        'onnx': ['onnx>=1.13,<1.16', 'onnxruntime>=1.18,<1.20'],
+        'test': ['pytest>=7', 'pytest-timeout>=2.1', 'onnx>=1.13,<1.16', 'onnxruntime>=1.18,<1.20'],
     },
     classifiers=['Programming Language :: Python :: 3'],
 )

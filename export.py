@@ -1,0 +1,154 @@
+"""Export a trained model for use outside this code: MXNet symbol + params, ONNX, and ``model.json``.
+
+``eval.py SOURCE --export DIR`` writes
+
+* ``DIR/model-symbol.json`` + ``DIR/model-0000.params``: the hybridized network (``HybridBlock.export``),
+  with one input ``data`` (N x 3 x S x S, float32) and one output, the fused logits (N x C). Loadable
+  with ``gluon.SymbolBlock.imports(symbol, ['data'], params)`` and by MXNet's C/C++/Java front ends.
+* ``DIR/model.onnx``: the same graph through MXNet's own ONNX exporter (opset 13, any batch size),
+  input ``data``, output ``fused_logits``; the weights are initializers, not graph inputs.
+* ``DIR/model.json``: what a user of either file needs and nothing else: the attribute names in output
+  order, the output to read and what to apply to it (sigmoid), and the preprocessing (RGB order, resize,
+  centre crop, mean and standard deviation in 0-255 pixel units, NCHW layout).
+
+MXNet 1.9.1's exporter writes opset 12/13 operators but stamps the model with the newest opset of the
+installed ``onnx`` and validates each graph against that opset, which rejects its own ``ReduceMean``
+(RGA) under onnx >= 1.13 (opset 18 moved ``axes`` to an input). We stamp and check opset 13, the
+opset of the operators it writes, and check the finished model with ``onnx.checker.check_model``.
+It also uses ``onnx.mapping``, removed in onnx 1.16: the ``onnx`` extra pins ``onnx>=1.13,<1.16``.
+"""
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+
+import numpy as np
+from mxnet import gluon
+
+from errors import UserError
+
+ONNX_OPSET = 13
+INPUT_NAME, OUTPUT_NAME = 'data', 'fused_logits'
+FILES = ('model-symbol.json', 'model-0000.params', 'model.onnx', 'model.json')
+
+
+class FusedLogits(gluon.HybridBlock):
+    """The network with one output: its fused logits (what evaluation ranks, sigmoid -> probabilities)."""
+
+    def __init__(self, net, **kwargs):
+        super().__init__(**kwargs)
+        self.net = net
+
+    def hybrid_forward(self, F, x):  # pylint: disable=arguments-differ
+        return self.net(x)[2]
+
+
+def model_card(cfg, names):
+    """``model.json``: everything needed to feed the exported graph and read its output."""
+    from datasets.base import NORMALISATION
+    mean, std = NORMALISATION[cfg['normalisation']]
+    size = cfg['input_size']
+    return {
+        'format': 'vaa-attributes export 1',
+        'files': {'mxnet_symbol': FILES[0], 'mxnet_params': FILES[1], 'onnx': FILES[2]},
+        'attributes': list(names),
+        'input': {'name': INPUT_NAME, 'shape': ['N', 3, size, size], 'dtype': 'float32', 'layout': 'NCHW'},
+        'output': {'name': OUTPUT_NAME, 'shape': ['N', len(names)], 'index': 0,
+                   'meaning': 'fused logits (mean of the primary and every attention classifier); '
+                              'probability = sigmoid(logit), one column per attribute in "attributes" order',
+                   'activation': 'sigmoid'},
+        'preprocessing': {
+            'channel_order': 'RGB', 'pixel_range': [0, 255],
+            'resize': [cfg['resize'], cfg['resize']], 'interpolation': 'bilinear',
+            'centre_crop': [size, size],
+            'mean': [round(float(v), 4) for v in mean], 'std': [round(float(v), 4) for v in std],
+            'formula': 'x = (centre_crop(resize(rgb_uint8)) - mean) / std, HWC -> CHW, add the batch axis',
+        },
+        'model': {k: cfg[k] for k in ('backbone', 'preset', 'input_size', 'taps', 'rga', 'head', 'dataset')
+                  if cfg.get(k) is not None},
+    }
+
+
+def export_symbol(net, input_size, folder, ctx):
+    """``model-symbol.json`` + ``model-0000.params`` of the fused-logits graph into ``folder``."""
+    from mxnet import nd
+    block = FusedLogits(net)
+    block.hybridize(static_alloc=False, static_shape=False)
+    block(nd.zeros((1, 3, input_size, input_size), ctx=ctx[0]))       # build the graph once
+    block.export(os.path.join(folder, 'model'))
+    return [os.path.join(folder, f) for f in FILES[:2]]
+
+
+@contextlib.contextmanager
+def _onnx_opset(version):
+    """While MXNet's exporter runs: the installed onnx reports ``version`` as its newest opset and skips the
+    per-graph check (run afterwards on the whole model, with the model's own opset)."""
+    import onnx.checker
+    import onnx.defs
+    saved = onnx.defs.onnx_opset_version, onnx.checker.check_graph, logging.getLogger().level
+    onnx.defs.onnx_opset_version = lambda: version
+    onnx.checker.check_graph = lambda *args, **kwargs: None
+    logging.getLogger().setLevel(logging.ERROR)    # its per-operator notes (e.g. on 2-D dot) are not for users
+    try:
+        yield
+    finally:
+        onnx.defs.onnx_opset_version, onnx.checker.check_graph = saved[:2]
+        logging.getLogger().setLevel(saved[2])
+
+
+def onnx_modules():
+    """(onnx, mxnet.onnx) or a UserError that says how to install them."""
+    try:
+        import onnx
+        import mxnet.onnx as mx_onnx
+        onnx.mapping  # noqa: B018  pylint: disable=pointless-statement
+    except (ImportError, AttributeError):
+        raise UserError("ONNX export needs onnx>=1.13,<1.16 (MXNet 1.9.1's exporter uses APIs later releases "
+                        "removed): pip install -e '.[onnx]'  (or pip install 'onnx>=1.13,<1.16')")
+    return onnx, mx_onnx
+
+
+def export_onnx(symbol_file, params_file, input_size, out):
+    """``out`` (model.onnx) from the exported symbol and params: opset 13, dynamic batch, named output."""
+    onnx, mx_onnx = onnx_modules()
+    shape = (1, 3, input_size, input_size)
+    with _onnx_opset(ONNX_OPSET):
+        mx_onnx.export_model(symbol_file, params_file, in_shapes=[shape], in_types=[np.float32],
+                             onnx_file_path=out, dynamic=True, dynamic_input_shapes=[(None,) + shape[1:]])
+    model = onnx.load(out)
+    graph = model.graph
+    weights = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in weights]      # weights as constants: ORT can fold them
+    del graph.input[:]
+    graph.input.extend(inputs)
+    old = graph.output[0].name
+    for node in graph.node:
+        node.output[:] = [OUTPUT_NAME if o == old else o for o in node.output]
+    graph.output[0].name = OUTPUT_NAME
+    onnx.checker.check_model(model)
+    onnx.save(model, out)
+    return out
+
+
+def export(net, cfg, names, folder, ctx):
+    """Write the four files of the module docstring into ``folder``; each appears only when complete."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError('--export %s is a file; give a folder' % folder)
+    onnx_modules()                                 # before any work: the extra must be installed
+    os.makedirs(folder, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix='.export-', dir=folder)
+    try:
+        symbol_file, params_file = export_symbol(net, cfg['input_size'], tmp, ctx)
+        export_onnx(symbol_file, params_file, cfg['input_size'], os.path.join(tmp, FILES[2]))
+        with open(os.path.join(tmp, FILES[3]), 'w') as f:
+            json.dump(model_card(cfg, names), f, indent=2)
+        for name in FILES:
+            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    except OSError as err:
+        raise UserError('could not write the export to %s (%s)' % (folder, err.strerror or err))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [os.path.join(folder, name) for name in FILES]
+
