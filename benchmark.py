@@ -5,6 +5,8 @@ the data pipeline.
     python benchmark.py                                  # resnet101_v1, 224, batch 8, CPU
     python benchmark.py --backbone resnet50_v1 --batch 32 --gpus 0
     python benchmark.py --only data                      # just the data pipeline
+    python benchmark.py --only inference --backbone resnet50_v1 --preset paper     # CPU inference paths
+    python benchmark.py --only inference --accuracy runs/RUN   # + test mAP of each path on a run's data
 
 Rows (images/sec, higher is better):
 
@@ -20,7 +22,15 @@ Rows (images/sec, higher is better):
   normalise) over 256x256 JPEG files and over the same images packed with im2rec, with worker threads
   (what train.py uses) and, for comparison, with forked worker processes.
 
-Ratios printed at the end: ours/reference, ours/bare backbone, data/ours train.
+* ``inference``: the fused logits of the network (``export.FusedLogits``) at batch 1 and 32 by four
+  paths: the hybridized fp32 Gluon graph (oneDNN); MXNet's INT8 post-training quantization
+  (``quantize_net``, smart mode, naive calibration); onnxruntime on ``model.onnx`` (fp32); onnxruntime
+  on ``model-int8.onnx`` (``export.quantize_onnx``: QDQ, per-tensor, min/max). Random weights, so
+  speed only; ``--accuracy RUN`` adds each path's test mAP on the run's test split, calibrated on 256
+  of its training images.
+
+Ratios printed at the end: ours/reference, ours/bare backbone, data/ours train; each inference path
+against fp32 Gluon at the same batch.
 """
 import os
 
@@ -180,6 +190,71 @@ def bench_data(args):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def inference_paths(net, cfg, calibration, ctx, folder):
+    """{path name: callable(NCHW float32 NumPy) -> fused logits} for the four CPU inference paths."""
+    import onnxruntime
+    from mxnet.contrib import quantization
+    import export
+    block = export.FusedLogits(net)
+    block.hybridize(static_alloc=True, static_shape=True)
+    size = cfg['input_size']
+    calib = [[nd.array(np.concatenate(calibration[i:i + 32]))] for i in range(0, len(calibration) - 31, 32)]
+    int8 = quantization.quantize_net(block, quantized_dtype='int8', quantize_mode='smart', calib_mode='naive',
+                                     calib_data=calib, num_calib_examples=32 * len(calib), ctx=ctx)
+    symbol_file, params_file = export.export_symbol(net, size, folder, [ctx])
+    fp32_onnx = export.export_onnx(symbol_file, params_file, size, os.path.join(folder, 'model.onnx'))
+    int8_onnx = export.quantize_onnx(fp32_onnx, os.path.join(folder, 'model-int8.onnx'), calibration)
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = int(os.environ.get('OMP_NUM_THREADS', 1))
+    sessions = [onnxruntime.InferenceSession(f, options, providers=['CPUExecutionProvider'])
+                for f in (fp32_onnx, int8_onnx)]
+    return {
+        'fp32 Gluon (oneDNN)': lambda x: block(nd.array(x, ctx=ctx)).asnumpy(),
+        'INT8 MXNet quantize_net': lambda x: int8(nd.array(x, ctx=ctx)).asnumpy(),
+        'fp32 onnxruntime': lambda x: sessions[0].run(None, {'data': x})[0],
+        'INT8 onnxruntime': lambda x: sessions[1].run(None, {'data': x})[0],
+    }
+
+
+def bench_inference(args, ctx):
+    """Images/sec of each inference path at batch 1 and 32 (random weights), and with ``--accuracy RUN``
+    each path's mAP on the run's test split."""
+    import inference
+    import datasets
+    import metrics
+    rows, accuracy, folder = {}, {}, tempfile.mkdtemp()
+    try:
+        if args.accuracy:
+            net, cfg, names = inference.load_source(args.accuracy, [ctx])
+            import export
+            calibration = export.calibration_images(cfg, names, 256)
+        else:
+            cfg = config.defaults(backbone=args.backbone, preset=args.preset, input_size=args.input_size,
+                                  num_classes=args.classes, dataset=None)
+            net = build_net(cfg, [ctx], pretrained=False)
+            calibration = [np.random.normal(size=(1, 3, cfg['input_size'], cfg['input_size'])).astype(np.float32)
+                           for _ in range(64)]
+        paths = inference_paths(net, cfg, calibration, ctx, folder)
+        for batch in (1, 32):
+            x = np.random.normal(size=(batch, 3, cfg['input_size'], cfg['input_size'])).astype(np.float32)
+            for name, run in paths.items():
+                iters = args.iters if batch == 1 else max(2, args.iters // 2)
+                rows['%s, batch %d' % (name, batch)] = batch / _timed(lambda: run(x), 1, iters, nd.waitall)
+        if args.accuracy:
+            test = datasets.load_split(cfg['dataset'], cfg['data_path'], 'test', attribute_names=names,
+                                       **config.data_options(cfg))
+            batches = [(x.asnumpy(), y.asnumpy(), m.asnumpy()) for x, y, m, _ in
+                       config.eval_loader(dict(cfg, batch_size=32), test)]
+            labels, masks = (np.concatenate([b[i] for b in batches]) for i in (1, 2))
+            for name, run in paths.items():
+                logits = np.concatenate([run(b[0]) for b in batches]).astype(np.float64)
+                accuracy[name] = 100 * metrics.evaluate(logits, labels, masks, names)['mAP']
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return rows, accuracy, cfg
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--backbone', default='resnet101_v1', help='ResNet v1 backbone')
@@ -192,10 +267,15 @@ def main(argv=None):
     p.add_argument('--iters', type=int, default=5, help='timed steps')
     p.add_argument('--workers', type=int, default=os.cpu_count() or 1, help='data-loader workers')
     p.add_argument('--data-images', type=int, default=256, help='images for the data-pipeline rows')
-    p.add_argument('--only', choices=['model', 'data'], help='run one part only')
+    p.add_argument('--only', choices=['model', 'data', 'inference'], help='run one part only (inference: '
+                                                                          'CPU paths; not run by default)')
+    p.add_argument('--accuracy', metavar='RUN', help='--only inference: also the test mAP of each path, with '
+                                                     'the trained network of RUN')
     p.add_argument('--debug', action='store_true')
     args = p.parse_args(argv)
     ctx = mx.gpu(int(args.gpus)) if args.gpus else mx.cpu()
+    if args.only == 'inference':
+        return report_inference(*bench_inference(args, ctx))
     print('benchmark: %s, preset %s, input %d, batch %d, %s, OMP_NUM_THREADS=%s' % (
         args.backbone, args.preset, args.input_size, args.batch, ctx, os.environ.get('OMP_NUM_THREADS')))
     rows = {}
@@ -221,6 +301,17 @@ def main(argv=None):
                 if name.startswith('data'):
                     print('%s / ours train: %.1fx' % (name, rows[name] / rows['ours train']))
     return rows
+
+
+def report_inference(rows, accuracy, cfg):
+    print('inference: %s, preset %s, input %d' % (cfg['backbone'], cfg['preset'], cfg['input_size']))
+    print('%-40s %12s %10s' % ('', 'images/sec', 'vs fp32'))
+    for name, value in rows.items():
+        base = rows['fp32 Gluon (oneDNN), batch %s' % name.rsplit(' ', 1)[1]]
+        print('%-40s %12.2f %9.2fx' % (name, value, value / base))
+    for name, value in accuracy.items():
+        print('test mAP %-31s %12.2f %+9.2f' % (name, value, value - accuracy['fp32 Gluon (oneDNN)']))
+    return dict(rows, **{'mAP ' + k: v for k, v in accuracy.items()})
 
 
 if __name__ == '__main__':

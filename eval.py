@@ -7,6 +7,7 @@
     python eval.py RUN --image photo1.jpg photo2.png                     # probabilities + attention maps
     python eval.py RUN --export-upstream saved_models/                   # the authors' file layout
     python eval.py RUN --export exported/        # MXNet symbol + params, ONNX, model.json (see export.py)
+    python eval.py RUN --export exported/ --int8 # ... and model-int8.onnx, the fastest CPU path
 
 Reports the WIDER mAP protocol and the PETA metrics (``metrics.py``), prints a per-attribute
 table and writes the result as JSON (``--out``; default ``<run>/eval_<split>.json``). ``--compare paper``
@@ -48,6 +49,8 @@ def build_parser():
                                               "(their main.py --test loads --preset upstream, resnet101_v1, 224)")
     a('--export', metavar='DIR', help='write model-symbol.json + model-0000.params (MXNet), model.onnx and '
                                       'model.json (attribute names, output, preprocessing) into DIR')
+    a('--int8', type=int, nargs='?', const=256, metavar='N',
+      help='with --export: also model-int8.onnx, calibrated on N training images (default 256)')
     a = config.group_adder(p, "data and devices (default: the run's)")
     a('--dataset', choices=datasets.names(), help="dataset (default: the run's)")
     a('--data_path', help="dataset root (default: the run's)")
@@ -146,8 +149,12 @@ def main(argv=None):
     net.hybridize(static_alloc=True, static_shape=True)
     if args.export_upstream:
         return export_upstream(net, cfg, names, args.export_upstream)
+    if args.int8 is not None and (not args.export or args.int8 < 1):
+        raise UserError('--int8 N goes with --export DIR and N >= 1 calibration images (it writes '
+                        'DIR/model-int8.onnx)')
     if args.export:
-        written = export.export(net, cfg, names, args.export, ctx)
+        calibration = export.calibration_images(cfg, names, args.int8) if args.int8 else None
+        written = export.export(net, cfg, names, args.export, ctx, calibration)
         print('wrote %s' % ', '.join(written))
         return written
     if args.image:

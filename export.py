@@ -7,6 +7,10 @@
   with ``gluon.SymbolBlock.imports(symbol, ['data'], params)`` and by MXNet's C/C++/Java front ends.
 * ``DIR/model.onnx``: the same graph through MXNet's own ONNX exporter (opset 13, any batch size),
   input ``data``, output ``fused_logits``; the weights are initializers, not graph inputs.
+* ``DIR/model-int8.onnx`` (with ``--int8 N``): ``model.onnx`` quantized by onnxruntime's static
+  post-training quantization (QDQ; uint8 activations, int8 weights, one scale per tensor, ranges from
+  the min/max over N training images with the evaluation preprocessing). The fastest CPU path
+  (``benchmark.py --only inference``); ``predict.py DIR ... --int8`` runs it.
 * ``DIR/model.json``: what a user of either file needs and nothing else: the attribute names in output
   order, the output to read and what to apply to it (sigmoid), and the preprocessing (RGB order, resize,
   centre crop, mean and standard deviation in 0-255 pixel units, NCHW layout).
@@ -15,7 +19,9 @@ MXNet 1.9.1's exporter writes opset 12/13 operators but stamps the model with th
 installed ``onnx`` and validates each graph against that opset, which rejects its own ``ReduceMean``
 (RGA) under onnx >= 1.13 (opset 18 moved ``axes`` to an input). We stamp and check opset 13, the
 opset of the operators it writes, and check the finished model with ``onnx.checker.check_model``.
-It also uses ``onnx.mapping``, removed in onnx 1.16: the ``onnx`` extra pins ``onnx>=1.13,<1.16``.
+It also uses ``onnx.mapping``, removed in onnx 1.19, and onnxruntime's quantization tool needs
+onnx >= 1.16: the ``onnx`` extra pins ``onnx>=1.16,<1.19``. The model is stamped IR version 7 (that of
+opset 13), not the installed onnx's newest, which older runtimes refuse.
 """
 import contextlib
 import json
@@ -30,8 +36,10 @@ from mxnet import gluon
 from errors import UserError
 
 ONNX_OPSET = 13
+ONNX_IR_VERSION = 7                                # the IR version of opset 13 (onnx 1.8)
 INPUT_NAME, OUTPUT_NAME = 'data', 'fused_logits'
 FILES = ('model-symbol.json', 'model-0000.params', 'model.onnx', 'model.json')
+INT8_FILE = 'model-int8.onnx'
 
 
 class FusedLogits(gluon.HybridBlock):
@@ -45,14 +53,15 @@ class FusedLogits(gluon.HybridBlock):
         return self.net(x)[2]
 
 
-def model_card(cfg, names):
+def model_card(cfg, names, int8_images=0):
     """``model.json``: everything needed to feed the exported graph and read its output."""
     from datasets.base import NORMALISATION
     mean, std = NORMALISATION[cfg['normalisation']]
     size = cfg['input_size']
     return {
         'format': 'vaa-attributes export 1',
-        'files': {'mxnet_symbol': FILES[0], 'mxnet_params': FILES[1], 'onnx': FILES[2]},
+        'files': dict({'mxnet_symbol': FILES[0], 'mxnet_params': FILES[1], 'onnx': FILES[2]},
+                      **({'onnx_int8': INT8_FILE, 'int8_calibration_images': int8_images} if int8_images else {})),
         'attributes': list(names),
         'input': {'name': INPUT_NAME, 'shape': ['N', 3, size, size], 'dtype': 'float32', 'layout': 'NCHW'},
         'output': {'name': OUTPUT_NAME, 'shape': ['N', len(names)], 'index': 0,
@@ -66,8 +75,8 @@ def model_card(cfg, names):
             'mean': [round(float(v), 4) for v in mean], 'std': [round(float(v), 4) for v in std],
             'formula': 'x = (centre_crop(resize(rgb_uint8)) - mean) / std, HWC -> CHW, add the batch axis',
         },
-        'model': {k: cfg[k] for k in ('backbone', 'preset', 'input_size', 'taps', 'rga', 'head', 'dataset')
-                  if cfg.get(k) is not None},
+        'model': {k: cfg[k] for k in ('backbone', 'preset', 'input_size', 'resize', 'normalisation', 'taps', 'rga',
+                                      'head', 'dataset') if cfg.get(k) is not None},
     }
 
 
@@ -105,8 +114,8 @@ def onnx_modules():
         import mxnet.onnx as mx_onnx
         onnx.mapping  # noqa: B018  pylint: disable=pointless-statement
     except (ImportError, AttributeError):
-        raise UserError("ONNX export needs onnx>=1.13,<1.16 (MXNet 1.9.1's exporter uses APIs later releases "
-                        "removed): pip install -e '.[onnx]'  (or pip install 'onnx>=1.13,<1.16')")
+        raise UserError("ONNX export needs onnx>=1.16,<1.19 (MXNet 1.9.1's exporter uses APIs later releases "
+                        "removed) and onnxruntime: pip install -e '.[onnx]'")
     return onnx, mx_onnx
 
 
@@ -127,13 +136,61 @@ def export_onnx(symbol_file, params_file, input_size, out):
     for node in graph.node:
         node.output[:] = [OUTPUT_NAME if o == old else o for o in node.output]
     graph.output[0].name = OUTPUT_NAME
+    model.ir_version = ONNX_IR_VERSION             # not the installed onnx's newest: older runtimes load it too
     onnx.checker.check_model(model)
     onnx.save(model, out)
     return out
 
 
-def export(net, cfg, names, folder, ctx):
-    """Write the four files of the module docstring into ``folder``; each appears only when complete."""
+def calibration_images(cfg, names, count):
+    """``count`` images of the run's training split (a fixed random sample), preprocessed as for
+    evaluation: the inputs whose ranges set the INT8 scales."""
+    import config
+    import datasets
+    if not cfg.get('dataset'):
+        raise UserError('--int8 calibrates on the training split: give --dataset and --data_path')
+    data = datasets.load_split(cfg['dataset'], cfg['data_path'], 'train', attribute_names=names,
+                               **dict(config.data_options(cfg), limit=None))
+    transform = config.transform(cfg)
+    picks = np.random.RandomState(0).permutation(len(data))[:count]
+    return [transform(data[int(i)][0], int(i))[None] for i in picks]
+
+
+def quantize_onnx(src, out, images):
+    """``out``: ``src`` quantized by onnxruntime (QDQ, uint8 activations, int8 weights, per tensor,
+    min/max calibration over ``images``, each 1 x 3 x S x S float32)."""
+    onnx, _ = onnx_modules()
+    try:
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError:
+        raise UserError("--int8 needs onnxruntime>=1.18,<1.20: pip install -e '.[onnx]'")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(images)
+
+        def get_next(self):
+            x = next(self.items, None)
+            return None if x is None else {INPUT_NAME: x}
+
+    prepared = out + '.prep.onnx'
+    try:
+        quant_pre_process(src, prepared, skip_symbolic_shape=True)
+        quantize_static(prepared, out, Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, per_channel=False)
+    finally:
+        if os.path.exists(prepared):
+            os.remove(prepared)
+    model = onnx.load(out)
+    model.ir_version = ONNX_IR_VERSION
+    onnx.save(model, out)
+    return out
+
+
+def export(net, cfg, names, folder, ctx, calibration=None):
+    """Write the files of the module docstring into ``folder`` (``model-int8.onnx`` when ``calibration``
+    images are given); each appears only when complete."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError('--export %s is a file; give a folder' % folder)
     onnx_modules()                                 # before any work: the extra must be installed
@@ -142,13 +199,17 @@ def export(net, cfg, names, folder, ctx):
     try:
         symbol_file, params_file = export_symbol(net, cfg['input_size'], tmp, ctx)
         export_onnx(symbol_file, params_file, cfg['input_size'], os.path.join(tmp, FILES[2]))
+        files = list(FILES)
+        if calibration:
+            quantize_onnx(os.path.join(tmp, FILES[2]), os.path.join(tmp, INT8_FILE), calibration)
+            files.insert(3, INT8_FILE)
         with open(os.path.join(tmp, FILES[3]), 'w') as f:
-            json.dump(model_card(cfg, names), f, indent=2)
-        for name in FILES:
+            json.dump(model_card(cfg, names, len(calibration or ())), f, indent=2)
+        for name in files:
             os.replace(os.path.join(tmp, name), os.path.join(folder, name))
     except OSError as err:
         raise UserError('could not write the export to %s (%s)' % (folder, err.strerror or err))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return [os.path.join(folder, name) for name in FILES]
+    return [os.path.join(folder, name) for name in files]
 

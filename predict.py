@@ -5,7 +5,9 @@
     python predict.py runs/RUN list.txt a.jpg b.png --out p.csv --threshold val --gpus 0
     python predict.py saved_models/ crops/ --preset upstream --dataset wider --data_path /data/WIDER --out p.csv
 
-SOURCE is a run folder (its best checkpoint), a checkpoint file or the authors' ``saved_models/``.
+SOURCE is a run folder (its best checkpoint), a checkpoint file, the authors' ``saved_models/``, or a
+folder written by ``eval.py --export`` (run with onnxruntime: ``model.onnx``, or ``model-int8.onnx``
+with ``--int8``, the fastest CPU path).
 Each INPUT is an image, a folder (searched recursively for JPEG/PNG/BMP files) or a text file with one
 image path per line (relative paths are relative to that file). The CSV has ``path``, one probability
 column per attribute (sigmoid of the fused logits) and, with ``--threshold``, one 0/1 column per
@@ -45,13 +47,15 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
 
 def build_parser():
     p = config.Parser(description=__doc__.split('\n')[0], formatter_class=config.HelpFormatter)
-    p.add_argument('source', help="run folder, checkpoint .params file, or the authors' saved_models/ folder")
+    p.add_argument('source', help="run folder, checkpoint .params file, the authors' saved_models/ folder, or an "
+                                  "eval.py --export folder (onnxruntime)")
     p.add_argument('inputs', nargs='+', metavar='INPUT', help='image files, folders, or text files listing images')
     a = config.group_adder(p, 'output')
     a('--out', required=True, help='the CSV to write')
     a('--threshold', help="add 0/1 columns: a number (e.g. 0.5), or 'val' for per-attribute thresholds chosen "
                           "on the run's validation split")
     a('--skip-bad-images', action='store_true', help='skip (and list) unreadable images instead of stopping')
+    a('--int8', action='store_true', help='export folder: run model-int8.onnx (eval.py --export DIR --int8)')
     a = config.group_adder(p, 'speed')
     a('--gpus', help="GPU ids, e.g. '0' or '0,1' (default: the CPU)")
     a('--batch_size', type=int, default=32, help='images per batch')
@@ -106,7 +110,36 @@ class ImageList(gluon.data.Dataset):
         return self.transform(image, index), np.int64(index)
 
 
-def predict_images(net, cfg, paths, ctx, batch_size, workers, skip_bad):
+def gluon_scorer(net, ctx):
+    """Batch (NDArray) -> fused logits (NumPy) of a Gluon network, the batch split over ``ctx``."""
+    def score(data):
+        batch = (data, nd.zeros((data.shape[0], 1)), nd.zeros((data.shape[0], 1)), nd.zeros((data.shape[0],)))
+        return np.concatenate([net(x)[2].asnumpy() for x, _, _, _ in split_batch(batch, ctx)])
+    return score
+
+
+def onnx_scorer(folder, int8):
+    """(score, cfg, names) of an ``eval.py --export`` folder, run by onnxruntime on the CPU."""
+    import json
+    import export
+    with open(os.path.join(folder, 'model.json')) as f:
+        card = json.load(f)
+    name = card['files'].get('onnx_int8') if int8 else card['files']['onnx']
+    if name is None:
+        raise UserError('%s has no INT8 model; write it with eval.py RUN --export %s --int8' % (folder, folder))
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError("running an exported model needs onnxruntime: pip install -e '.[onnx]'")
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(os.path.join(folder, name), options, providers=['CPUExecutionProvider'])
+    cfg = dict(card['model'], crop_range=(card['model']['resize'],) * 2)
+    names = card['attributes']
+    return (lambda data: session.run([export.OUTPUT_NAME], {export.INPUT_NAME: data.asnumpy()})[0]), cfg, names
+
+
+def predict_images(score, cfg, paths, batch_size, workers, skip_bad):
     """(probabilities N x C for the readable images, their paths, the unreadable paths)."""
     loader = gluon.data.DataLoader(ImageList(paths, config.transform(cfg)), batch_size=batch_size,
                                    num_workers=workers, thread_pool=True)
@@ -119,9 +152,7 @@ def predict_images(net, cfg, paths, ctx, batch_size, workers, skip_bad):
             LOG.warning('unreadable image: %s', paths[-1 - i])
         if bad and not skip_bad:
             raise UserError('%s is not a readable image; fix or remove it, or pass --skip-bad-images' % bad[0])
-        batch = (data, nd.zeros((data.shape[0], 1)), nd.zeros((data.shape[0], 1)), nd.array(index))
-        out = np.concatenate([metrics.sigmoid(net(x)[2].asnumpy()) for x, _, _, _ in split_batch(batch, ctx)])
-        probs.append(out[index >= 0])
+        probs.append(metrics.sigmoid(score(data))[index >= 0])
         kept.extend(paths[i] for i in index[index >= 0])
     return np.concatenate(probs), kept, bad
 
@@ -166,9 +197,18 @@ def main(argv=None):
     ctx = parse_contexts(args.gpus)
     upstream = dict(preset=args.preset, backbone=args.backbone, input_size=args.input_size, dataset=args.dataset,
                     data_path=args.data_path, num_classes=args.num_classes, split='val')
-    net, cfg, names = inference.load_source(args.source, ctx, upstream=upstream,
-                                            overrides=dict(dataset=args.dataset, data_path=args.data_path))
-    net.hybridize(static_alloc=True, static_shape=True)
+    if os.path.isfile(os.path.join(args.source, 'model.json')):
+        if args.threshold == 'val':
+            raise UserError("--threshold val needs the run folder (its validation split); an export folder "
+                            "takes a number")
+        score, cfg, names = onnx_scorer(args.source, args.int8)
+    else:
+        if args.int8:
+            raise UserError('--int8 runs an eval.py --export folder; give one as SOURCE')
+        net, cfg, names = inference.load_source(args.source, ctx, upstream=upstream,
+                                                overrides=dict(dataset=args.dataset, data_path=args.data_path))
+        net.hybridize(static_alloc=True, static_shape=True)
+        score = gluon_scorer(net, ctx)
     thresholds = None
     if args.threshold == 'val':
         thresholds = validation_thresholds(net, cfg, names, ctx)
@@ -178,7 +218,7 @@ def main(argv=None):
             thresholds = [float(args.threshold)] * len(names)
         except ValueError:
             raise UserError("--threshold takes a number or 'val', got %r" % args.threshold)
-    probs, kept, bad = predict_images(net, cfg, paths, ctx, args.batch_size, args.num_workers, args.skip_bad_images)
+    probs, kept, bad = predict_images(score, cfg, paths, args.batch_size, args.num_workers, args.skip_bad_images)
     write_csv(args.out, names, kept, probs, thresholds)
     LOG.info('%d images -> %s%s', len(kept), args.out, '; %d unreadable skipped' % len(bad) if bad else '')
     return dict(paths=kept, probabilities=probs, names=names, thresholds=thresholds, skipped=bad)

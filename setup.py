@@ -32,10 +32,11 @@ setup(
     extras_require={
         'cpu': ['mxnet==1.9.1'],
         'cu112': ['mxnet-cu112==1.9.1'],
-        # eval.py --export: MXNet 1.9.1's ONNX exporter uses onnx.mapping, which onnx 1.16 removed; onnxruntime
-        # 1.18/1.19 are the newest that install beside numpy<1.24 (1.15-1.17 need numpy>=1.24.2)
-        'onnx': ['onnx>=1.13,<1.16', 'onnxruntime>=1.18,<1.20'],
-        'test': ['pytest>=7', 'pytest-timeout>=2.1', 'onnx>=1.13,<1.16', 'onnxruntime>=1.18,<1.20'],
+        # eval.py --export: MXNet 1.9.1's ONNX exporter uses onnx.mapping, which onnx 1.19 removed, and
+        # onnxruntime's INT8 quantization needs onnx>=1.16; onnxruntime 1.18/1.19 are the newest that install
+        # beside numpy<1.24 (1.15-1.17 need numpy>=1.24.2)
+        'onnx': ['onnx>=1.16,<1.19', 'onnxruntime>=1.18,<1.20'],
+        'test': ['pytest>=7', 'pytest-timeout>=2.1', 'onnx>=1.16,<1.19', 'onnxruntime>=1.18,<1.20'],
     },
     classifiers=['Programming Language :: Python :: 3'],
 )

@@ -83,7 +83,7 @@ def test_eval_export_of_a_run_matches_predict_on_real_images(demo_path, tmp_path
         image = cv2.resize(ds.images[i], (40 + 7 * i, 64 - 3 * i), interpolation=cv2.INTER_NEAREST)
         cv2.imwrite(str(folder / ('%d.png' % i)), image[:, :, ::-1])
     out = str(tmp_path / 'exported')
-    evaluate.main([run, '--export', out])
+    evaluate.main([run, '--export', out, '--int8', '64'])
     card = json.load(open(os.path.join(out, 'model.json')))
     predicted = predict.main([run, str(folder), '--out', str(tmp_path / 'p.csv')])
     assert card['attributes'] == predicted['names']
@@ -91,6 +91,18 @@ def test_eval_export_of_a_run_matches_predict_on_real_images(demo_path, tmp_path
     logits = _session(os.path.join(out, card['files']['onnx'])).run([card['output']['name']],
                                                                      {card['input']['name']: batch})[0]
     np.testing.assert_allclose(1 / (1 + np.exp(-logits)), predicted['probabilities'], atol=2e-5)
+    # predict.py runs the export folder itself: the same probabilities with model.onnx ...
+    exported = predict.main([out, str(folder), '--out', str(tmp_path / 'q.csv'), '--batch_size', '4'])
+    assert exported['paths'] == predicted['paths'] and exported['names'] == predicted['names']
+    np.testing.assert_allclose(exported['probabilities'], predicted['probabilities'], atol=2e-5)
+    # ... and nearly the same with the INT8 model, which really is quantized
+    int8_file = os.path.join(out, card['files']['onnx_int8'])
+    ops = {node.op_type for node in onnx.load(int8_file).graph.node}
+    assert {'QuantizeLinear', 'DequantizeLinear'} <= ops and card['files']['int8_calibration_images'] == 64
+    int8 = predict.main([out, str(folder), '--out', str(tmp_path / 'r.csv'), '--int8'])
+    difference = np.abs(int8['probabilities'] - exported['probabilities'])
+    print('INT8 - fp32 probabilities: max %.4f, mean %.4f' % (difference.max(), difference.mean()))
+    assert 1e-3 < difference.max() < 0.05      # a quantized model (not the fp32 file), and close to it
 
 
 def test_export_without_onnx_says_how_to_install(monkeypatch, tmp_path):
@@ -98,6 +110,6 @@ def test_export_without_onnx_says_how_to_install(monkeypatch, tmp_path):
     cfg = dict(backbone='resnet18_v1', num_classes=2, preset='demo', input_size=48, resize=52,
                normalisation='paper')
     net = build_net(cfg, [mx.cpu()], pretrained=False)
-    with pytest.raises(UserError, match=r"onnx>=1.13,<1.16.*pip install -e '.\[onnx\]'"):
+    with pytest.raises(UserError, match=r"onnx>=1.16,<1.19.*pip install -e '.\[onnx\]'"):
         export.export(net, cfg, ['a', 'b'], str(tmp_path / 'out'), [mx.cpu()])
     assert not os.path.exists(str(tmp_path / 'out'))                          # checked before any work
