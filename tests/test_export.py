@@ -36,7 +36,7 @@ def _close(got, want):
     dict(preset='paper', rga='sc', rga_stages='2,3,4'), dict(preset='paper', head='gcn')],
     ids=['paper', 'upstream', 'demo', 'paper+rga', 'paper+gcn'])
 def test_symbol_and_onnx_exports_give_the_fused_logits(settings, tmp_path):
-    cfg = dict(dict(backbone='resnet18_v1', num_classes=5, input_size=64, pretrained=False, resize=72,
+    cfg = dict(dict(backbone='resnet18_v1', num_classes=5, input_size=48, pretrained=False, resize=52,
                     normalisation='paper', dataset='demo'), **settings)
     ctx = [mx.cpu()]
     net = build_net(cfg, ctx, pretrained=False)
