@@ -16,9 +16,10 @@ setup(
     long_description=open('README.md').read(),
     long_description_content_type='text/markdown',
     python_requires='>=3.8,<3.12',
-    py_modules=['attention', 'backbone', 'benchmark', 'checkpoints', 'compare', 'config', 'distributed', 'errors',
-                'eval', 'export', 'inference', 'launch', 'losses', 'metrics', 'mixed_precision', 'mlgcn', 'model',
-                'plots', 'predict', 'rga', 'runfolder', 'steps', 'train', 'trainers', 'upstream_reference'],
+    py_modules=['attention', 'backbone', 'benchmark', 'checkpoints', 'compare', 'config', 'distributed',
+                'errors', 'eval', 'export', 'inference', 'launch', 'losses', 'mcloss', 'metrics',
+                'mixed_precision', 'mlgcn', 'model', 'plots', 'predict', 'rga', 'runfolder', 'steps', 'train',
+                'trainers', 'upstream_reference'],
     packages=find_packages(include=['datasets', 'datasets.*']),
     install_requires=[
         'numpy>=1.21,<1.24',
