@@ -116,6 +116,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     config.check_ranges(vars(args), [r for r in config.RANGES if r[0] in ('limit', 'input_size')])
     inference.check_output_file(args.out, '--out')
+    if not args.out.lower().endswith(('.png', '.pdf', '.svg', '.jpg')):
+        raise UserError('--out %s: give the figure a .png (or .pdf, .svg, .jpg) name; the numbers go to a .json '
+                        'beside it' % args.out)
     ctx = parse_contexts(args.gpus)
     common = {k: v for k, v in (('dataset', args.dataset), ('data_path', args.data_path)) if v is not None}
     rows = []

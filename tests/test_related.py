@@ -8,6 +8,7 @@ import pytest
 import compare
 import eval as evaluation
 import train
+from errors import UserError
 from tests import fixtures
 
 SYSTEMS = (('vaa', []), ('rga', ['--rga', 'sc']), ('gcn', ['--head', 'gcn']),
@@ -61,3 +62,8 @@ def test_related_systems_on_a_wider_layout(tmp_path, flags):
     cfg = json.load(open(os.path.join(out, 'config.json')))
     assert cfg['dataset'] == 'wider' and np.isfinite(result['mAP'])
     assert evaluation.main([out])['mAP'] == pytest.approx(result['mAP'], abs=1e-9)
+
+
+def test_compare_refuses_a_figure_name_matplotlib_cannot_write_before_any_work(tmp_path):
+    with pytest.raises(UserError, match=r'--out .*c\.json: give the figure a \.png'):
+        compare.main([str(tmp_path / 'not-evaluated'), '--out', str(tmp_path / 'c.json')])
