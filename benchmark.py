@@ -192,7 +192,6 @@ def bench_data(args):
 
 def inference_paths(net, cfg, calibration, ctx, folder):
     """{path name: callable(NCHW float32 NumPy) -> fused logits} for the four CPU inference paths."""
-    import onnxruntime
     from mxnet.contrib import quantization
     import export
     block = export.FusedLogits(net)
@@ -204,11 +203,7 @@ def inference_paths(net, cfg, calibration, ctx, folder):
     symbol_file, params_file = export.export_symbol(net, size, folder, [ctx])
     fp32_onnx = export.export_onnx(symbol_file, params_file, size, os.path.join(folder, 'model.onnx'))
     int8_onnx = export.quantize_onnx(fp32_onnx, os.path.join(folder, 'model-int8.onnx'), calibration)
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = int(os.environ.get('OMP_NUM_THREADS', 1))
-    sessions = [onnxruntime.InferenceSession(f, options, providers=['CPUExecutionProvider'])
-                for f in (fp32_onnx, int8_onnx)]
+    sessions = [export.onnx_session(f) for f in (fp32_onnx, int8_onnx)]
     return {
         'fp32 Gluon (oneDNN)': lambda x: block(nd.array(x, ctx=ctx)).asnumpy(),
         'INT8 MXNet quantize_net': lambda x: int8(nd.array(x, ctx=ctx)).asnumpy(),

@@ -119,6 +119,18 @@ def onnx_modules():
     return onnx, mx_onnx
 
 
+def onnx_session(path):
+    """An onnxruntime CPU session for ``path``, with OMP_NUM_THREADS threads (like MXNet) and quiet logs."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError("running an exported model needs onnxruntime: pip install -e '.[onnx]'")
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = int(os.environ.get('OMP_NUM_THREADS') or 0)      # 0: onnxruntime decides
+    return onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+
+
 def export_onnx(symbol_file, params_file, input_size, out):
     """``out`` (model.onnx) from the exported symbol and params: opset 13, dynamic batch, named output."""
     onnx, mx_onnx = onnx_modules()

@@ -23,6 +23,7 @@ from mxnet import gluon, nd
 from mxnet.gluon.loss import Loss
 
 from errors import UserError
+from losses import _log_sigmoids
 
 
 class MCHead(gluon.HybridBlock):
@@ -105,8 +106,7 @@ class MutualChannelLoss(Loss):
         if self.mode == 'ce':
             dis = -F.pick(F.log_softmax(dis_logits, axis=-1), label, axis=-1)
         else:
-            log_p = -F.Activation(-dis_logits, act_type='softrelu')
-            log_1mp = -F.Activation(dis_logits, act_type='softrelu')
+            log_p, log_1mp = _log_sigmoids(F, dis_logits)
             bce = -(label * log_p + (1 - label) * log_1mp)
             dis = F.mean(bce * mask if mask is not None else bce, axis=-1)
         return self.dis_weight * dis + self.div_weight * div

@@ -27,7 +27,7 @@ import logging  # noqa: E402
 import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
-from mxnet import gluon, nd  # noqa: E402
+from mxnet import gluon  # noqa: E402
 
 import checkpoints  # noqa: E402
 import config  # noqa: E402
@@ -37,7 +37,7 @@ import metrics  # noqa: E402
 import steps  # noqa: E402
 from backbone import BACKBONES  # noqa: E402
 from datasets.base import decode_image  # noqa: E402
-from distributed import parse_contexts, split_batch  # noqa: E402
+from distributed import parse_contexts  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
 from model import PRESETS  # noqa: E402
 
@@ -113,8 +113,8 @@ class ImageList(gluon.data.Dataset):
 def gluon_scorer(net, ctx):
     """Batch (NDArray) -> fused logits (NumPy) of a Gluon network, the batch split over ``ctx``."""
     def score(data):
-        batch = (data, nd.zeros((data.shape[0], 1)), nd.zeros((data.shape[0], 1)), nd.zeros((data.shape[0],)))
-        return np.concatenate([net(x)[2].asnumpy() for x, _, _, _ in split_batch(batch, ctx)])
+        parts = gluon.utils.split_and_load(data, ctx[:data.shape[0]], even_split=False)
+        return np.concatenate([net(x)[2].asnumpy() for x in parts])
     return score
 
 
@@ -127,13 +127,7 @@ def onnx_scorer(folder, int8):
     name = card['files'].get('onnx_int8') if int8 else card['files']['onnx']
     if name is None:
         raise UserError('%s has no INT8 model; write it with eval.py RUN --export %s --int8' % (folder, folder))
-    try:
-        import onnxruntime
-    except ImportError:
-        raise UserError("running an exported model needs onnxruntime: pip install -e '.[onnx]'")
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    session = onnxruntime.InferenceSession(os.path.join(folder, name), options, providers=['CPUExecutionProvider'])
+    session = export.onnx_session(os.path.join(folder, name))
     cfg = dict(card['model'], crop_range=(card['model']['resize'],) * 2)
     names = card['attributes']
     return (lambda data: session.run([export.OUTPUT_NAME], {export.INPUT_NAME: data.asnumpy()})[0]), cfg, names
