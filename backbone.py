@@ -174,15 +174,20 @@ class Backbone(gluon.HybridBlock):
     network's name scope exactly as the authors did, so it is called ``dense1``.
 
     Options for the related systems (all off by default, which leaves the network as above):
-    ``pool`` (``avg`` or ``max``) for the global pooling; ``output=False`` returns the pooled feature
-    vector (N x D) instead of logits; ``plugins(stage_shapes)`` returns ``{stage: block}``, blocks
+    ``pool`` (``avg``, ``max``, or None: no pooling) for the global pooling; ``output=False`` returns the
+    pooled feature vector (N x D) instead of logits, or with ``pool=None`` the last feature map itself;
+    ``return_final_map`` returns ``(taps..., final map, output)``: the map that enters the global pooling
+    (MC-Loss reads it); ``plugins(stage_shapes)`` returns ``{stage: block}``, blocks
     inserted after the last unit of those stages (created here, outside the zoo's name prefix; a tap at
     the end of such a stage sees the block's output, a tap inside the stage does not).
     """
 
     def __init__(self, name, num_classes, taps, pretrained=False, root=None, input_size=224, pool='avg',
-                 output=True, plugins=None, **kwargs):
+                 output=True, plugins=None, return_final_map=False, **kwargs):
         super(Backbone, self).__init__(**kwargs)
+        if pool is None and output:
+            raise ValueError('a Backbone without pooling has no output layer: pass output=False')
+        self.return_final_map = bool(return_final_map)
         if name not in BACKBONES:
             raise UserError('unknown backbone %r: choose one of %s' % (name, ', '.join(BACKBONES)))
         self.family = 'densenet' if name.startswith('densenet') else 'resnet'
@@ -213,7 +218,7 @@ class Backbone(gluon.HybridBlock):
             self.head = nn.HybridSequential(prefix='')
             self.head.add(*units[start:])
             self.head.add(*tail)
-            self.head.add(nn.GlobalAvgPool2D() if pool == 'avg' else nn.GlobalMaxPool2D())
+            self.pool = None if pool is None else nn.GlobalAvgPool2D() if pool == 'avg' else nn.GlobalMaxPool2D()
         self.output = None
         if output:
             with zoo.name_scope():
@@ -245,5 +250,9 @@ class Backbone(gluon.HybridBlock):
         for segment in self.segments:
             x = segment(x)
             taps.append(x)
-        pooled = self.head(x)
-        return tuple(taps) + (self.output(pooled) if self.output is not None else F.flatten(pooled),)
+        x = self.head(x)
+        final = (x,) if self.return_final_map else ()
+        if self.pool is None:
+            return tuple(taps) + final + (x,)
+        pooled = self.pool(x)
+        return tuple(taps) + final + (self.output(pooled) if self.output is not None else F.flatten(pooled),)

@@ -55,11 +55,15 @@ def describe(cfg, kind):
     """The system and its flags, in a few words."""
     if kind == 'upstream':
         return "authors' saved_models (%s, %s, %d)" % (cfg['preset'], cfg['backbone'], cfg['input_size'])
-    parts = ['ML-GCN head' if cfg.get('head') == 'gcn' else 'VAA']
+    head = cfg.get('head', 'vaa')
+    parts = [{'gcn': 'ML-GCN head', 'apcnn': 'AP-CNN'}.get(head, 'VAA')]
     if cfg.get('rga', 'none') != 'none':
         parts.append('RGA-%s@%s' % (cfg['rga'].upper(), cfg.get('rga_stages', '1,2,3,4')))
-    taps = cfg.get('taps')
-    parts.append('taps %s' % (taps if taps else 'of the preset'))
+    if cfg.get('mc_loss'):
+        parts.append('MC-Loss %s' % cfg.get('mc_weights', '1.5,20'))
+    if head != 'apcnn':
+        taps = cfg.get('taps')
+        parts.append('taps %s' % (taps if taps else 'of the preset'))
     return '%s (%s, %s, %d)' % (' + '.join(parts), cfg['preset'], cfg['backbone'], cfg['input_size'])
 
 

@@ -55,7 +55,8 @@ RESUME_OVERRIDES = ('epochs', 'data_path', 'gpus', 'cpus', 'num_workers', 'log_i
 RESUME_FIXED = ('dataset', 'preset', 'backbone', 'input_size', 'num_classes', 'lr', 'batch_size', 'optimizer',
                 'seed', 'train_split', 'partition', 'all_attributes', 'freeze_epochs', 'finetune', 'gamma',
                 'shuffle', 'pretrained', 'taps', 'head', 'rga', 'rga_stages', 'rga_ratios', 'gcn_embeddings',
-                'gcn_t', 'gcn_p', 'gcn_reweight', 'gcn_pool', 'backbone_lr_mult')
+                'gcn_t', 'gcn_p', 'gcn_reweight', 'gcn_pool', 'backbone_lr_mult', 'mc_loss', 'mc_weights', 'mc_drop',
+                'mc_xi', 'apcnn_topk', 'apcnn_anchors', 'apcnn_iou', 'apcnn_drop')
 
 
 # ---------------------------------------------------------------------------------------------- flags
@@ -147,9 +148,10 @@ def _method_flags(a):
 def _related_flags(a):
     a('--taps', help="the attention taps, e.g. 's3,s4' (default: the preset's); 'none' for no attention branch "
                      "(the primary classifier alone)")
-    a('--head', choices=['vaa', 'gcn'], default='vaa',
-      help="primary classifier: vaa (a Dense layer, the paper's) or gcn (ML-GCN: a label graph's GCN gives "
-           "the classifiers)")
+    a('--head', choices=['vaa', 'gcn', 'apcnn'], default='vaa',
+      help="primary classifier: vaa (a Dense layer, the paper's), gcn (ML-GCN: a label graph's GCN gives "
+           "the classifiers) or apcnn (AP-CNN: an attention pyramid on stages 2-4 and a second pass on the "
+           "zoomed ROIs, instead of the VAA taps; --input-size divisible by 32)")
     a('--rga', choices=['none', 's', 'c', 'sc'], default='none',
       help='Relation-Aware Global Attention after ResNet stages: spatial, channel, or both (S then C)')
     a('--rga-stages', default='1,2,3,4', help='stages followed by an RGA module (stage 1 is costly at 224: '
@@ -163,6 +165,20 @@ def _related_flags(a):
     a('--gcn-reweight', choices=['code', 'paper'], default='code',
       help='ML-GCN correlation matrix as the released code computes it, or as Eq. 8 of the paper')
     a('--gcn-pool', choices=['max', 'avg'], default='max', help='ML-GCN image feature pooling')
+    a('--mc-loss', action='store_true',
+      help='add MC-Loss (mutual-channel loss) on the last feature map to the objective: one channel group per '
+           'attribute, a discriminality and a diversity term (training only; predictions are unchanged)')
+    a('--mc-weights', default='1.5,20', help="MC-Loss weights of the discriminality and diversity terms (the "
+                                             "authors' current code; their ResNet-50 release: 0.0005,0.005)")
+    a('--mc-drop', type=float, default=0.4, help='MC-Loss: share of each group that channel-wise attention masks')
+    a('--mc-xi', type=int, default=0, help="MC-Loss channels per attribute: 0 splits the backbone's own channels "
+                                           "(the paper's ResNet setting); K > 0 projects the map to C x K first")
+    a('--apcnn-topk', default='5,3,1', help='AP-CNN: ROIs kept per pyramid level (strides 8, 16, 32)')
+    a('--apcnn-anchors', default='64,128,256',
+      help='AP-CNN: anchor sides per level at a 448-pixel input (scaled to --input-size)')
+    a('--apcnn-iou', type=float, default=0.05, help='AP-CNN: NMS IoU threshold of the ROIs')
+    a('--apcnn-drop', default='0.3,0.3',
+      help='AP-CNN: training-time probability of dropping one level-3 ROI, and one level-4 ROI')
     a('--backbone-lr-mult', type=float, default=1.0,
       help="learning-rate factor for the model-zoo layers (ML-GCN's recipe: 0.1)")
 
@@ -280,6 +296,13 @@ def resolve_config(args):
                         'would freeze: nothing would train; drop one of them')
     if cfg.get('rga', 'none') != 'none' and cfg['backbone'].startswith('densenet'):
         raise UserError('--rga is built for ResNet backbones; %s is a DenseNet' % cfg['backbone'])
+    if cfg.get('head') == 'apcnn':
+        check_apcnn(cfg)
+    if cfg.get('mc_loss'):
+        mc_weights(cfg)
+        if cfg['finetune']:
+            raise UserError('--mc-loss shapes the channels of the backbone, which --finetune freezes for the whole '
+                            'run (only its bias would train); drop one of them')
     return cfg
 
 
@@ -300,7 +323,48 @@ RANGES = (
     ('input_size', lambda v: v >= 32, 'at least 32 (the backbones downsample the input 32 times)'),
     ('gcn_t', _finite(lambda v: 0 < v <= 1), 'in (0, 1]'), ('gcn_p', _finite(lambda v: 0 <= v <= 1), 'in [0, 1]'),
     ('backbone_lr_mult', _finite(lambda v: v >= 0), '0 or more'),
+    ('apcnn_iou', _finite(lambda v: 0 < v <= 1), 'in (0, 1]'),
+    ('mc_drop', _finite(lambda v: 0 <= v < 1), 'in [0, 1)'), ('mc_xi', lambda v: v == 0 or v >= 2, '0 or at least 2'),
 )
+
+
+def _numbers(cfg, key, kind, count, test, what):
+    value = cfg.get(key)
+    try:
+        numbers = tuple(kind(v) for v in str(value).split(','))
+    except ValueError:
+        numbers = ()
+    if len(numbers) != count or not all(test(v) for v in numbers):
+        raise UserError('--%s must be %d %s, got %r' % (key.replace('_', '-'), count, what, value))
+    return numbers
+
+
+def check_apcnn(cfg):
+    """UserError for AP-CNN settings it cannot take."""
+    if cfg['input_size'] % 32:
+        raise UserError('--head apcnn needs an --input-size divisible by 32 (its pyramid adds maps upsampled x2 '
+                        'twice), got %d: use %d' % (cfg['input_size'], max(32, int(round(cfg['input_size'] / 32.0)) * 32)))
+    for flag, key in (('--taps', 'taps'), ('--rga', 'rga'), ('--mc-loss', 'mc_loss')):
+        if cfg.get(key) not in (None, False, 'none'):
+            raise UserError('--head apcnn has its own attention pyramid instead of the VAA taps and takes no %s; '
+                            'drop it' % flag)
+    _numbers(cfg, 'apcnn_topk', int, 3, lambda v: v >= 1, 'whole numbers, 1 or more, such as 5,3,1')
+    _numbers(cfg, 'apcnn_anchors', float, 3, lambda v: 0 < v < float('inf'), 'positive numbers, such as 64,128,256')
+    drop = _numbers(cfg, 'apcnn_drop', float, 2, lambda v: 0 <= v <= 1, 'probabilities, such as 0.3,0.3')
+    if sum(drop) > 1:
+        raise UserError('--apcnn-drop: the two probabilities add up to more than 1 (%s)' % cfg['apcnn_drop'])
+
+
+def mc_weights(cfg):
+    """``--mc-weights`` as (discriminality weight, diversity weight), or a UserError."""
+    value = cfg.get('mc_weights', '1.5,20')
+    try:
+        weights = tuple(float(v) for v in str(value).split(','))
+    except ValueError:
+        weights = ()
+    if len(weights) != 2 or not all(w == w and 0 <= w < float('inf') for w in weights):
+        raise UserError("--mc-weights must be two numbers, 0 or more, such as '1.5,20'; got %r" % (value,))
+    return weights
 
 
 def check_ranges(cfg, ranges):

@@ -93,6 +93,13 @@ def explain_images(net, cfg, names, paths, out_dir, ctx):
         for name, p in sorted(zip(names, probs), key=lambda t: -t[1]):
             print('  %-16s %.3f' % (name, p))
         crop = transform.eval_view(image)      # show the maps over the crop the network saw
+        if getattr(net, 'head_kind', 'vaa') == 'apcnn':
+            s3, s4, s5, rois, valid, box = [m[0].asnumpy() for m in maps]
+            plots.apcnn_overlay(crop, [s[0] for s in (s3, s4, s5)], rois, valid, box,
+                                cfg['input_size'] / float(s3.shape[-1]), out)
+            written.append(out)
+            print('  AP-CNN gates and ROIs: %s' % out)
+            continue
         plots.attention_overlay(crop, [m[0].asnumpy() for m in maps], names, probs, out,
                                 tap_names(cfg['backbone'], net.taps))
         written.append(out)

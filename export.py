@@ -53,15 +53,23 @@ class FusedLogits(gluon.HybridBlock):
         return self.net(x)[2]
 
 
+def has_onnx(cfg):
+    """Whether the network has an ONNX form: AP-CNN's in-graph ROI selection (box_nms, BilinearSampler on
+    computed grids) has no converter in MXNet's exporter, so it exports the MXNet symbol files only."""
+    return cfg.get('head', 'vaa') != 'apcnn'
+
+
 def model_card(cfg, names, int8_images=0):
     """``model.json``: everything needed to feed the exported graph and read its output."""
     from datasets.base import NORMALISATION
     mean, std = NORMALISATION[cfg['normalisation']]
     size = cfg['input_size']
+    files = {'mxnet_symbol': FILES[0], 'mxnet_params': FILES[1]}
+    if has_onnx(cfg):
+        files['onnx'] = FILES[2]
     return {
         'format': 'vaa-attributes export 1',
-        'files': dict({'mxnet_symbol': FILES[0], 'mxnet_params': FILES[1], 'onnx': FILES[2]},
-                      **({'onnx_int8': INT8_FILE, 'int8_calibration_images': int8_images} if int8_images else {})),
+        'files': dict(files, **({'onnx_int8': INT8_FILE, 'int8_calibration_images': int8_images} if int8_images else {})),
         'attributes': list(names),
         'input': {'name': INPUT_NAME, 'shape': ['N', 3, size, size], 'dtype': 'float32', 'layout': 'NCHW'},
         'output': {'name': OUTPUT_NAME, 'shape': ['N', len(names)], 'index': 0,
@@ -205,13 +213,23 @@ def export(net, cfg, names, folder, ctx, calibration=None):
     images are given); each appears only when complete."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError('--export %s is a file; give a folder' % folder)
-    onnx_modules()                                 # before any work: the extra must be installed
+    onnx = has_onnx(cfg)
+    if not onnx and calibration:
+        raise UserError('--int8 quantizes the ONNX model, and AP-CNN has none (its ROI selection has no ONNX '
+                        'form); export without --int8')
+    if onnx:
+        onnx_modules()                             # before any work: the extra must be installed
     os.makedirs(folder, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix='.export-', dir=folder)
     try:
         symbol_file, params_file = export_symbol(net, cfg['input_size'], tmp, ctx)
-        export_onnx(symbol_file, params_file, cfg['input_size'], os.path.join(tmp, FILES[2]))
         files = list(FILES)
+        if onnx:
+            export_onnx(symbol_file, params_file, cfg['input_size'], os.path.join(tmp, FILES[2]))
+        else:
+            files.remove(FILES[2])
+            print('AP-CNN: MXNet symbol files only (its in-graph ROI selection has no ONNX form); run them with '
+                  'mx.gluon.SymbolBlock.imports or predict.py on the run folder')
         if calibration:
             quantize_onnx(os.path.join(tmp, FILES[2]), os.path.join(tmp, INT8_FILE), calibration)
             files.insert(3, INT8_FILE)

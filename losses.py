@@ -158,25 +158,35 @@ class VAALoss(gluon.Block):
     primary : bool
         Include L_w. The authors' ``--finetune`` drops it (the backbone, whose output it trains, is
         frozen).
+    mc : mcloss.MutualChannelLoss, optional
+        MC-Loss (``--mc-loss``): :func:`steps.train_step` adds ``mc.weigh(*mc.terms(...))`` on the
+        network's auxiliary outputs to this objective while training. Validation does not evaluate the
+        MC head, so the validation loss stays Eq. 7 alone (as does the logged training loss; the two MC
+        terms are logged beside it).
 
     ``loss(primary_logits, tap_logits, label, mask=None, std_weight=None)`` -> shape (N,), computed in
     the logits' dtype, except that float16 logits (``--amp``) are cast to float32 first.
     """
 
-    def __init__(self, pos_weight=None, neg_weight=None, gamma=0.5, plain_bce=False, primary=True, **kwargs):
+    def __init__(self, pos_weight=None, neg_weight=None, gamma=0.5, plain_bce=False, primary=True, mc=None,
+                 **kwargs):
         super(VAALoss, self).__init__(**kwargs)
         self.primary = bool(primary)
         with self.name_scope():
             self.focal = WeightedFocalLoss(pos_weight, neg_weight, gamma=gamma, plain_bce=plain_bce)
             self.attention = AttentionHistoryLoss(plain_bce=plain_bce)
+            self.mc = mc
 
     def __repr__(self):
         taps = 'plain sigmoid BCE' if self.attention._plain_bce else 'history-weighted BCE (Eqs. 5-6)'
         if not self.primary:
-            return '%s on each tap; no loss on the primary logits (backbone frozen)' % taps
-        if self.focal._plain_bce:
-            return 'plain sigmoid BCE on the primary logits and on each tap (the released code)'
-        return 'weighted focal loss (Eq. 4, gamma %g) on the primary logits + %s on each tap' % (self.focal._gamma, taps)
+            text = '%s on each tap; no loss on the primary logits (backbone frozen)' % taps
+        elif self.focal._plain_bce:
+            text = 'plain sigmoid BCE on the primary logits and on each tap (the released code)'
+        else:
+            text = 'weighted focal loss (Eq. 4, gamma %g) on the primary logits + %s on each tap' % (
+                self.focal._gamma, taps)
+        return text + (' + %r' % self.mc if self.mc is not None else '')
 
     def forward(self, primary, taps, label, mask=None, std_weight=None):  # pylint: disable=arguments-differ
         dtype = np.float32 if primary.dtype == np.float16 else primary.dtype

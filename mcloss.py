@@ -19,6 +19,7 @@ The last feature map's channels are split into one group of xi channels per attr
 ``w_dis * L_dis + w_div * div`` per sample (defaults 1.5 and 20, the authors' current code). The head is
 used only while training, so the CWA mask needs no train/test switch inside the graph.
 """
+import numpy as np
 from mxnet import gluon, nd
 from mxnet.gluon.loss import Loss
 
@@ -102,14 +103,25 @@ class MutualChannelLoss(Loss):
         super().__init__(weight, batch_axis, **kwargs)
         self.dis_weight, self.div_weight, self.mode = float(dis_weight), float(div_weight), mode
 
-    def hybrid_forward(self, F, dis_logits, div, label, mask=None):  # pylint: disable=arguments-differ
-        if self.mode == 'ce':
-            dis = -F.pick(F.log_softmax(dis_logits, axis=-1), label, axis=-1)
-        else:
-            log_p, log_1mp = _log_sigmoids(F, dis_logits)
-            bce = -(label * log_p + (1 - label) * log_1mp)
-            dis = F.mean(bce * mask if mask is not None else bce, axis=-1)
+    def terms(self, dis_logits, div, label, mask=None):
+        """The two unweighted terms per sample, ``(L_dis, div)`` (float32 under ``--amp``), for logging."""
+        dis_logits, div = [a.astype('float32') if a.dtype == np.float16 else a for a in (dis_logits, div)]
+        return self._dis(nd, dis_logits, label.astype(dis_logits.dtype) if self.mode == 'bce' else label,
+                         None if mask is None else mask.astype(dis_logits.dtype)), div
+
+    def weigh(self, dis, div):
+        """``dis_weight * L_dis + div_weight * div``: the MC-Loss term of the objective."""
         return self.dis_weight * dis + self.div_weight * div
+
+    def _dis(self, F, dis_logits, label, mask):
+        if self.mode == 'ce':
+            return -F.pick(F.log_softmax(dis_logits, axis=-1), label, axis=-1)
+        log_p, log_1mp = _log_sigmoids(F, dis_logits)
+        bce = -(label * log_p + (1 - label) * log_1mp)
+        return F.mean(bce * mask if mask is not None else bce, axis=-1)
+
+    def hybrid_forward(self, F, dis_logits, div, label, mask=None):  # pylint: disable=arguments-differ
+        return self.weigh(self._dis(F, dis_logits, label, mask), div)
 
     def __repr__(self):
         return 'MutualChannelLoss(%s, dis x %g, div x %g)' % (self.mode, self.dis_weight, self.div_weight)

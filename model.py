@@ -25,6 +25,7 @@ hybridizes into one graph. The related systems plug in here too: RGA blocks insi
 import collections
 import logging
 import re
+import warnings
 
 import mxnet as mx
 from mxnet import gluon
@@ -77,14 +78,21 @@ class VAANet(ReturnsAttention, gluon.HybridBlock):
     gcn : callable, optional
         ``gcn(feature_width)`` -> an ML-GCN head (``mlgcn.build_gcn``) that replaces the primary Dense
         classifier; ``gcn_pool`` is its global pooling.
+    mc : dict, optional
+        ``xi``, ``drop_rate``: an MC-Loss head (``mcloss.MCHead``) on the map that enters the global
+        pooling, evaluated only while ``return_aux`` is on (training).
 
     ``net(x)`` returns ``(primary_logits, [tap_logits...], fused_logits)``; after
     ``net.return_attention = True`` a fourth element holds the list of attention maps A_i
-    (N x C x H_i x W_i, each map sums to 1).
+    (N x C x H_i x W_i, each map sums to 1); after ``net.return_aux = True`` (MC-Loss, training only)
+    a fourth element holds ``[mc_logits, mc_div]`` (``aux_names``).
     """
 
+    aux_names = ('mc_logits', 'mc_div')
+    _return_aux = False
+
     def __init__(self, backbone='resnet101_v1', num_classes=14, preset='paper', input_size=224,
-                 pretrained=False, taps=None, root=None, rga=None, gcn=None, gcn_pool='max', **kwargs):
+                 pretrained=False, taps=None, root=None, rga=None, gcn=None, gcn_pool='max', mc=None, **kwargs):
         super(VAANet, self).__init__(**kwargs)
         if preset not in PRESETS:
             raise UserError('unknown preset %r: use %s' % (preset, ', '.join(sorted(PRESETS))))
@@ -94,7 +102,7 @@ class VAANet(ReturnsAttention, gluon.HybridBlock):
         self.preset, self.backbone_name, self.num_classes = preset, backbone, num_classes
         self.input_size = input_size
         self.taps = tuple(cfg['taps'] if taps is None else taps)
-        self.rga, self.head_kind = rga, 'gcn' if gcn is not None else 'vaa'
+        self.rga, self.head_kind, self.mc_config = rga, 'gcn' if gcn is not None else 'vaa', mc
         plugins = None
         if rga:
             from rga import rga_blocks
@@ -103,11 +111,17 @@ class VAANet(ReturnsAttention, gluon.HybridBlock):
         with self.name_scope():
             self.backbone = Backbone(backbone, num_classes, self.taps, pretrained, root, input_size,
                                      pool=gcn_pool if gcn is not None else 'avg', output=gcn is None,
-                                     plugins=plugins, prefix='backbone_')
+                                     plugins=plugins, return_final_map=mc is not None, prefix='backbone_')
         self.tap_shapes, feature_shape = self._infer_shapes(input_size)
         with self.name_scope():
             if gcn is not None:
                 self.gcn = gcn(feature_shape[0])
+            if mc is not None:
+                from mcloss import MCHead
+                # evaluated only while training: at evaluation its parameters are rightly unused
+                warnings.filterwarnings('ignore', r'Parameter %smc_\S+ is not used' % re.escape(self.prefix))
+                self.mc = MCHead(num_classes, self.final_shape[0], mc.get('xi', 0), mc.get('drop_rate', 0.4),
+                                 prefix='mc_')
             self.branches = nn.HybridSequential(prefix='')
             self.classifiers = nn.HybridSequential(prefix='')
             for i, shape in enumerate(self.tap_shapes):
@@ -127,13 +141,31 @@ class VAANet(ReturnsAttention, gluon.HybridBlock):
         for tap, shape in zip(self.taps, shapes):
             if min(shape[2:]) < 1:
                 raise UserError('input size %d is too small for tap %s' % (input_size, tap))
-        return [tuple(s[1:]) for s in shapes[:-1]], tuple(shapes[-1][1:])
+        self.final_shape = tuple(shapes[-2][1:]) if self.backbone.return_final_map else None
+        return [tuple(s[1:]) for s in shapes[:len(self.taps)]], tuple(shapes[-1][1:])
+
+    @property
+    def return_aux(self):
+        """When on (training with MC-Loss), ``net(x)`` also returns ``[mc_logits, mc_div]``. Changing it
+        rebuilds the cached graph; it cannot be combined with ``return_attention``."""
+        return self._return_aux
+
+    @return_aux.setter
+    def return_aux(self, value):
+        if value and self.mc_config is None:
+            raise ValueError('this network has no auxiliary outputs (no MC-Loss head)')
+        if bool(value) != self._return_aux:
+            self._return_aux = bool(value)
+            self._clear_cached_op()
 
     @property
     def plugins(self):
         """The related systems switched on in this network (empty for the paper's network)."""
         return (['rga %s after stages %s' % (self.rga['mode'], ','.join(map(str, self.rga.get('stages', (1, 2, 3, 4)))))]
-                if self.rga else []) + (['ML-GCN head'] if self.head_kind == 'gcn' else [])
+                if self.rga else []) + (['ML-GCN head'] if self.head_kind == 'gcn' else []) + (
+                    ['MC-Loss head (%d attributes x %d channels%s)' % (
+                        self.num_classes, self.mc.xi, ', projected' if self.mc.projected else '')]
+                    if self.mc_config is not None else [])
 
     def stage_modules(self):
         """The network's separately trained modules: ``{name: ParameterDict}``.
@@ -141,7 +173,7 @@ class VAANet(ReturnsAttention, gluon.HybridBlock):
         ``backbone``: the model-zoo layers and the new output layer; per tap, the authors' split
         ``stage_N/fconv`` (confidence conv), ``stage_N/fatt`` (attention convs), ``stage_N/fsr``
         (classifier), N = 2, 3, 4 as in their file names (``stage_numbers``); and, when on, ``rga`` (the
-        RGA blocks) and ``gcn`` (the ML-GCN head). Each module gets its own ``gluon.Trainer``
+        RGA blocks), ``gcn`` (the ML-GCN head) and ``mc`` (the MC-Loss head's bias or projection). Each module gets its own ``gluon.Trainer``
         (``trainers.StageTrainers``) and, without plug-ins, its own file in the authors' layout
         (``checkpoints.upstream_files``).
         """
@@ -155,6 +187,8 @@ class VAANet(ReturnsAttention, gluon.HybridBlock):
             modules['rga'] = self.backbone.collect_params(re.escape(self.backbone.prefix) + r'rga\d+_.*')
         if self.head_kind == 'gcn':
             modules['gcn'] = self.gcn.collect_params()
+        if self.mc_config is not None:
+            modules['mc'] = self.mc.collect_params()
         return modules
 
     def primary_params(self):
@@ -164,20 +198,8 @@ class VAANet(ReturnsAttention, gluon.HybridBlock):
         return list(self.backbone.output.collect_params().values())
 
     def freeze_backbone(self, frozen=True, keep_output=False, fix_statistics=False):
-        """Stop (or restart) gradients for the backbone's model-zoo layers and, unless ``keep_output``,
-        the primary classifier (plug-in blocks inside the backbone keep training). A frozen layer's
-        BatchNorm statistics never move (MXNet updates them in the backward pass), but in training mode
-        it would still normalise with each batch's statistics; ``fix_statistics`` makes it use its
-        stored ones, so that the frozen backbone computes in training exactly what it computes at
-        evaluation (the first phase of the paper's schedule). Unfreezing restores batch statistics.
-        The graph is rebuilt at the next call."""
-        params = self.backbone.feature_params() + ([] if keep_output else self.primary_params())
-        for param in params:
-            param.grad_req = 'null' if frozen else 'write'     # (BN running statistics stay 'null')
-        for block in _all_blocks(self.backbone):
-            if isinstance(block, nn.BatchNorm) and block.prefix.startswith(self.backbone.zoo_prefix):
-                block._kwargs['use_global_stats'] = bool(frozen and fix_statistics)  # pylint: disable=protected-access
-        self._clear_cached_op()
+        """:func:`freeze_backbone` on this network."""
+        freeze_backbone(self, frozen, keep_output, fix_statistics)
 
     def rga_attention(self, x):
         """The spatial attention of every RGA block for the batch ``x`` (run block by block, for
@@ -196,7 +218,7 @@ class VAANet(ReturnsAttention, gluon.HybridBlock):
 
     def hybrid_forward(self, F, x):
         outs = self.backbone(x)
-        features, primary = outs[:-1], outs[-1]
+        features, primary = outs[:len(self.taps)], outs[-1]
         if self.head_kind == 'gcn':
             primary = self.gcn(primary)
         tap_logits, maps = [], []
@@ -205,9 +227,30 @@ class VAANet(ReturnsAttention, gluon.HybridBlock):
             tap_logits.append(classifier(attention * confidence))
             maps.append(attention)
         fused = F.add_n(primary, *tap_logits) / (1 + len(tap_logits)) if tap_logits else primary
+        if self._return_attention and self._return_aux:
+            raise ValueError('return_attention and return_aux cannot both be on')
         if self._return_attention:
             return primary, tap_logits, fused, maps
+        if self._return_aux:
+            return primary, tap_logits, fused, list(self.mc(outs[-2]))
         return primary, tap_logits, fused
+
+
+def freeze_backbone(net, frozen=True, keep_output=False, fix_statistics=False):
+    """Stop (or restart) gradients for ``net.backbone``'s model-zoo layers and, unless ``keep_output``,
+    the primary classifier (``net.primary_params()``; plug-in blocks inside the backbone keep training).
+    A frozen layer's BatchNorm statistics never move (MXNet updates them in the backward pass), but in
+    training mode it would still normalise with each batch's statistics; ``fix_statistics`` makes it use
+    its stored ones, so that the frozen backbone computes in training exactly what it computes at
+    evaluation (the first phase of the paper's schedule). Unfreezing restores batch statistics. The graph
+    is rebuilt at the next call."""
+    params = net.backbone.feature_params() + ([] if keep_output else net.primary_params())
+    for param in params:
+        param.grad_req = 'null' if frozen else 'write'     # (BN running statistics stay 'null')
+    for block in _all_blocks(net.backbone):
+        if isinstance(block, nn.BatchNorm) and block.prefix.startswith(net.backbone.zoo_prefix):
+            block._kwargs['use_global_stats'] = bool(frozen and fix_statistics)  # pylint: disable=protected-access
+    net._clear_cached_op()  # pylint: disable=protected-access
 
 
 def use_sync_batchnorm(net, num_devices):
@@ -254,8 +297,14 @@ def initialize(net, ctx=None):
             # default_init, not init: layers that set their own initializer (BN) keep it
             param.initialize(default_init=HEAD_INIT, ctx=ctx)
     # Infer every shape symbolically and allocate now, so loaded weights are shape-checked and the
-    # parameters can be handed to Trainers before the first batch.
+    # parameters can be handed to Trainers before the first batch (with the auxiliary outputs on, so
+    # that the MC head's parameters are in the graph).
+    aux = getattr(net, 'mc_config', None) is not None
+    if aux:
+        net.return_aux = True
     net.infer_shape(mx.nd.zeros((1, 3, net.input_size, net.input_size)))
+    if aux:
+        net.return_aux = False
     for param in params:
         if param._data is None:  # pylint: disable=protected-access
             param._finish_deferred_init()  # pylint: disable=protected-access
@@ -265,7 +314,7 @@ def initialize(net, ctx=None):
 
 def get_vaa_net(backbone='resnet101_v1', num_classes=14, preset='paper', input_size=224,
                 pretrained=False, ctx=None, taps=None, root=None, **plugins):
-    """Build, initialise and place a :class:`VAANet` (``plugins``: its ``rga``, ``gcn``, ``gcn_pool``)."""
+    """Build, initialise and place a :class:`VAANet` (``plugins``: its ``rga``, ``gcn``, ``gcn_pool``, ``mc``)."""
     net = VAANet(backbone, num_classes, preset, input_size, pretrained, taps, root, **plugins)
     return initialize(net, ctx)
 
@@ -283,11 +332,14 @@ def build_net(cfg, ctx=None, pretrained=None, labels=None, mask=None):
 
     Reads ``backbone``, ``num_classes``, ``preset``, ``input_size``, ``taps``, ``pretrained`` and the
     related systems' keys (``rga``, ``rga_stages``, ``rga_ratios``, ``head``, ``gcn_*``,
-    ``backbone_lr_mult``), each off when absent. ``pretrained=False`` overrides the config (weights
+    ``backbone_lr_mult``, ``mc_loss``, ``mc_xi``, ``mc_drop``, ``apcnn_*``), each off when absent.
+    ``head='apcnn'`` builds an :class:`apcnn.APCNNNet` instead. ``pretrained=False`` overrides the config (weights
     about to be loaded from a checkpoint need no ImageNet cache). ``labels``/``mask``: the training
     labels, from which the ML-GCN head builds its label graph (without them it waits for a checkpoint).
     """
     pretrained = cfg.get('pretrained', False) if pretrained is None else pretrained
+    if cfg.get('head', 'vaa') == 'apcnn':
+        return _build_apcnn(cfg, ctx, pretrained)
     plugins = {}
     if cfg.get('rga', 'none') not in (None, 'none'):
         plugins['rga'] = dict(mode=cfg['rga'], stages=_ints(cfg.get('rga_stages', '1,2,3,4')),
@@ -296,6 +348,8 @@ def build_net(cfg, ctx=None, pretrained=None, labels=None, mask=None):
         from mlgcn import build_gcn
         plugins['gcn'] = lambda width: build_gcn(cfg, cfg['num_classes'], width, labels, mask)
         plugins['gcn_pool'] = cfg.get('gcn_pool', 'max')
+    if cfg.get('mc_loss'):
+        plugins['mc'] = dict(xi=int(cfg.get('mc_xi', 0)), drop_rate=float(cfg.get('mc_drop', 0.4)))
     net = get_vaa_net(cfg['backbone'], cfg['num_classes'], cfg['preset'], cfg['input_size'], pretrained, ctx,
                       parse_taps(cfg.get('taps')), **plugins)
     for tap, shape in zip(tap_names(net.backbone_name, net.taps), net.tap_shapes):
@@ -307,10 +361,29 @@ def build_net(cfg, ctx=None, pretrained=None, labels=None, mask=None):
         LOG.warning('RGA at stage 1 (a %dx%d map): its position graph has %d x %d entries and its compression '
                     'costs about %.1f GMAC per image (ResNet-101 at 224: 7.8); --rga-stages 2,3,4 leaves it out',
                     cfg['input_size'] // 4, cfg['input_size'] // 4, n, n, n ** 3 / 4e9)
+    _backbone_lr_mult(net, cfg)
+    return net
+
+
+def _build_apcnn(cfg, ctx, pretrained):
+    from apcnn import APCNNNet
+    net = APCNNNet(cfg['backbone'], cfg['num_classes'], cfg['input_size'], pretrained, preset=cfg['preset'],
+                   topk=_ints(cfg.get('apcnn_topk', '5,3,1')), anchors=_floats(cfg.get('apcnn_anchors', '64,128,256')),
+                   iou=float(cfg.get('apcnn_iou', 0.05)), drop_probs=_floats(cfg.get('apcnn_drop', '0.3,0.3')))
+    initialize(net, ctx)
+    _backbone_lr_mult(net, cfg)
+    return net
+
+
+def _backbone_lr_mult(net, cfg):
+    """``--backbone-lr-mult``: the learning-rate factor of the model-zoo layers."""
     if cfg.get('backbone_lr_mult', 1.0) != 1.0:
         for param in net.backbone.zoo_params(with_output=False):
             param.lr_mult = cfg['backbone_lr_mult']
-    return net
+
+
+def _floats(value):
+    return tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else str(value).split(',')))
 
 
 def _ints(value):

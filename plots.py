@@ -120,6 +120,39 @@ def rga_overlay(image, maps, path):
     plt.close(fig)
 
 
+def apcnn_overlay(image, gates, rois, valid, box, stride, path):
+    """AP-CNN over the image: the three spatial gates (sigmoid values, one colour scale, a colour bar),
+    and on the input the selected ROIs (level 3 / 4 / 5 in green / orange / red) and the union box that
+    stage II zooms into (white, dashed). ``rois`` R x 4 in input pixels, ``valid`` R, ``box`` the union
+    box in cells of the stride-``stride`` map (end excluded). ``image`` is the crop the network saw."""
+    import cv2
+    from matplotlib.patches import Rectangle
+    h, w = image.shape[:2]
+    fig, axes = plt.subplots(1, 4, figsize=(7.2, 2.1), squeeze=False)
+    axes[0, 0].imshow(image)
+    colours = ['lime'] * 5 + ['orange'] * 3 + ['red'] * 1
+    for (x1, y1, x2, y2), ok, colour in zip(rois, valid, colours + ['red'] * max(0, len(rois) - 9)):
+        if ok:
+            axes[0, 0].add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=colour, lw=1))
+    bx1, by1, bx2, by2 = [float(v) * stride for v in box]
+    axes[0, 0].add_patch(Rectangle((bx1, by1), bx2 - bx1, by2 - by1, fill=False, color='white', lw=1.5, ls='--'))
+    axes[0, 0].set_title('ROIs (%d) and zoom box' % int(np.sum(valid)), fontsize=7)
+    for ax, level, gate in zip(axes[0, 1:], (3, 4, 5), gates):
+        ax.imshow(image)
+        tile = cv2.resize(np.asarray(gate, np.float32), (w, h), interpolation=cv2.INTER_NEAREST)
+        shown = ax.imshow(tile, cmap='jet', alpha=0.55, vmin=0, vmax=1, interpolation='nearest')
+        ax.set_title('S%d spatial gate (%dx%d)' % (level, gate.shape[0], gate.shape[1]), fontsize=7)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.subplots_adjust(left=0.02, right=0.9, top=0.85, bottom=0.03, wspace=0.06)
+    bar = fig.add_axes([0.915, 0.12, 0.015, 0.7])
+    fig.colorbar(shown, cax=bar).set_label('gate (sigmoid)', fontsize=7)
+    bar.tick_params(labelsize=6)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def compare_bars(names, aps, labels, frequency, path):
     """Per-attribute AP (%) of several systems side by side, attributes in the given order (most to
     least frequent), with each attribute's positive rate under its name."""

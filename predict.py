@@ -124,6 +124,9 @@ def onnx_scorer(folder, int8):
     import export
     with open(os.path.join(folder, 'model.json')) as f:
         card = json.load(f)
+    if 'onnx' not in card['files']:
+        raise UserError('%s holds no ONNX model (an AP-CNN export: MXNet symbol files only); predict from the run '
+                        'folder instead' % folder)
     name = card['files'].get('onnx_int8') if int8 else card['files']['onnx']
     if name is None:
         raise UserError('%s has no INT8 model; write it with eval.py RUN --export %s --int8' % (folder, folder))

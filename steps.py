@@ -17,32 +17,51 @@ import metrics
 from distributed import split_batch
 from errors import UserError
 
-Step = collections.namedtuple('Step', 'loss logits labels masks')
+Step = collections.namedtuple('Step', 'loss logits labels masks terms')
 
 
 def train_step(net, loss_fn, trainers, history, batch, epoch, ctx):
-    """Train on ``batch`` = (data, label, mask, index); returns a :class:`Step` with the loss summed over
-    the batch (an NDArray of shape (1,) on ``ctx[0]``) and the per-device fused logits, labels and masks.
+    """Train on ``batch`` = (data, label, mask, index); returns a :class:`Step` with the loss of Eq. 7
+    summed over the batch (an NDArray of shape (1,) on ``ctx[0]``), the per-device fused logits, labels
+    and masks, and ``terms``: the batch sums of further terms of the objective (MC-Loss: ``mc_dis``,
+    ``mc_div``, unweighted), ``{}`` without them.
 
-    ``loss_fn``: a ``losses.VAALoss``; ``trainers``: a ``trainers.StageTrainers``; ``history``: the
-    ``losses.PredictionHistory`` of the training split.
+    ``loss_fn``: a ``losses.VAALoss`` (with ``loss_fn.mc``, the network's MC head is evaluated and its
+    weighted terms added to what is minimised); ``trainers``: a ``trainers.StageTrainers``;
+    ``history``: the ``losses.PredictionHistory`` of the training split.
     """
     parts = split_batch(batch, ctx)
     weights = [history.weights(idx, epoch, ctx=x.context) for x, _, _, idx in parts]     # 1 + std_s
-    losses, fused = [], []
+    mc = loss_fn.mc
+    if mc is not None:
+        net.return_aux = True
+    losses, objectives, fused, terms = [], [], [], collections.defaultdict(list)
     with autograd.record():
         for (x, y, m, _), w in zip(parts, weights):
-            primary, taps, f = net(x)[:3]
-            losses.append(loss_fn(primary, taps, y, m, w))                              # Eq. 7
+            outs = net(x)
+            primary, taps, f = outs[:3]
+            loss = loss_fn(primary, taps, y, m, w)                                      # Eq. 7
+            losses.append(loss)
+            if mc is not None:
+                dis, div = mc.terms(outs[3][0], outs[3][1], y, m)
+                loss = loss + mc.weigh(dis, div)                                        # + MC-Loss
+                terms['mc_dis'].append(dis)
+                terms['mc_div'].append(div)
+            objectives.append(loss)
             fused.append(f)
-        scaled = trainers.scale(losses)
+        scaled = trainers.scale(objectives)
     autograd.backward(scaled)
     trainers.step(batch[0].shape[0])
     logits = [f.detach().astype('float32') for f in fused]
     for (_, _, _, idx), f in zip(parts, logits):
         history.update(idx, nd.sigmoid(f), epoch)               # read by the next epochs' weights
-    total = nd.add_n(*[l.sum().as_in_context(ctx[0]) for l in losses])
-    return Step(total, logits, [y for _, y, _, _ in parts], [m for _, _, m, _ in parts])
+    total = _batch_sum(losses, ctx[0])
+    return Step(total, logits, [y for _, y, _, _ in parts], [m for _, _, m, _ in parts],
+                {k: _batch_sum(v, ctx[0]) for k, v in terms.items()})
+
+
+def _batch_sum(arrays, ctx):
+    return nd.add_n(*[a.detach().sum().as_in_context(ctx) for a in arrays])
 
 
 class EpochTotals(object):
@@ -59,11 +78,14 @@ class EpochTotals(object):
             saved['logits'] = np.log(p / (1 - p)).astype(np.float32)
         self.num_classes = num_classes
         self.loss_sum = nd.array([saved.get('loss_sum', 0.0)], ctx=ctx)
+        self.term_sums = {k: nd.array([v], ctx=ctx) for k, v in saved.get('terms', {}).items()}
         self.seen = saved.get('seen', 0)
         self.outputs = {k: [nd.array(saved[k])] if k in saved else [] for k in ('logits', 'labels', 'masks')}
 
     def add(self, step, batch_size):
         self.loss_sum += step.loss
+        for key, value in step.terms.items():
+            self.term_sums[key] = self.term_sums[key] + value if key in self.term_sums else value.copy()
         self.seen += batch_size
         for key, arrays in zip(('logits', 'labels', 'masks'), (step.logits, step.labels, step.masks)):
             self.outputs[key].extend(arrays)
@@ -72,6 +94,10 @@ class EpochTotals(object):
         """The mean loss so far (waits for the device)."""
         return float((self.loss_sum / max(self.seen, 1)).asscalar())
 
+    def mean_terms(self):
+        """``{term: mean per sample}`` of the objective's further terms (MC-Loss), ``{}`` without them."""
+        return {k: float(v.asscalar()) / max(self.seen, 1) for k, v in sorted(self.term_sums.items())}
+
     def arrays(self):
         """``{'logits', 'labels', 'masks'}`` as NumPy arrays (N x C)."""
         return {k: np.concatenate([a.asnumpy() for a in v]) if v else np.zeros((0, self.num_classes), np.float32)
@@ -79,7 +105,8 @@ class EpochTotals(object):
 
     def state(self):
         """Everything needed to continue the epoch: loss sum, samples seen and the NumPy outputs."""
-        return dict(self.arrays(), loss_sum=float(self.loss_sum.asscalar()), seen=self.seen)
+        return dict(self.arrays(), loss_sum=float(self.loss_sum.asscalar()), seen=self.seen,
+                    terms={k: float(v.asscalar()) for k, v in self.term_sums.items()})
 
 
 def predict(net, loader, ctx, loss_fn=None):
@@ -87,6 +114,8 @@ def predict(net, loader, ctx, loss_fn=None):
     labels and masks, and the mean of ``loss_fn`` (the training objective, with history weights 1) when
     given, else NaN."""
     logits, labels, masks, total, count = [], [], [], 0.0, 0
+    if getattr(net, 'return_aux', False):
+        net.return_aux = False                  # the MC head is for training only
     for batch in loader:
         for x, y, m, _ in split_batch(batch, ctx):
             primary, taps, fused = net(x)[:3]

@@ -100,8 +100,12 @@ def get_net(cfg, ctx, train):
 def get_losses(cfg, train, ctx):
     """Eq. 7 with the class priors of the training labels, and the training split's prediction history."""
     pos_weight, neg_weight = class_prior_weights(train.labels, train.mask, cfg['class_weights'])
+    mc = None
+    if cfg.get('mc_loss'):                      # MC-Loss is added to Eq. 7, never replaces it
+        from mcloss import MutualChannelLoss
+        mc = MutualChannelLoss(*config.mc_weights(cfg))
     loss = VAALoss(pos_weight, neg_weight, gamma=cfg['gamma'], plain_bce=cfg['plain_bce'],
-                   primary=not cfg['finetune'])
+                   primary=not cfg['finetune'], mc=mc)
     history = PredictionHistory(len(train), cfg['num_classes'], track=cfg['history_track'],
                                 start_epoch=cfg['history_start'], ctx=ctx[0],
                                 upstream_zero_rows=cfg['history_zero_rows'])
@@ -136,7 +140,8 @@ def restore(run):
              else '', state['lr'], run.cfg['monitor'], 100 * state['best'])
     if not run.batch:
         return None
-    return dict({k: v.asnumpy() for k, v in extra.items()}, loss_sum=state['loss_sum'], seen=state['seen'])
+    return dict({k: v.asnumpy() for k, v in extra.items()}, loss_sum=state['loss_sum'], seen=state['seen'],
+                terms=state.get('terms', {}))
 
 
 def train_epoch(run, epoch, saved, stop):
@@ -152,7 +157,7 @@ def train_epoch(run, epoch, saved, stop):
     for batch in loader:
         step = steps.train_step(run.net, run.loss, run.trainers, run.history, batch, epoch, run.ctx)
         totals.add(step, batch[0].shape[0])
-        guard.add(batch_no, step.loss)
+        guard.add(batch_no, sum(step.terms.values(), step.loss))
         batch_no += 1
         progress.update(batch[0].shape[0], totals.mean_loss)
         if progress.count % progress.interval == 0:
@@ -174,7 +179,8 @@ def save_interrupted(run, epoch, totals, batch_no):
     saved = totals.state()
     history = run.trainers.sync.merged_history(run.history, run.data.sampler.indices)
     extra = {k: saved[k] for k in ('logits', 'labels', 'masks')}
-    run.folder.save('last', run.net, meta(run, epoch, batch_no, loss_sum=saved['loss_sum'], seen=saved['seen']),
+    run.folder.save('last', run.net, meta(run, epoch, batch_no, loss_sum=saved['loss_sum'], seen=saved['seen'],
+                                          terms=saved['terms']),
                     run.trainers.trainers, history, extra)
 
 
@@ -189,6 +195,7 @@ def validate(run, epoch, totals):
     improved = run.schedule.update(epoch, val[run.cfg['monitor']] if finite else float('nan'))
     row = dict(epoch=epoch, lr=run.schedule.lr, train_loss=totals.mean_loss(), val_loss=val_loss,
                train_mAP=train_result['mAP'], val_mAP=val['mAP'], val_mA=val['mA'], val_f1=val['f1'])
+    row.update(('train_' + k, v) for k, v in totals.mean_terms().items())      # MC-Loss: mc_dis, mc_div
     return row, improved, {r['name']: r['ap'] for r in val['per_attribute']}
 
 
@@ -208,6 +215,9 @@ def end_epoch(run, epoch, totals, speed, tic):
     LOG.info('Epoch [%d]: train loss %.4f  val loss %.4f  train mAP %.2f%%  val mAP %.2f%%  val mA %.2f%%  '
              '(%.1f samples/sec, %.0fs)%s', epoch, row['train_loss'], row['val_loss'], 100 * row['train_mAP'],
              100 * row['val_mAP'], 100 * row['val_mA'], speed, row['seconds'], '  * best' if improved else '')
+    if 'train_mc_dis' in row:
+        LOG.info('Epoch [%d]: MC-Loss terms (unweighted, not in the losses above): discriminality %.4f  '
+                 'diversity %.4f', epoch, row['train_mc_dis'], row['train_mc_div'])
     scaling = run.trainers.scaling
     if scaling.skipped:
         LOG.info('AMP: %d step(s) skipped for float16 overflow so far (loss scale %g)', scaling.skipped,

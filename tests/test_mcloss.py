@@ -175,3 +175,106 @@ def test_channel_bookkeeping():
     assert projected.projection.weight.shape == (42, 2048, 1, 1) and projected.used_channels is None
     with pytest.raises(UserError, match='at least 2 channels per attribute.*--mc-xi'):
         MCHead(14, 20)
+
+
+# ------------------------------------------------------------------------------------------------
+# In the network and the training step
+# ------------------------------------------------------------------------------------------------
+
+def _mc_net(hybrid, **mc):
+    from model import build_net
+    cfg = dict(backbone='resnet18_v1', num_classes=4, preset='demo', input_size=48, mc_loss=True, **mc)
+    net = build_net(cfg)
+    if hybrid:
+        net.hybridize(static_alloc=True, static_shape=True)
+    return net
+
+
+@pytest.mark.parametrize('hybrid', [False, True])
+def test_the_mc_head_reads_the_pooled_map_and_leaves_the_predictions_alone(hybrid):
+    """The head sees the map that enters the global pooling (its logits are the CCMP + GAP of that map
+    plus the bias), and the network's outputs are the same with the head on or off, and the same as
+    a network without it holding the same weights."""
+    from model import build_net
+    net = _mc_net(hybrid, mc_drop=0.0)                      # no channel masking: a deterministic head
+    net.mc.bias.set_data(nd.array([0.5, -1.0, 0.25, 0.0]))
+    x = nd.array(np.random.RandomState(0).randn(3, 3, 48, 48))
+    off = [o.asnumpy() for o in _flat(net(x))]
+    net.return_aux = True
+    outs = net(x)
+    on = [o.asnumpy() for o in _flat(outs[:3])]
+    for a, b in zip(off, on):
+        np.testing.assert_array_equal(a, b)
+    fmap = x
+    for segment in net.backbone.segments:
+        fmap = segment(fmap)
+    fmap = net.backbone.head(fmap).asnumpy().astype(np.float64)                   # N, 512, 2, 2
+    xi = 512 // 4
+    groups = fmap[:, :4 * xi].reshape(3, 4, xi, -1)
+    expected = groups.max(axis=2).mean(axis=-1) + [0.5, -1.0, 0.25, 0.0]
+    np.testing.assert_allclose(outs[3][0].asnumpy(), expected, rtol=1e-5, atol=1e-6)
+    soft = np.exp(groups - groups.max(-1, keepdims=True))
+    soft /= soft.sum(-1, keepdims=True)
+    np.testing.assert_allclose(outs[3][1].asnumpy(), 1 - soft.max(axis=2).sum(-1).mean(-1) / xi, rtol=1e-5)
+    net.return_aux = False
+    plain = build_net(dict(backbone='resnet18_v1', num_classes=4, preset='demo', input_size=48))
+    mine = {n[len(net.prefix):]: p for n, p in net.collect_params().items()}
+    for name, param in plain.collect_params().items():
+        param.set_data(mine[name[len(plain.prefix):]].data())
+    for a, b in zip(off, _flat(plain(x))):
+        np.testing.assert_array_equal(a, b.asnumpy())
+    with pytest.raises(ValueError, match='cannot both be on'):
+        net.return_aux = True
+        net.return_attention = True
+        net(x)
+
+
+def _flat(outs):
+    return [outs[0]] + list(outs[1]) + [outs[2]]
+
+
+def test_the_training_step_adds_the_weighted_mc_terms_and_logs_them_unweighted():
+    """train_step with MC-Loss: the logged Eq. 7 loss is unchanged, the logged terms are the NumPy
+    BCE and diversity of the head's outputs, and the head's bias moves by -lr * w_dis * dL_dis/db (the
+    weighted term really is in the backward pass); predict switches the head off again."""
+    import steps
+    from losses import PredictionHistory, VAALoss
+    from trainers import StageTrainers
+    rng = np.random.RandomState(2)
+    net = _mc_net(False, mc_drop=0.0)
+    x = nd.array(rng.randn(4, 3, 48, 48))
+    y = nd.array(rng.randint(0, 2, (4, 4)))
+    m = nd.array(rng.rand(4, 4) > 0.2)
+    with autograd.train_mode():
+        primary, taps, _ = net(x)
+        net.return_aux = True
+        logits, div = [a.asnumpy().astype(np.float64) for a in net(x)[3]]
+        net.return_aux = False
+    vaa = VAALoss(gamma=0.5)
+    expected_vaa = vaa(primary, taps, y, m).sum().asscalar()
+    lr, w_dis, w_div = 0.1, 1.5, 20.0
+    trainers = StageTrainers(net, [mx.cpu()], 'sgd', {'learning_rate': lr})
+    bias = net.mc.bias.data().asnumpy().copy()
+    loss = VAALoss(gamma=0.5, mc=MutualChannelLoss(w_dis, w_div))
+    step = steps.train_step(net, loss, trainers, PredictionHistory(4, 4), (x, y, m, nd.arange(4)), 0, [mx.cpu()])
+    yy, mm = y.asnumpy(), m.asnumpy()
+    bce = -(yy * -np.logaddexp(0, -logits) + (1 - yy) * -np.logaddexp(0, logits))
+    assert step.loss.asscalar() == pytest.approx(expected_vaa, rel=1e-5)
+    assert step.terms['mc_dis'].asscalar() == pytest.approx((bce * mm).mean(1).sum(), rel=1e-5)
+    assert step.terms['mc_div'].asscalar() == pytest.approx(div.sum(), rel=1e-5)
+    grad = w_dis * ((1 / (1 + np.exp(-logits)) - yy) * mm / 4).sum(0) / 4        # batch-mean gradient on b
+    np.testing.assert_allclose(net.mc.bias.data().asnumpy(), bias - lr * grad, rtol=1e-4, atol=1e-7)
+    assert net.return_aux
+    steps.predict(net, [(x, y, m, nd.arange(4))], [mx.cpu()])
+    assert not net.return_aux
+
+
+def test_mc_loss_flags_are_checked_and_kept_in_the_config():
+    import config
+    cfg = config.resolve_config(config.defaults(mc_loss=True, mc_weights='2,10', dataset='demo'))
+    assert config.mc_weights(cfg) == (2.0, 10.0) and 'mc_weights' in config.RESUME_FIXED
+    for flags, message in [(dict(mc_weights='1.5'), 'two numbers'), (dict(mc_weights='a,b'), 'two numbers'),
+                           (dict(mc_drop=1.0), r'--mc-drop must be in \[0, 1\)'), (dict(mc_xi=1), '--mc-xi'),
+                           (dict(finetune=True), '--finetune')]:
+        with pytest.raises(UserError, match=message):
+            config.resolve_config(config.defaults(mc_loss=True, dataset='demo', **flags))
