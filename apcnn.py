@@ -19,7 +19,6 @@ graph; the train/test difference (ROI dropping, energy compensation) comes from 
 mode-aware operator, so it survives ``hybridize()``. Written from the authors' released
 ``model/resnet50.py`` (PRIS-CV/AP-CNN_Pytorch-master); where we differ and why is said below.
 """
-import numpy as np
 import mxnet as mx
 from mxnet import gluon
 from mxnet.gluon import nn
