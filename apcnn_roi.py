@@ -56,6 +56,7 @@ class ROIPyramid(gluon.HybridBlock):
         half = anchor / 2.0
         # "+1" on the far corner: box_nms's areas and intersections become the reference's
         boxes = F.stack(cx - half, cy - half, cx + half + 1, cy + half + 1, axis=1)            # hw, 4
+        gate = F.cast(gate, 'float32')                  # box arithmetic in float32, also under --amp
         score = F.broadcast_mul(F.reshape(gate, (0, -1)), inner)                               # N, hw
         above = F.broadcast_greater(score, F.mean(score, axis=1, keepdims=True))
         score = F.where(above, score, F.ones_like(score) * -1)

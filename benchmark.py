@@ -7,6 +7,7 @@ the data pipeline.
     python benchmark.py --only data                      # just the data pipeline
     python benchmark.py --only inference --backbone resnet50_v1 --preset paper     # CPU inference paths
     python benchmark.py --only inference --accuracy runs/RUN   # + test mAP of each path on a run's data
+    python benchmark.py --only systems --backbone resnet18_v1 --input-size 64 --preset demo   # related systems
 
 Rows (images/sec, higher is better):
 
@@ -28,6 +29,10 @@ Rows (images/sec, higher is better):
   on ``model-int8.onnx`` (``export.quantize_onnx``: QDQ, per-tensor, min/max). Random weights, so
   speed only; ``--accuracy RUN`` adds each path's test mAP on the run's test split, calibrated on 256
   of its training images.
+
+* ``systems`` (``--only systems``): ``ours train`` / ``ours eval`` for plain VAA and for each related
+  system on the same backbone, preset and input (RGA-SC with and without stage 1, the ML-GCN head,
+  MC-Loss, AP-CNN when the input is divisible by 32), each also as a ratio to VAA.
 
 Ratios printed at the end: ours/reference, ours/bare backbone, data/ours train; each inference path
 against fp32 Gluon at the same batch.
@@ -65,15 +70,21 @@ def _timed(step, warmup, iters, sync):
     return (time.time() - start) / iters
 
 
-def bench_ours(args, ctx, x, y, m):
+def bench_ours(args, ctx, x, y, m, **system):
     """What train.py runs: the network of the config, Eq. 7 with history weights, the per-stage Trainers,
-    one ``steps.train_step`` per batch; evaluation is the hybridized forward pass."""
+    one ``steps.train_step`` per batch; evaluation is the hybridized forward pass. ``system``: flags of a
+    related system (``head='apcnn'``, ``mc_loss=True``...)."""
     cfg = config.defaults(backbone=args.backbone, preset=args.preset, input_size=args.input_size,
-                          num_classes=args.classes, dataset=None)
-    net = build_net(cfg, [ctx])
+                          num_classes=args.classes, dataset=None, **system)
+    labels = np.random.RandomState(0).randint(0, 2, (256, args.classes)).astype(np.float32)   # ML-GCN's graph
+    net = build_net(cfg, [ctx], labels=labels, mask=np.ones_like(labels))
     net.hybridize(static_alloc=True, static_shape=True)
     trainers = StageTrainers(net, [ctx], 'sgd', {'learning_rate': 1e-4, 'momentum': 0.9, 'wd': 5e-4})
-    loss = VAALoss(gamma=0.5)
+    mc = None
+    if cfg.get('mc_loss'):
+        from mcloss import MutualChannelLoss
+        mc = MutualChannelLoss(*config.mc_weights(cfg))
+    loss = VAALoss(gamma=0.5, mc=mc)
     loss.hybridize(static_alloc=True, static_shape=True)
     history = PredictionHistory(args.batch * 4, args.classes, start_epoch=0, use_epoch=0, ctx=ctx)
     idx = nd.arange(args.batch, dtype='int64')
@@ -85,10 +96,37 @@ def bench_ours(args, ctx, x, y, m):
         steps.train_step(net, loss, trainers, history, batch, 2, [ctx])
 
     def eval_step():
+        if getattr(net, 'return_aux', False):
+            net.return_aux = False
         net(x)[2].wait_to_read()
     train_s = _timed(train_step, args.warmup, args.iters, nd.waitall)
     eval_s = _timed(eval_step, args.warmup, args.iters, nd.waitall)
     return args.batch / train_s, args.batch / eval_s
+
+
+# The related systems, each against plain VAA on the same backbone, preset and input (--only systems).
+SYSTEMS = (('VAA', {}), ('VAA + RGA-SC at 2,3,4', dict(rga='sc', rga_stages='2,3,4')),
+           ('VAA + RGA-SC at 1,2,3,4', dict(rga='sc', rga_stages='1,2,3,4')), ('ML-GCN head', dict(head='gcn')),
+           ('VAA + MC-Loss', dict(mc_loss=True)), ('AP-CNN', dict(head='apcnn')))
+
+
+def bench_systems(args, ctx):
+    """Train and eval images/sec of each system of :data:`SYSTEMS`, and each relative to VAA."""
+    x = nd.random.normal(shape=(args.batch, 3, args.input_size, args.input_size), ctx=ctx)
+    y = nd.array(np.random.randint(0, 2, (args.batch, args.classes)), ctx=ctx)
+    m = nd.ones_like(y)
+    print('systems: %s, preset %s, input %d, batch %d, %s, OMP_NUM_THREADS=%s' % (
+        args.backbone, args.preset, args.input_size, args.batch, ctx, os.environ.get('OMP_NUM_THREADS')))
+    print('%-28s %12s %12s %10s %10s' % ('', 'train img/s', 'eval img/s', 'train/VAA', 'eval/VAA'))
+    rows = {}
+    for name, system in SYSTEMS:
+        if system.get('head') == 'apcnn' and args.input_size % 32:
+            continue
+        rows[name] = bench_ours(args, ctx, x, y, m, **system)
+        base = rows['VAA']
+        print('%-28s %12.2f %12.2f %9.2fx %9.2fx' % (name, rows[name][0], rows[name][1], rows[name][0] / base[0],
+                                                     rows[name][1] / base[1]))
+    return rows
 
 
 def bench_reference(args, ctx, x, y, m):
@@ -253,7 +291,7 @@ def bench_inference(args, ctx):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--backbone', default='resnet101_v1', help='ResNet v1 backbone')
-    p.add_argument('--preset', default='upstream', choices=['paper', 'upstream'])
+    p.add_argument('--preset', default='upstream', choices=['paper', 'upstream', 'demo'])
     p.add_argument('--input-size', type=int, default=224)
     p.add_argument('--batch', type=int, default=8, help='batch size')
     p.add_argument('--classes', type=int, default=14)
@@ -262,8 +300,9 @@ def main(argv=None):
     p.add_argument('--iters', type=int, default=5, help='timed steps')
     p.add_argument('--workers', type=int, default=os.cpu_count() or 1, help='data-loader workers')
     p.add_argument('--data-images', type=int, default=256, help='images for the data-pipeline rows')
-    p.add_argument('--only', choices=['model', 'data', 'inference'], help='run one part only (inference: '
-                                                                          'CPU paths; not run by default)')
+    p.add_argument('--only', choices=['model', 'data', 'inference', 'systems'],
+                   help='run one part only (inference: CPU paths; systems: VAA and each related system; neither '
+                        'is run by default)')
     p.add_argument('--accuracy', metavar='RUN', help='--only inference: also the test mAP of each path, with '
                                                      'the trained network of RUN')
     p.add_argument('--debug', action='store_true')
@@ -271,6 +310,8 @@ def main(argv=None):
     ctx = mx.gpu(int(args.gpus)) if args.gpus else mx.cpu()
     if args.only == 'inference':
         return report_inference(*bench_inference(args, ctx))
+    if args.only == 'systems':
+        return bench_systems(args, ctx)
     print('benchmark: %s, preset %s, input %d, batch %d, %s, OMP_NUM_THREADS=%s' % (
         args.backbone, args.preset, args.input_size, args.batch, ctx, os.environ.get('OMP_NUM_THREADS')))
     rows = {}

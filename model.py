@@ -119,7 +119,7 @@ class VAANet(ReturnsAttention, gluon.HybridBlock):
             if mc is not None:
                 from mcloss import MCHead
                 # evaluated only while training: at evaluation its parameters are rightly unused
-                warnings.filterwarnings('ignore', r'Parameter %smc_\S+ is not used' % re.escape(self.prefix))
+                warnings.filterwarnings('ignore', r'Parameter (%smc_\S+(, )?)+ is not used' % re.escape(self.prefix))
                 self.mc = MCHead(num_classes, self.final_shape[0], mc.get('xi', 0), mc.get('drop_rate', 0.4),
                                  prefix='mc_')
             self.branches = nn.HybridSequential(prefix='')

@@ -155,6 +155,9 @@ def train_epoch(run, epoch, saved, stop):
     totals = steps.EpochTotals(run.ctx[0], cfg['num_classes'], saved)
     batch_no = start
     for batch in loader:
+        # the draws inside the graph (MC-Loss masks, AP-CNN's ROI drops) depend only on seed, epoch and
+        # batch, so that a resumed run repeats them
+        mx.random.seed((cfg['seed'] * 1000003 + epoch * 10007 + batch_no) % 2 ** 31)
         step = steps.train_step(run.net, run.loss, run.trainers, run.history, batch, epoch, run.ctx)
         totals.add(step, batch[0].shape[0])
         guard.add(batch_no, sum(step.terms.values(), step.loss))

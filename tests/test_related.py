@@ -12,7 +12,8 @@ from errors import UserError
 from tests import fixtures
 
 SYSTEMS = (('vaa', []), ('rga', ['--rga', 'sc']), ('gcn', ['--head', 'gcn']),
-           ('gcn-alone', ['--head', 'gcn', '--taps', 'none']))
+           ('gcn-alone', ['--head', 'gcn', '--taps', 'none']), ('mc', ['--mc-loss']),
+           ('apcnn', ['--head', 'apcnn', '--input-size', '64']))
 
 
 @pytest.fixture(scope='module')
@@ -29,14 +30,19 @@ def related_runs(demo_path, tmp_path_factory):
 def test_each_system_trains_and_its_run_folder_rebuilds_the_same_network(related_runs):
     for name, (out, result) in related_runs.items():
         cfg = json.load(open(os.path.join(out, 'config.json')))
-        assert (cfg['rga'], cfg['head'], cfg['taps']) == {
-            'vaa': ('none', 'vaa', None), 'rga': ('sc', 'vaa', None), 'gcn': ('none', 'gcn', None),
-            'gcn-alone': ('none', 'gcn', 'none')}[name]
+        assert (cfg['rga'], cfg['head'], cfg['taps'], cfg['mc_loss']) == {
+            'vaa': ('none', 'vaa', None, False), 'rga': ('sc', 'vaa', None, False), 'gcn': ('none', 'gcn', None, False),
+            'gcn-alone': ('none', 'gcn', 'none', False), 'mc': ('none', 'vaa', None, True),
+            'apcnn': ('none', 'apcnn', None, False)}[name]
         again = evaluation.main([out, '--limit', '96'])
         assert np.isfinite(result['mAP']) and again['mAP'] == pytest.approx(result['mAP'], abs=1e-9), name
     log = open(os.path.join(related_runs['gcn'][0], 'train.log')).read()
     assert 'label-graph edges' in log and 'onehot (an offline fallback' in log
     assert 'rga sc after stages 1,2,3,4' in open(os.path.join(related_runs['rga'][0], 'train.log')).read()
+    log = open(os.path.join(related_runs['mc'][0], 'train.log')).read()
+    row = json.load(open(os.path.join(related_runs['mc'][0], 'metrics.json')))[-1]
+    assert 'MC-Loss terms' in log and 0 < row['train_mc_div'] < 1 and row['train_mc_dis'] > 0
+    assert 'AP-CNN head' in open(os.path.join(related_runs['apcnn'][0], 'train.log')).read()
 
 
 def test_compare_puts_the_systems_side_by_side(related_runs, tmp_path, capsys):
@@ -45,6 +51,7 @@ def test_compare_puts_the_systems_side_by_side(related_runs, tmp_path, capsys):
     summary = compare.main(sources + ['--limit', '96', '--out', png])
     text = capsys.readouterr().out
     assert 'RGA-SC@1,2,3,4' in text and 'ML-GCN head' in text and 'per-attribute AP' in text
+    assert 'MC-Loss 1.5,20' in text and 'AP-CNN (demo' in text
     assert os.path.isfile(png) and os.path.isfile(png[:-4] + '.json')
     for row, (name, _) in zip(summary, SYSTEMS):
         assert row['mAP'] == pytest.approx(related_runs[name][1]['mAP'], abs=1e-9), name
@@ -52,7 +59,8 @@ def test_compare_puts_the_systems_side_by_side(related_runs, tmp_path, capsys):
     assert summary[1]['params'] > summary[0]['params']               # the RGA blocks add parameters
 
 
-@pytest.mark.parametrize('flags', [['--rga', 'sc', '--rga-stages', '2,3,4'], ['--head', 'gcn', '--gcn-embeddings', 'cooc']])
+@pytest.mark.parametrize('flags', [['--rga', 'sc', '--rga-stages', '2,3,4'], ['--head', 'gcn', '--gcn-embeddings', 'cooc'],
+                                   ['--mc-loss', '--mc-xi', '3'], ['--head', 'apcnn']])
 def test_related_systems_on_a_wider_layout(tmp_path, flags):
     root = str(tmp_path / 'W')
     fixtures.wider(root)

@@ -44,6 +44,17 @@ def test_resume_gives_the_same_run(straight_run, demo_path, tmp_path):
     assert resumed['mAP'] == result['mAP'] and resumed['per_attribute'] == result['per_attribute']
 
 
+@pytest.mark.parametrize('flags', [['--mc-loss'], ['--head', 'apcnn', '--input-size', '64']])
+def test_resume_repeats_the_random_draws_inside_the_graph(demo_path, tmp_path, flags):
+    """MC-Loss masks and AP-CNN's ROI drops are drawn in the graph: a resumed run draws the same ones."""
+    tiny = TINY + ['--limit', '48'] + flags
+    straight, part = str(tmp_path / 'straight'), str(tmp_path / 'part')
+    train.main(['--data_path', demo_path, '--out', straight, '--epochs', '2'] + tiny)
+    train.main(['--data_path', demo_path, '--out', part, '--epochs', '1'] + tiny)
+    train.main(['--resume', part, '--epochs', '2'])
+    assert _rows(part) == _rows(straight)
+
+
 def test_sigterm_mid_epoch_leaves_a_checkpoint_that_resumes_exactly(straight_run, demo_path, tmp_path):
     out, result = straight_run
     run = str(tmp_path / 'killed')
