@@ -24,7 +24,7 @@ from mxnet import gluon
 from mxnet.gluon import nn
 
 from attention import ReturnsAttention
-from backbone import Backbone
+from backbone import Backbone, freeze_backbone
 from errors import UserError
 
 CONV_INIT = mx.init.MSRAPrelu(factor_type='out', slope=0)          # normal(0, sqrt(2 / (k * k * out)))
@@ -228,8 +228,14 @@ class APCNNNet(ReturnsAttention, gluon.HybridBlock):
         return list(self.cls_concate.collect_params().values())
 
     def freeze_backbone(self, frozen=True, keep_output=False, fix_statistics=False):
-        from model import freeze_backbone
+        """:func:`backbone.freeze_backbone` on this network (its primary classifier: ``cls_concate``)."""
         freeze_backbone(self, frozen, keep_output, fix_statistics)
+
+    @staticmethod
+    def stage_logits(primary, taps):
+        """``{'stage I': ..., 'stage II': ...}``: each pass's own prediction (the mean of its four logits),
+        reported beside the fused one (AP-CNN's output is their mean)."""
+        return {'stage I': (primary + taps[0] + taps[1] + taps[2]) / 4, 'stage II': sum(taps[3:]) / 4}
 
     def _stage(self, F, b3, b4, b5):
         """The four logits of one stage and its spatial gates."""

@@ -256,3 +256,32 @@ class Backbone(gluon.HybridBlock):
             return tuple(taps) + final + (x,)
         pooled = self.pool(x)
         return tuple(taps) + final + (self.output(pooled) if self.output is not None else F.flatten(pooled),)
+
+
+def freeze_backbone(net, frozen=True, keep_output=False, fix_statistics=False):
+    """Stop (or restart) gradients for ``net.backbone``'s model-zoo layers and, unless ``keep_output``,
+    the primary classifier (``net.primary_params()``; plug-in blocks inside the backbone keep training).
+    A frozen layer's BatchNorm statistics never move (MXNet updates them in the backward pass), but in
+    training mode it would still normalise with each batch's statistics; ``fix_statistics`` makes it use
+    its stored ones, so that the frozen backbone computes in training exactly what it computes at
+    evaluation (the first phase of the paper's schedule). Unfreezing restores batch statistics. The graph
+    is rebuilt at the next call."""
+    params = net.backbone.feature_params() + ([] if keep_output else net.primary_params())
+    for param in params:
+        param.grad_req = 'null' if frozen else 'write'     # (BN running statistics stay 'null')
+    for block in all_blocks(net.backbone):
+        if isinstance(block, nn.BatchNorm) and block.prefix.startswith(net.backbone.zoo_prefix):
+            block._kwargs['use_global_stats'] = bool(frozen and fix_statistics)  # pylint: disable=protected-access
+    net._clear_cached_op()  # pylint: disable=protected-access
+
+
+def all_blocks(block, seen=None):
+    """``block`` and every block below it, each once."""
+    seen = set() if seen is None else seen
+    if id(block) in seen:
+        return []
+    seen.add(id(block))
+    out = [block]
+    for child in block._children.values():  # pylint: disable=protected-access
+        out.extend(all_blocks(child, seen))
+    return out

@@ -112,6 +112,8 @@ def report_split(net, cfg, names, split, ctx, source, out=None, compare=None):
            split, per_attribute)
     if compare == 'paper':
         print(paper_line(result, cfg['dataset']))
+    if steps.stage_line(result):
+        print(steps.stage_line(result))
     print('chance mAP from the label priors: %.2f; written %s' % (100 * result['chance_mAP'], out))
     return result
 

@@ -32,7 +32,7 @@ from mxnet import gluon
 from mxnet.gluon import nn
 
 from attention import HEAD_INIT, AttentionBranch, AttentionClassifier, ReturnsAttention
-from backbone import Backbone, tap_names
+from backbone import Backbone, all_blocks, freeze_backbone, tap_names
 from errors import UserError
 
 LOG = logging.getLogger('vaa')
@@ -236,30 +236,13 @@ class VAANet(ReturnsAttention, gluon.HybridBlock):
         return primary, tap_logits, fused
 
 
-def freeze_backbone(net, frozen=True, keep_output=False, fix_statistics=False):
-    """Stop (or restart) gradients for ``net.backbone``'s model-zoo layers and, unless ``keep_output``,
-    the primary classifier (``net.primary_params()``; plug-in blocks inside the backbone keep training).
-    A frozen layer's BatchNorm statistics never move (MXNet updates them in the backward pass), but in
-    training mode it would still normalise with each batch's statistics; ``fix_statistics`` makes it use
-    its stored ones, so that the frozen backbone computes in training exactly what it computes at
-    evaluation (the first phase of the paper's schedule). Unfreezing restores batch statistics. The graph
-    is rebuilt at the next call."""
-    params = net.backbone.feature_params() + ([] if keep_output else net.primary_params())
-    for param in params:
-        param.grad_req = 'null' if frozen else 'write'     # (BN running statistics stay 'null')
-    for block in _all_blocks(net.backbone):
-        if isinstance(block, nn.BatchNorm) and block.prefix.startswith(net.backbone.zoo_prefix):
-            block._kwargs['use_global_stats'] = bool(frozen and fix_statistics)  # pylint: disable=protected-access
-    net._clear_cached_op()  # pylint: disable=protected-access
-
-
 def use_sync_batchnorm(net, num_devices):
     """Swap every BatchNorm of ``net`` for a SyncBatchNorm over ``num_devices`` devices, keeping the same
     parameters (so weights load and save unchanged); statistics are then computed over the whole batch
     instead of each device's slice. Call before hybridizing."""
     from mxnet.gluon.contrib.nn import SyncBatchNorm
     swapped = 0
-    for block in _all_blocks(net):
+    for block in all_blocks(net):
         for key, child in list(block._children.items()):  # pylint: disable=protected-access
             if isinstance(child, nn.BatchNorm) and not isinstance(child, SyncBatchNorm):
                 kwargs = dict(child._kwargs)  # pylint: disable=protected-access
@@ -273,17 +256,6 @@ def use_sync_batchnorm(net, num_devices):
                 swapped += 1
     net._clear_cached_op()  # pylint: disable=protected-access
     return swapped
-
-
-def _all_blocks(block, seen=None):
-    seen = set() if seen is None else seen
-    if id(block) in seen:
-        return []
-    seen.add(id(block))
-    out = [block]
-    for child in block._children.values():  # pylint: disable=protected-access
-        out.extend(_all_blocks(child, seen))
-    return out
 
 
 def initialize(net, ctx=None):

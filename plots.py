@@ -93,6 +93,19 @@ def attention_overlay(image, maps, names, probs, path, tap_names=None):
     plt.close(fig)
 
 
+def _save_tiles(fig, axes, shown, label, path):
+    """A row of image tiles without ticks, with a colour bar for ``shown`` named ``label``, saved."""
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.subplots_adjust(left=0.02, right=0.9, top=0.85, bottom=0.03, wspace=0.06)
+    bar = fig.add_axes([0.915, 0.12, 0.015, 0.7])
+    fig.colorbar(shown, cax=bar).set_label(label, fontsize=7)
+    bar.tick_params(labelsize=6)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def rga_overlay(image, maps, path):
     """The spatial attention of every RGA module over the image: ``maps`` [(name, H x W)], each shown as
     a multiple of its mean (1 = no preference), on one colour scale with a colour bar."""
@@ -109,15 +122,7 @@ def rga_overlay(image, maps, path):
         ax.imshow(image)
         shown = ax.imshow(np.clip(tile, low, top), cmap='jet', alpha=0.55, vmin=low, vmax=top, interpolation='nearest')
         ax.set_title('%s spatial (%dx%d)' % (name, m.shape[0], m.shape[1]), fontsize=7)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.subplots_adjust(left=0.02, right=0.9, top=0.85, bottom=0.03, wspace=0.06)
-    bar = fig.add_axes([0.915, 0.12, 0.015, 0.7])
-    fig.colorbar(shown, cax=bar).set_label('attention (x mean)', fontsize=7)
-    bar.tick_params(labelsize=6)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_tiles(fig, axes, shown, 'attention (x mean)', path)
 
 
 def apcnn_overlay(image, gates, rois, valid, box, stride, path):
@@ -142,15 +147,7 @@ def apcnn_overlay(image, gates, rois, valid, box, stride, path):
         tile = cv2.resize(np.asarray(gate, np.float32), (w, h), interpolation=cv2.INTER_NEAREST)
         shown = ax.imshow(tile, cmap='jet', alpha=0.55, vmin=0, vmax=1, interpolation='nearest')
         ax.set_title('S%d spatial gate (%dx%d)' % (level, gate.shape[0], gate.shape[1]), fontsize=7)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.subplots_adjust(left=0.02, right=0.9, top=0.85, bottom=0.03, wspace=0.06)
-    bar = fig.add_axes([0.915, 0.12, 0.015, 0.7])
-    fig.colorbar(shown, cax=bar).set_label('gate (sigmoid)', fontsize=7)
-    bar.tick_params(labelsize=6)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_tiles(fig, axes, shown, 'gate (sigmoid)', path)
 
 
 def compare_bars(names, aps, labels, frequency, path):

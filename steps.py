@@ -6,7 +6,8 @@
 * :class:`EpochTotals`: what an epoch accumulates (loss sum, sample count, predictions, labels, masks),
   also what an interrupted epoch saves and a resumed one starts from.
 * :func:`predict`: the fused logits over a whole loader, and the same objective (weights 1).
-* :func:`evaluate`: :func:`predict` scored with every metric of ``metrics.py``.
+* :func:`evaluate`: :func:`predict` scored with every metric of ``metrics.py`` (and AP-CNN's two
+  stages alone, :func:`stage_line`).
 """
 import collections
 
@@ -109,32 +110,50 @@ class EpochTotals(object):
                     terms={k: float(v.asscalar()) for k, v in self.term_sums.items()})
 
 
-def predict(net, loader, ctx, loss_fn=None):
+def predict(net, loader, ctx, loss_fn=None, stages=None):
     """The fused logits for a whole split (float64 NumPy; rank by them, threshold their sigmoid), with
     labels and masks, and the mean of ``loss_fn`` (the training objective, with history weights 1) when
-    given, else NaN."""
+    given, else NaN. ``stages``: a dict that receives ``{name: logits}`` of each stage of a network that
+    has them (``net.stage_logits``: AP-CNN's two passes)."""
     logits, labels, masks, total, count = [], [], [], 0.0, 0
+    parts = collections.defaultdict(list)
     if getattr(net, 'return_aux', False):
         net.return_aux = False                  # the MC head is for training only
     for batch in loader:
         for x, y, m, _ in split_batch(batch, ctx):
             primary, taps, fused = net(x)[:3]
             logits.append(fused)
+            if stages is not None and hasattr(net, 'stage_logits'):
+                for name, value in net.stage_logits(primary, taps).items():
+                    parts[name].append(value)
             labels.append(y)
             masks.append(m)
             if loss_fn is not None:
                 total += float(loss_fn(primary, taps, y, m).sum().asscalar())
                 count += x.shape[0]
     to_np = lambda arrs: np.concatenate([a.asnumpy() for a in arrs]) if arrs else np.zeros((0, 0))
+    if stages is not None:
+        stages.update({name: to_np(v).astype(np.float64) for name, v in parts.items()})
     return to_np(logits).astype(np.float64), to_np(labels), to_np(masks), (total / count if count else float('nan'))
 
 
 def evaluate(net, loader, ctx, names):
     """Every metric of ``metrics.evaluate`` on a split, plus the chance-level mAP of its labels."""
-    logits, labels, masks, _ = predict(net, loader, ctx)
+    stages = {}
+    logits, labels, masks, _ = predict(net, loader, ctx, stages=stages)
     if not np.isfinite(logits).all():
         raise UserError('the network gives inf/NaN outputs for %d of %d samples: its weights are broken (a diverged '
                         'run?); evaluate another checkpoint' % ((~np.isfinite(logits)).any(1).sum(), len(logits)))
     result = metrics.evaluate(logits, labels, masks, names)
     result['chance_mAP'] = metrics.chance_map(labels, masks)
+    if stages:                                  # AP-CNN: each pass alone, beside the fused prediction
+        result['stage_mAP'] = {k: metrics.evaluate(v, labels, masks, names)['mAP'] for k, v in stages.items()}
     return result
+
+
+def stage_line(result):
+    """One line with each stage's own mAP (AP-CNN), or None."""
+    if not result.get('stage_mAP'):
+        return None
+    return 'each stage alone: %s (the prediction averages them: mAP %.2f)' % (
+        ', '.join('%s mAP %.2f' % (k, 100 * v) for k, v in sorted(result['stage_mAP'].items())), 100 * result['mAP'])

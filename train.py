@@ -241,6 +241,8 @@ def test(run):
     inference.report(result, os.path.join(run.folder.path, 'test_metrics.json'), os.path.join(
         run.folder.path, 'test_ap.png'), 'Test split, best checkpoint (epoch %d of %s):' % (epoch, run.folder.path),
         'test (epoch %d)' % epoch, show=LOG.info)
+    if steps.stage_line(result):
+        LOG.info(steps.stage_line(result))
     LOG.info('test mAP %.2f%% (chance level from the label priors: %.2f%%); run folder %s', 100 * result['mAP'],
              100 * result['chance_mAP'], run.folder.path)
     return result

@@ -312,6 +312,14 @@ def test_network_shapes_and_the_project_contract(backbone, size):
     primary, taps, fused = net(x)
     assert primary.shape == (2, 4) and len(taps) == 7 and all(t.shape == (2, 4) for t in taps)
     np.testing.assert_allclose(fused.asnumpy(), (primary + nd.add_n(*taps)).asnumpy() / 8, rtol=1e-5, atol=1e-6)
+    stages = net.stage_logits(primary, taps)          # each pass's own prediction: stage II sees the zoom
+    net.return_attention = True
+    second = net(x)
+    net.return_attention = False
+    np.testing.assert_allclose(stages['stage I'].asnumpy(), (second[0] + nd.add_n(*second[1][:3])).asnumpy() / 4,
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose((stages['stage I'] + stages['stage II']).asnumpy() / 2, fused.asnumpy(), rtol=1e-5,
+                               atol=1e-6)
     modules = net.stage_modules()
     assert list(modules) == ['backbone', 'apcnn/fpn', 'apcnn/apn', 'apcnn/cls']
     names = [set(m.keys()) for m in modules.values()]

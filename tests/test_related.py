@@ -42,7 +42,27 @@ def test_each_system_trains_and_its_run_folder_rebuilds_the_same_network(related
     log = open(os.path.join(related_runs['mc'][0], 'train.log')).read()
     row = json.load(open(os.path.join(related_runs['mc'][0], 'metrics.json')))[-1]
     assert 'MC-Loss terms' in log and 0 < row['train_mc_div'] < 1 and row['train_mc_dis'] > 0
-    assert 'AP-CNN head' in open(os.path.join(related_runs['apcnn'][0], 'train.log')).read()
+    log = open(os.path.join(related_runs['apcnn'][0], 'train.log')).read()
+    assert 'AP-CNN head' in log and 'each stage alone: stage I mAP' in log
+    assert set(related_runs['apcnn'][1]['stage_mAP']) == {'stage I', 'stage II'}
+
+
+def test_apcnn_overlays_draw_the_gates_and_the_rois_the_network_chose(related_runs, tmp_path, capsys):
+    import cv2
+    from unittest import mock
+    from datasets import digits
+    out = related_runs['apcnn'][0]
+    ds = digits.DigitsCanvas(json.load(open(os.path.join(out, 'config.json')))['data_path'], 'test')
+    img = str(tmp_path / 'canvas.png')
+    cv2.imwrite(img, ds.images[0][:, :, ::-1])
+    import plots
+    with mock.patch.object(plots, 'apcnn_overlay', wraps=plots.apcnn_overlay) as drawn:
+        written = evaluation.main([out, '--image', img, '--out-dir', str(tmp_path / 'att')])
+    assert os.path.isfile(written[0]) and 'AP-CNN gates and ROIs' in capsys.readouterr().out
+    _, gates, rois, valid, box, stride, _ = drawn.call_args[0]
+    assert [g.shape for g in gates] == [(8, 8), (4, 4), (2, 2)] and rois.shape == (9, 4) and stride == 8
+    assert valid.sum() >= 1 and (rois[valid > 0] >= 0).all() and (rois[valid > 0] <= 63).all()
+    assert 0 <= box[0] < box[2] <= 8 and 0 <= box[1] < box[3] <= 8
 
 
 def test_compare_puts_the_systems_side_by_side(related_runs, tmp_path, capsys):
