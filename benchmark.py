@@ -70,10 +70,10 @@ def _timed(step, warmup, iters, sync):
     return (time.time() - start) / iters
 
 
-def bench_ours(args, ctx, x, y, m, **system):
-    """What train.py runs: the network of the config, Eq. 7 with history weights, the per-stage Trainers,
-    one ``steps.train_step`` per batch; evaluation is the hybridized forward pass. ``system``: flags of a
-    related system (``head='apcnn'``, ``mc_loss=True``...)."""
+def ours_steps(args, ctx, x, y, m, **system):
+    """What train.py runs, as two callables (train step, eval step): the network of the config, Eq. 7 with
+    history weights, the per-stage Trainers, one ``steps.train_step`` per batch; evaluation is the
+    hybridized forward pass. ``system``: flags of a related system (``head='apcnn'``, ``mc_loss=True``...)."""
     cfg = config.defaults(backbone=args.backbone, preset=args.preset, input_size=args.input_size,
                           num_classes=args.classes, dataset=None, **system)
     labels = np.random.RandomState(0).randint(0, 2, (256, args.classes)).astype(np.float32)   # ML-GCN's graph
@@ -99,6 +99,12 @@ def bench_ours(args, ctx, x, y, m, **system):
         if getattr(net, 'return_aux', False):
             net.return_aux = False
         net(x)[2].wait_to_read()
+    return train_step, eval_step
+
+
+def bench_ours(args, ctx, x, y, m, **system):
+    """Images/sec of :func:`ours_steps`: (train, eval)."""
+    train_step, eval_step = ours_steps(args, ctx, x, y, m, **system)
     train_s = _timed(train_step, args.warmup, args.iters, nd.waitall)
     eval_s = _timed(eval_step, args.warmup, args.iters, nd.waitall)
     return args.batch / train_s, args.batch / eval_s
@@ -111,21 +117,28 @@ SYSTEMS = (('VAA', {}), ('VAA + RGA-SC at 2,3,4', dict(rga='sc', rga_stages='2,3
 
 
 def bench_systems(args, ctx):
-    """Train and eval images/sec of each system of :data:`SYSTEMS`, and each relative to VAA."""
+    """Train and eval images/sec of each system of :data:`SYSTEMS`, and each relative to VAA: every
+    network is built first, then timed in ``--rounds`` interleaved rounds, and the median round is
+    reported (on a shared machine the speed drifts by 10-20% over minutes; interleaving spreads the
+    drift over all systems alike)."""
     x = nd.random.normal(shape=(args.batch, 3, args.input_size, args.input_size), ctx=ctx)
     y = nd.array(np.random.randint(0, 2, (args.batch, args.classes)), ctx=ctx)
     m = nd.ones_like(y)
-    print('systems: %s, preset %s, input %d, batch %d, %s, OMP_NUM_THREADS=%s' % (
-        args.backbone, args.preset, args.input_size, args.batch, ctx, os.environ.get('OMP_NUM_THREADS')))
+    print('systems: %s, preset %s, input %d, batch %d, %s, OMP_NUM_THREADS=%s, median of %d rounds of %d steps' % (
+        args.backbone, args.preset, args.input_size, args.batch, ctx, os.environ.get('OMP_NUM_THREADS'),
+        args.rounds, args.iters))
+    built = [(name, ours_steps(args, ctx, x, y, m, **system)) for name, system in SYSTEMS
+             if not (system.get('head') == 'apcnn' and args.input_size % 32)]
+    times = {name: ([], []) for name, _ in built}
+    for _ in range(args.rounds):
+        for name, step_fns in built:
+            for seconds, step in zip(times[name], step_fns):
+                seconds.append(_timed(step, args.warmup, args.iters, nd.waitall))
+    rows = {name: tuple(args.batch / float(np.median(t)) for t in times[name]) for name, _ in built}
     print('%-28s %12s %12s %10s %10s' % ('', 'train img/s', 'eval img/s', 'train/VAA', 'eval/VAA'))
-    rows = {}
-    for name, system in SYSTEMS:
-        if system.get('head') == 'apcnn' and args.input_size % 32:
-            continue
-        rows[name] = bench_ours(args, ctx, x, y, m, **system)
-        base = rows['VAA']
-        print('%-28s %12.2f %12.2f %9.2fx %9.2fx' % (name, rows[name][0], rows[name][1], rows[name][0] / base[0],
-                                                     rows[name][1] / base[1]))
+    for name, (train, evaluation) in rows.items():
+        print('%-28s %12.2f %12.2f %9.2fx %9.2fx' % (name, train, evaluation, train / rows['VAA'][0],
+                                                     evaluation / rows['VAA'][1]))
     return rows
 
 
@@ -298,6 +311,7 @@ def main(argv=None):
     p.add_argument('--gpus', help="GPU id, e.g. '0'; CPU when not given")
     p.add_argument('--warmup', type=int, default=2, help='untimed steps first')
     p.add_argument('--iters', type=int, default=5, help='timed steps')
+    p.add_argument('--rounds', type=int, default=3, help='--only systems: interleaved rounds (the median is shown)')
     p.add_argument('--workers', type=int, default=os.cpu_count() or 1, help='data-loader workers')
     p.add_argument('--data-images', type=int, default=256, help='images for the data-pipeline rows')
     p.add_argument('--only', choices=['model', 'data', 'inference', 'systems'],
@@ -307,6 +321,9 @@ def main(argv=None):
                                                      'the trained network of RUN')
     p.add_argument('--debug', action='store_true')
     args = p.parse_args(argv)
+    for flag, least in (('batch', 1), ('iters', 1), ('rounds', 1), ('data_images', 1), ('warmup', 0), ('workers', 0)):
+        if getattr(args, flag) < least:
+            p.error('--%s must be at least %d, got %d' % (flag.replace('_', '-'), least, getattr(args, flag)))
     ctx = mx.gpu(int(args.gpus)) if args.gpus else mx.cpu()
     if args.only == 'inference':
         return report_inference(*bench_inference(args, ctx))
