@@ -95,9 +95,11 @@ class RGAModule(ReturnsAttention, gluon.HybridBlock):
         theta = F.reshape(self.theta_s(x), shape=(0, 0, -1))                 # B x C' x N
         phi = F.reshape(self.phi_s(x), shape=(0, 0, -1))
         relations = F.batch_dot(theta, phi, transpose_a=True)                  # B x N x N, G_s[i, j] = r_ij
-        incoming = F.reshape(F.swapaxes(relations, 1, 2), shape=(0, n, h, w))   # ch p at q: r_qp
-        outgoing = F.reshape(relations, shape=(0, n, h, w))                    # ch p at q: r_pq
-        joint = self.gg_s(F.concat(incoming, outgoing, dim=1))                 # B x N/r x H x W
+        # Channel p at position q: r_qp (incoming), then r_pq (outgoing). Stacked before the reshape to a
+        # map: MXNet 1.9's oneDNN cannot split the gradient of a 4-D concat of two N-channel maps for some
+        # N (196 = 14 x 14, ResNet stage 3 at 224 pixels: "could not construct a sub-memory").
+        stacked = F.concat(F.swapaxes(relations, 1, 2), relations, dim=1)       # B x 2N x N
+        joint = self.gg_s(F.reshape(stacked, shape=(0, 2 * n, h, w)))         # B x N/r x H x W
         own = F.mean(self.gx_s(x), axis=1, keepdims=True)                      # B x 1 x H x W
         attention = F.sigmoid(self.W_s(F.concat(own, joint, dim=1)))           # B x 1 x H x W
         return F.broadcast_mul(attention, x), attention
@@ -110,9 +112,8 @@ class RGAModule(ReturnsAttention, gluon.HybridBlock):
         theta = F.swapaxes(F.reshape(self.theta_c(nodes), shape=(0, 0, -1)), 1, 2)          # B x C x N'
         phi = F.reshape(self.phi_c(nodes), shape=(0, 0, -1))                  # B x N' x C
         relations = F.batch_dot(theta, phi)                                    # B x C x C
-        incoming = F.expand_dims(F.swapaxes(relations, 1, 2), axis=2)
-        outgoing = F.expand_dims(relations, axis=2)
-        joint = self.gg_c(F.concat(incoming, outgoing, dim=1))                 # B x C/s x 1 x C
+        stacked = F.concat(F.swapaxes(relations, 1, 2), relations, dim=1)       # B x 2C x C (as in _spatial)
+        joint = self.gg_c(F.expand_dims(stacked, axis=2))                     # B x C/s x 1 x C
         own = F.mean(self.gx_c(nodes), axis=1, keepdims=True)                  # B x 1 x 1 x C
         weights = self.W_c(F.concat(own, joint, dim=1))                        # B x 1 x 1 x C
         attention = F.sigmoid(F.swapaxes(weights, 1, 3))                       # B x C x 1 x 1
