@@ -24,7 +24,7 @@ from mxnet import gluon
 from mxnet.gluon import nn
 
 from attention import ReturnsAttention
-from backbone import Backbone, freeze_backbone
+from backbone import Backbone, BatchNorm1D, freeze_backbone
 from errors import UserError
 
 CONV_INIT = mx.init.MSRAPrelu(factor_type='out', slope=0)          # normal(0, sqrt(2 / (k * k * out)))
@@ -144,9 +144,10 @@ class APClassifier(gluon.HybridBlock):
         self.pool = pool
         with self.name_scope():
             self.body = nn.HybridSequential(prefix='')
-            self.body.add(nn.BatchNorm(in_channels=in_units), nn.Dense(hidden, in_units=in_units,
-                                                                         weight_initializer=LINEAR_INIT),
-                          nn.BatchNorm(in_channels=hidden), nn.ELU(),
+            # BatchNorm1D: the oneDNN-safe BatchNorm for vectors (see backbone.BatchNorm1D: the AVX-512 crash)
+            self.body.add(BatchNorm1D(in_channels=in_units), nn.Dense(hidden, in_units=in_units,
+                                                                        weight_initializer=LINEAR_INIT),
+                          BatchNorm1D(in_channels=hidden), nn.ELU(),
                           nn.Dense(num_classes, in_units=hidden, weight_initializer=LINEAR_INIT))
 
     def hybrid_forward(self, F, x):

@@ -64,6 +64,32 @@ def load_pretrained(zoo_net, name, root=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# A BatchNorm for feature vectors that runs on every CPU
+# ----------------------------------------------------------------------------------------------
+
+class BatchNorm1D(nn.BatchNorm):
+    """``nn.BatchNorm`` for (N, C) feature vectors (PyTorch's ``BatchNorm1d``), computed on the same
+    numbers viewed as (N, C, 1, 1) maps.
+
+    MXNet 1.9.1's oneDNN BatchNorm at the AVX-512 level crashes (segmentation fault, inference mode) on a
+    2-D input when a BatchNorm with the same number of channels has already run on (N, C, 1, 1) maps in
+    channels-last layout (the output of a 1x1 convolution there: AP-CNN's pooled pyramid branch before its
+    classifiers' BatchNorms). Its cached kernel is reused for the 2-D array. A 4-D input with the same
+    numbers takes the 4-D path, which is correct on every ISA level. The result, the parameters and
+    their names are those of ``nn.BatchNorm`` (checkpoints are unchanged); it costs two reshapes.
+    """
+
+    def _alias(self):
+        return 'batchnorm'          # the automatic names of nn.BatchNorm: batchnorm0_gamma...
+
+    def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var):
+        # pylint: disable=arguments-differ
+        maps = F.reshape(x, shape=(0, 0, 1, 1))
+        out = super(BatchNorm1D, self).hybrid_forward(F, maps, gamma, beta, running_mean, running_var)
+        return F.reshape(out, shape=(0, 0))
+
+
+# ----------------------------------------------------------------------------------------------
 # Backbone with taps
 # ----------------------------------------------------------------------------------------------
 

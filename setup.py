@@ -16,10 +16,10 @@ setup(
     long_description=open('README.md').read(),
     long_description_content_type='text/markdown',
     python_requires='>=3.8,<3.12',
-    py_modules=['apcnn', 'apcnn_roi', 'attention', 'backbone', 'benchmark', 'checkpoints', 'compare', 'config',
-                'distributed', 'errors', 'eval', 'export', 'inference', 'launch', 'losses', 'mcloss', 'metrics',
-                'mixed_precision', 'mlgcn', 'model', 'plots', 'predict', 'rga', 'runfolder', 'steps', 'train',
-                'trainers', 'upstream_reference'],
+    py_modules=['apcnn', 'apcnn_roi', 'attention', 'backbone', 'benchmark', 'checkpoints', 'compare',
+                'config', 'distributed', 'errors', 'eval', 'export', 'inference', 'launch', 'losses',
+                'machine', 'mcloss', 'metrics', 'mixed_precision', 'mlgcn', 'model', 'plots',
+                'predict', 'rga', 'runfolder', 'steps', 'train', 'trainers', 'upstream_reference'],
     packages=find_packages(include=['datasets', 'datasets.*']),
     install_requires=[
         'numpy>=1.21,<1.24',
@@ -37,7 +37,9 @@ setup(
         # onnxruntime's INT8 quantization needs onnx>=1.16; onnxruntime 1.18/1.19 are the newest that install
         # beside numpy<1.24 (1.15-1.17 need numpy>=1.24.2)
         'onnx': ['onnx>=1.16,<1.19', 'onnxruntime>=1.18,<1.20'],
-        'test': ['pytest>=7', 'pytest-timeout>=2.1', 'onnx>=1.16,<1.19', 'onnxruntime>=1.18,<1.20'],
+        # pytest-xdist runs the suite in a worker process, so that a crash in native code fails one test
+        'test': ['pytest>=7', 'pytest-timeout>=2.1', 'pytest-xdist>=3.5', 'onnx>=1.16,<1.19',
+                 'onnxruntime>=1.18,<1.20'],
     },
     classifiers=['Programming Language :: Python :: 3'],
 )

@@ -38,6 +38,7 @@ import config  # noqa: E402
 import datasets  # noqa: E402
 import distributed  # noqa: E402
 import inference  # noqa: E402
+import machine  # noqa: E402
 import metrics  # noqa: E402
 import mixed_precision  # noqa: E402
 import runfolder  # noqa: E402
@@ -262,6 +263,7 @@ def train(cfg, explicit=()):
             LOG.info('run folder: %s; %s; devices: %s%s', run.folder.path, _OMP_NOTE, ', '.join(map(str, run.ctx)),
                      '; worker %d of %d (%s)' % (run.rank, run.num_workers, run.cfg['kvstore'])
                      if run.num_workers > 1 else '')
+            LOG.info(machine.describe())
             train_epochs(run, stop)
             if run.cfg.get('save_all_ranks') and run.num_workers > 1:
                 checkpoints.save_training(os.path.join(run.folder.path, 'rank%d.params' % run.rank), run.net, {},

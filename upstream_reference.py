@@ -13,6 +13,7 @@ released code's structure, not ours:
 * predictions are the mean of all logits; modules are saved and loaded with the prefix-stripped
   parameter names of ``Block.save_params`` / ``load_params``.
 """
+import re
 import warnings
 
 import mxnet as mx
@@ -27,19 +28,17 @@ STAGE_ACT = 'resnetv10_stage%d_activation%d_output'
 
 
 def _tap_nodes(depth, taps, net):
-    """Symbol-graph node names of the taps (``s3-3`` is three blocks before the end of stage 3)."""
-    stage3_blocks = len(net.features[6])
-    stage4_blocks = len(net.features[7])
+    """Symbol-graph node names of the taps, named as ``backbone.resolve_taps`` names them: ``sN`` (end of
+    stage N), ``sNbK`` (after block K of stage N), ``sN-M`` (M blocks before its end: the authors' ``s3-3``)."""
     nodes = []
     for tap in taps:
-        if tap == 's3':
-            nodes.append(STAGE_ACT % (3, stage3_blocks - 1))
-        elif tap == 's4':
-            nodes.append(STAGE_ACT % (4, stage4_blocks - 1))
-        elif tap == 's3-3':
-            nodes.append(STAGE_ACT % (3, max(stage3_blocks - 3, 1) - 1))
-        else:
-            raise ValueError('reference supports taps s3-3, s3, s4, not %s' % tap)
+        match = re.fullmatch(r's([1-4])(?:b(\d+)|-(\d+))?', tap)
+        if not match:
+            raise ValueError('reference supports taps sN, sNbK and sN-M (N = 1-4), not %s' % tap)
+        stage = int(match.group(1))
+        blocks = len(net.features[3 + stage])           # features: conv, BN, ReLU, pool, stage 1, ...
+        block = int(match.group(2)) if match.group(2) else max(blocks - int(match.group(3) or 0), 1)
+        nodes.append(STAGE_ACT % (stage, block - 1))
     return nodes
 
 

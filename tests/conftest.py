@@ -1,10 +1,26 @@
 """Test setup: use both cores for MXNet (must happen before mxnet is imported), private caches, no
-network, and seed every test."""
+network, and seed every test.
+
+One crash fails one test: the suite runs in a worker process (``-n 1`` in pytest.ini, pytest-xdist), so a
+segmentation fault or abort in native code (MXNet, oneDNN) ends the worker, not the run; the failed
+test's report names the signal and shows where the test was (Python's fault handler writes into a file
+per worker, read back here), a new worker takes the rest of the suite, and the summary line still comes.
+
+Hangs fail too, slowness does not: a test whose process and child processes use less than 1 s of CPU
+time over ``VAA_TEST_HANG_SECONDS`` (default 300) s of wall time is deadlocked; its threads' stacks are
+written out and its worker stops. A busy machine (load 8 on 2 cores) still gives every test CPU time, so
+it only makes tests slower. pytest-timeout's wall-clock limit (pytest.ini) is the last resort.
+"""
 import atexit
+import collections
+import faulthandler
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
+import time
 
 os.environ.setdefault('OMP_NUM_THREADS', str(os.cpu_count() or 1))
 # No test touches the network or the user's caches: the model zoo and the WIDER crops go to a fresh
@@ -15,11 +31,20 @@ os.environ['XDG_CACHE_HOME'] = os.path.join(_CACHE, 'cache')
 os.environ['MXNET_GLUON_REPO'] = 'http://127.0.0.1:9/'
 atexit.register(shutil.rmtree, _CACHE, True)
 os.environ.setdefault('MXNET_ENGINE_TYPE', 'ThreadedEnginePerDevice')
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Set by the first (controlling) process and inherited by the workers it starts.
+if 'VAA_TEST_CRASH_DIR' not in os.environ:
+    os.environ['VAA_TEST_CRASH_DIR'] = tempfile.mkdtemp(prefix='vaa-test-crashes-')
+    atexit.register(shutil.rmtree, os.environ['VAA_TEST_CRASH_DIR'], True)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import mxnet as mx  # noqa: E402
+
+import machine  # noqa: E402
+
+WORKER = os.environ.get('PYTEST_XDIST_WORKER')
 
 
 @pytest.fixture(autouse=True)
@@ -36,3 +61,159 @@ def demo_path(tmp_path_factory):
     path = str(tmp_path_factory.mktemp('demo'))
     digits.cached(path, seed=0)
     return path
+
+
+def pytest_report_header(config):
+    return machine.describe()
+
+
+# ------------------------------------------------------------------------------------------------ crashes
+def _crash_file(worker):
+    return os.path.join(os.environ['VAA_TEST_CRASH_DIR'], '%s.txt' % worker)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    if WORKER:      # after pytest's own faulthandler set-up: fatal signals are written to this worker's file
+        config._vaa_crash_log = open(_crash_file(WORKER), 'w')  # pylint: disable=protected-access
+        faulthandler.enable(file=config._vaa_crash_log, all_threads=True)  # pylint: disable=protected-access
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_handlecrashitem(crashitem, report, sched):   # pytest-xdist, in the controlling process
+    """Put the signal and the test's Python stack into the report of the test that crashed its worker."""
+    report.longrepr = _explain_crash(report.node.gateway.id)
+
+
+def _explain_crash(worker):
+    """'crashed: <signal> ...' (one line, for the summary), then where the test was."""
+    try:
+        with open(_crash_file(worker)) as f:
+            text = f.read()
+    except OSError:
+        text = ''
+    lines = text.splitlines()
+    what = next((l for l in lines if l.startswith(('Fatal Python error:', 'hang:'))), None)
+    if what is None:
+        return ("crashed: its worker process ended without a fatal signal (os._exit, or pytest-timeout's "
+                "wall-clock limit in pytest.ini: see the stacks printed above)")
+    if what.startswith('hang:'):
+        return 'hung: ' + what[len('hang: '):] + '\n' + '\n'.join(_test_stacks(lines[lines.index(what) + 1:]))
+    name = what.split(':', 1)[1].strip()
+    number = {'Segmentation fault': signal.SIGSEGV, 'Aborted': signal.SIGABRT, 'Bus error': signal.SIGBUS,
+              'Floating point exception': signal.SIGFPE, 'Illegal instruction': signal.SIGILL}.get(name)
+    return 'crashed: %s%s in native code (MXNet/oneDNN)\n%s\nWhere the test was (most recent call first):\n%s' % (
+        name, ' (%s)' % number.name if number else '', machine.describe(),
+        '\n'.join(_test_stacks(lines[lines.index(what) + 1:])) or text[:4000])
+
+
+def _test_stacks(lines):
+    """From a fault-handler dump, the stacks of the threads that were running a test, each cut after the
+    test's own frames (pytest's frames below them say nothing)."""
+    blocks, block = [], []
+    for line in lines:
+        if line.startswith(('Thread 0x', 'Current thread 0x')):
+            blocks.append(block)
+            block = [line]
+        elif line.startswith('Extension modules'):
+            break
+        elif line.strip():
+            block.append(line)
+    blocks.append(block)
+    out = []
+    for block in blocks:
+        ours = [i for i, line in enumerate(block) if os.sep + 'tests' + os.sep in line and 'conftest.py' not in line]
+        if ours:
+            out.extend(block[:ours[-1] + 1])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- hangs
+def _tree_cpu_seconds():
+    """CPU seconds of this process, its finished children and its running descendants (Linux), or of
+    this process and its finished children elsewhere."""
+    tick = os.sysconf('SC_CLK_TCK') if hasattr(os, 'sysconf') else 100
+    stats = {}
+    try:
+        for pid in os.listdir('/proc'):
+            if pid.isdigit():
+                try:
+                    with open('/proc/%s/stat' % pid) as f:
+                        fields = f.read().rsplit(')', 1)[1].split()
+                except OSError:
+                    continue
+                stats[int(pid)] = (int(fields[1]), sum(int(v) for v in fields[11:15]))   # ppid, u+s+cu+cs
+    except OSError:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+    children = collections.defaultdict(list)
+    for pid, (ppid, _) in stats.items():
+        children[ppid].append(pid)
+    total, todo = 0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        total += stats.get(pid, (0, 0))[1]
+        todo.extend(children.get(pid, ()))
+    return total / float(tick)
+
+
+class _HangWatch(threading.Thread):
+    """Fails the running test when it makes no CPU progress for ``limit`` seconds (module docstring)."""
+
+    def __init__(self, limit, log):
+        super().__init__(name='hang-watch', daemon=True)
+        self.limit, self.log, self.test, self.lock = limit, log, None, threading.Lock()
+        self.since = self.cpu = None
+
+    def start_test(self, nodeid):
+        with self.lock:
+            self.test, self.since, self.cpu = nodeid, time.monotonic(), _tree_cpu_seconds()
+
+    def end_test(self):
+        with self.lock:
+            self.test = None
+
+    def run(self):
+        while True:
+            time.sleep(min(10.0, self.limit / 10.0))
+            with self.lock:
+                if self.test is None:
+                    continue
+                now, cpu = time.monotonic(), _tree_cpu_seconds()
+                if cpu - self.cpu >= 1.0:
+                    self.since, self.cpu = now, cpu
+                    continue
+                if now - self.since < self.limit:
+                    continue
+                self._fail(now - self.since)
+
+    def _fail(self, idle):
+        message = ('hang: %s used less than 1 s of CPU time (with its child processes) in %.0f s: a deadlock, '
+                   'not slowness (VAA_TEST_HANG_SECONDS=%g); the stacks of its threads:' % (self.test, idle, self.limit))
+        for out in (self.log, sys.stderr):
+            if out is not None:
+                out.write('\n' + message + '\n')
+                out.flush()
+                faulthandler.dump_traceback(file=out, all_threads=True)
+                out.flush()
+        os._exit(70)   # pylint: disable=protected-access  (with -n 1 the worker is replaced; the run goes on)
+
+
+_WATCH = []
+
+
+def pytest_sessionstart(session):
+    limit = float(os.environ.get('VAA_TEST_HANG_SECONDS', 300))
+    if limit > 0 and (WORKER or not getattr(session.config.option, 'numprocesses', None)):
+        watch = _HangWatch(limit, getattr(session.config, '_vaa_crash_log', None))
+        watch.start()
+        _WATCH.append(watch)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    for watch in _WATCH:
+        watch.start_test(item.nodeid)
+    yield
+    for watch in _WATCH:
+        watch.end_test()

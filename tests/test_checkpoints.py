@@ -82,7 +82,7 @@ def test_authors_checkpoint_gives_identical_predictions(reference_files):
         np.testing.assert_allclose(f.asnumpy(), fused.asnumpy(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('preset', ['upstream', 'paper'])
+@pytest.mark.parametrize('preset', ['upstream', 'paper', 'demo'])
 def test_round_trip_through_upstream_layout(tmp_path, preset):
     """Ours -> files -> ours gives identical logits; ours -> files -> authors' construction too."""
     net = get_vaa_net('resnet50_v1', 5, preset, SIZE)

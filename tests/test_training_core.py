@@ -69,7 +69,8 @@ def test_validation_loss_is_the_objective_the_training_step_minimises(finetune):
 
 def test_first_phase_trains_only_the_attention_heads_with_their_loss_then_everything():
     """--freeze-epochs 2: in epochs 0 and 1 the backbone and the primary classifier (weights and BatchNorm
-    statistics) stay bitwise as they were and the loss has no primary term; from epoch 2 all of it trains."""
+    statistics) stay bitwise as they were, compute in training mode what they compute at evaluation, and the
+    loss has no primary term; from epoch 2 all of it trains."""
     net = get_vaa_net('resnet18_v1', 3, 'paper', 32)
     trainers = StageTrainers(net, [mx.cpu()], 'sgd', {'learning_rate': 0.5}, freeze_epochs=2)
     loss_fn = VAALoss()
@@ -83,7 +84,11 @@ def test_first_phase_trains_only_the_attention_heads_with_their_loss_then_everyt
         assert loss_fn.primary == (epoch == 2) == trainers.trains_primary
         with autograd.train_mode():          # phase 1: the frozen backbone normalises with its stored statistics
             training = net(x)[0].asnumpy()
-        assert np.array_equal(training, net(x)[0].asnumpy()) == (epoch < 2)
+        inference = net(x)[0].asnumpy()
+        # The same statistics, but oneDNN may run another kernel in training mode (it does on AVX-512), so the
+        # two agree to float32 rounding, not bitwise; with batch statistics (epoch 2) they differ by far more.
+        gap = np.abs(training - inference).max() / np.abs(inference).max()
+        assert (gap < 1e-5) if epoch < 2 else (gap > 1e-2), (epoch, gap)
         before = {k: p.data().copy() for k, p in net.collect_params().items()}
         steps.train_step(net, loss_fn, trainers, history, batch, epoch, [mx.cpu()])
         moved[epoch] = {k for k, p in net.collect_params().items()
