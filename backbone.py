@@ -5,9 +5,13 @@ The zoo layers are used as they are (the same parameter names as the model zoo a
 ``saved_models/`` files), so the whole network still hybridizes into one graph. Taps are named ``sN``
 (end of stage N), ``sNbK`` (after block K of stage N) and ``sN-M`` (M blocks before the end of stage N).
 """
+import contextlib
+import io
 import logging
 import os
 import re
+import socket
+import urllib.parse
 
 import mxnet as mx
 from mxnet import gluon
@@ -17,10 +21,9 @@ from mxnet.gluon.model_zoo import model_store
 
 from attention import HEAD_INIT
 from errors import UserError
+from presets import BACKBONES  # noqa: F401  (backbone.BACKBONES)
 
 LOG = logging.getLogger('vaa')
-BACKBONES = ('resnet18_v1', 'resnet34_v1', 'resnet50_v1', 'resnet101_v1', 'resnet152_v1',
-             'densenet121', 'densenet161', 'densenet169', 'densenet201')
 # The authors' backbone prefix (``saved_models/backbone_resnet.params`` keys are stripped of it).
 ZOO_PREFIX = {'resnet': 'resnetv10_', 'densenet': 'densenet0_'}
 
@@ -47,7 +50,11 @@ def load_pretrained(zoo_net, name, root=None):
     if not os.path.isfile(path):
         LOG.info('ImageNet weights for %s are not in %s: downloading %s', name, os.path.dirname(path), url)
         try:
-            model_store.get_model_file(name, root=os.path.dirname(path))
+            unreachable = _unreachable(url)
+            if unreachable:             # offline: say so once instead of MXNet's retries
+                raise OSError(unreachable)
+            with contextlib.redirect_stdout(io.StringIO()):        # MXNet prints every failed try
+                model_store.get_model_file(name, root=os.path.dirname(path))
         except Exception as err:  # pylint: disable=broad-except  (requests, OSError, hash mismatch...)
             raise UserError(
                 'ImageNet weights for %s are not in the model-zoo cache: place %s in %s (downloading %s failed: '
@@ -61,6 +68,17 @@ def load_pretrained(zoo_net, name, root=None):
         raise UserError('could not read the ImageNet weights in %s (%s): delete the file and download '
                         '%s again' % (path, str(err).splitlines()[0] if str(err) else type(err).__name__,
                                       url))
+
+
+def _unreachable(url, timeout=5.0):
+    """Why ``url``'s host cannot be reached (no DNS, no route, refused), or None when a connection opens."""
+    parsed = urllib.parse.urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == 'https' else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return None
+    except OSError as err:
+        return 'no network connection to %s:%d (%s)' % (parsed.hostname, port, err.strerror or err)
 
 
 # ----------------------------------------------------------------------------------------------

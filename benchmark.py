@@ -42,7 +42,11 @@ import os
 if 'OMP_NUM_THREADS' not in os.environ:
     os.environ['OMP_NUM_THREADS'] = str(os.cpu_count() or 1)
 
-import argparse  # noqa: E402
+
+if __name__ == '__main__':                     # --help and flag errors answer before mxnet is imported
+    import flags
+    flags.preparse('benchmark')
+
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -52,6 +56,7 @@ import mxnet as mx  # noqa: E402
 from mxnet import autograd, gluon, nd  # noqa: E402
 
 import config  # noqa: E402
+import flags  # noqa: E402
 import steps  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
 from losses import PredictionHistory, VAALoss  # noqa: E402
@@ -308,24 +313,7 @@ def bench_inference(args, ctx):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--backbone', default='resnet101_v1', help='ResNet v1 backbone')
-    p.add_argument('--preset', default='upstream', choices=['paper', 'upstream', 'demo'])
-    p.add_argument('--input-size', type=int, default=224)
-    p.add_argument('--batch', type=int, default=8, help='batch size')
-    p.add_argument('--classes', type=int, default=14)
-    p.add_argument('--gpus', help="GPU id, e.g. '0'; CPU when not given")
-    p.add_argument('--warmup', type=int, default=2, help='untimed steps first')
-    p.add_argument('--iters', type=int, default=5, help='timed steps')
-    p.add_argument('--rounds', type=int, default=3, help='--only systems: interleaved rounds (the median is shown)')
-    p.add_argument('--workers', type=int, default=os.cpu_count() or 1, help='data-loader workers')
-    p.add_argument('--data-images', type=int, default=256, help='images for the data-pipeline rows')
-    p.add_argument('--only', choices=['model', 'data', 'inference', 'systems'],
-                   help='run one part only (inference: CPU paths; systems: VAA and each related system; neither '
-                        'is run by default)')
-    p.add_argument('--accuracy', metavar='RUN', help='--only inference: also the test mAP of each path, with '
-                                                     'the trained network of RUN')
-    p.add_argument('--debug', action='store_true')
+    p = flags.benchmark_parser()
     args = p.parse_args(argv)
     for flag, least in (('batch', 1), ('iters', 1), ('rounds', 1), ('data_images', 1), ('warmup', 0), ('workers', 0)):
         if getattr(args, flag) < least:

@@ -7,14 +7,21 @@
 Every SOURCE (a run folder, a checkpoint, or the authors' ``saved_models/`` with ``--preset`` etc. as
 for eval.py) is evaluated on the same split with the same protocol. Printed: one row per source with
 its system and flags, mAP, mA, instance accuracy/precision/recall/F1, parameters, training images/sec
-(from its metrics.json) and evaluation images/sec (measured here); then the per-attribute AP of every
-source, attributes sorted by how often they are positive. Written: ``--out`` (PNG, per-attribute APs
-side by side in that order, so the effect of the imbalance shows) and the same numbers as JSON beside it.
+(from its metrics.json) and evaluation images/sec (measured here), with the settings that make runs
+comparable (epochs trained, input size, training split, seed) and a line naming every training setting
+in which the runs differ; then the per-attribute AP of every source, attributes sorted by how often they
+are positive. Written: ``--out`` (default ``runs/compare-<date>-<time>.png``: per-attribute APs side by
+side in that order, so the effect of the imbalance shows) and the same numbers as JSON beside it.
 """
 import os
 
 if 'OMP_NUM_THREADS' not in os.environ:        # must be set before mxnet is imported
     os.environ['OMP_NUM_THREADS'] = str(os.cpu_count() or 1)
+
+
+if __name__ == '__main__':                     # --help and flag errors answer before mxnet is imported
+    import flags
+    flags.preparse('compare')
 
 import json  # noqa: E402
 import time  # noqa: E402
@@ -23,32 +30,17 @@ import numpy as np  # noqa: E402
 
 import checkpoints  # noqa: E402
 import config  # noqa: E402
+import flags  # noqa: E402
 import datasets  # noqa: E402
 import inference  # noqa: E402
 import plots  # noqa: E402
 import steps  # noqa: E402
 from distributed import parse_contexts  # noqa: E402
-from errors import UserError, run_main  # noqa: E402
-from backbone import BACKBONES  # noqa: E402
-from model import PRESETS  # noqa: E402
+from errors import UserError, plural, run_main  # noqa: E402
 
 
 def build_parser():
-    p = config.Parser(description=__doc__.split('\n')[0], formatter_class=config.HelpFormatter)
-    p.add_argument('sources', nargs='+', metavar='SOURCE', help='run folders, checkpoints or saved_models/ folders')
-    a = config.group_adder(p, 'what to compare on')
-    a('--split', default='test', help='split to evaluate every source on')
-    a('--dataset', choices=datasets.names(), help="dataset (default: the first run's)")
-    a('--data_path', help="dataset root (default: the first run's)")
-    a('--limit', type=int, help='evaluate only the first N samples')
-    a('--out', default='compare.png', help='PNG of the per-attribute APs (a .json with the numbers beside it)')
-    a('--gpus', help="GPU ids, e.g. '0' (default: the CPU)")
-    a = config.group_adder(p, "the authors' saved_models/ (they carry no config)")
-    a('--preset', choices=sorted(PRESETS), default='upstream', help="preset of the authors' files")
-    a('--backbone', choices=BACKBONES, default='resnet101_v1', help="backbone of the authors' files")
-    a('--input-size', type=int, default=224, help="input size for the authors' files")
-    a('--debug', action='store_true', help='show tracebacks')
-    return p
+    return flags.compare_parser()
 
 
 def describe(cfg, kind):
@@ -83,27 +75,67 @@ def evaluate_source(source, args, ctx, common):
     params = sum(int(np.prod(p.shape)) for n, p in net.collect_params().items()
                  if p.grad_req != 'null' or not n.endswith(('running_mean', 'running_var', 'adjacency', 'embeddings')))
     metrics_file = os.path.join(cfg.get('run_dir', ''), 'metrics.json')
-    train_speed = None
+    train_speed, epochs = None, None
     if kind == 'ours' and os.path.isfile(metrics_file):
         rows = json.load(open(metrics_file))
         train_speed = float(np.mean([r['samples_per_sec'] for r in rows])) if rows else None
+        epochs = len(rows)
+    settings = {key: cfg.get(key) for key, _ in PROTOCOL} if kind == 'ours' else {}
+    if kind == 'ours':
+        settings['epochs'] = epochs if epochs is not None else cfg.get('epochs')
     return dict(source=source, system=describe(cfg, kind), result=result, params=params, eval_speed=speed,
                 train_speed=train_speed, frequency=(data.labels * data.mask).sum(0) / np.maximum(data.mask.sum(0), 1),
-                names=list(names), dataset=cfg['dataset'], data_path=cfg['data_path'])
+                names=list(names), dataset=cfg['dataset'], data_path=cfg['data_path'], settings=settings)
+
+
+# The training settings that make two runs comparable (beside the system, which is what is compared):
+# (config key, how the table and the differences line name it).
+PROTOCOL = (('epochs', 'epochs'), ('input_size', 'input size'), ('train_split', 'train split'),
+            ('partition', 'partition'), ('seed', 'seed'), ('pretrained', 'ImageNet weights'),
+            ('lr', 'learning rate'), ('batch_size', 'batch size'), ('optimizer', 'optimizer'),
+            ('freeze_epochs', 'first-phase epochs'), ('limit', '--limit'))
+
+
+def differences(rows):
+    """One line naming every training setting in which the runs differ (and each run's value), or saying
+    that they share them; the authors' saved_models/ carry no settings and are left out."""
+    ours = [(i, r) for i, r in enumerate(rows) if r['settings']]
+    if len(ours) < 2:
+        return None
+    differ = []
+    for key, name in PROTOCOL:
+        values = [r['settings'].get(key) for _, r in ours]
+        if any(v != values[0] for v in values):
+            differ.append('%s (%s)' % (name, ', '.join('#%d %s' % (i + 1, _show(r['settings'].get(key)))
+                                                        for i, r in ours)))
+    if not differ:
+        return 'the runs were trained alike (%s)' % ', '.join(
+            '%s %s' % (name, _show(ours[0][1]['settings'].get(key))) for key, name in PROTOCOL[:5])
+    return 'NOT COMPARABLE as they stand: the runs differ in %s' % '; '.join(differ)
+
+
+def _show(value):
+    return '-' if value is None else ('yes' if value is True else 'no' if value is False else str(value))
 
 
 def table(rows):
     """The summary table and the per-attribute AP table, as text."""
     pct = lambda v: '%6.2f' % (100 * v) if v is not None and np.isfinite(v) else '%6s' % 'n/a'  # noqa: E731
     width = max(len(r['source']) for r in rows)
-    lines = ['%-*s  %-52s %6s %6s %6s %6s %6s %6s %9s %8s %8s' % (
-        width, 'source', 'system', 'mAP', 'mA', 'Acc', 'Prec', 'Rec', 'F1', 'params', 'train/s', 'eval/s')]
+    system = max(len('system'), max(len(r['system']) for r in rows))
+    lines = ['%-*s  %-*s %6s %6s %6s %6s %6s %6s %6s %5s %-11s %4s %9s %8s %8s' % (
+        width, 'source', system, 'system', 'mAP', 'mA', 'Acc', 'Prec', 'Rec', 'F1', 'epochs', 'input', 'train split',
+        'seed', 'params', 'train/s', 'eval/s')]
     for r in rows:
-        m = r['result']
-        lines.append('%-*s  %-52s %s %s %s %s %s %s %8.1fM %8s %8.1f' % (
-            width, r['source'], r['system'][:52], pct(m['mAP']), pct(m['mA']), pct(m['accuracy']),
-            pct(m['precision']), pct(m['recall']), pct(m['f1']), r['params'] / 1e6,
+        m, st = r['result'], r['settings']
+        lines.append('%-*s  %-*s %s %s %s %s %s %s %6s %5s %-11s %4s %8.1fM %8s %8.1f' % (
+            width, r['source'], system, r['system'], pct(m['mAP']), pct(m['mA']), pct(m['accuracy']),
+            pct(m['precision']), pct(m['recall']), pct(m['f1']), _show(st.get('epochs')), _show(st.get('input_size')),
+            _show(st.get('train_split')), _show(st.get('seed')), r['params'] / 1e6,
             '%.1f' % r['train_speed'] if r['train_speed'] else '-', r['eval_speed']))
+    note = differences(rows)
+    if note:
+        lines.append(note)
     order = np.argsort(-rows[0]['frequency'], kind='stable')
     lines.append('')
     lines.append('per-attribute AP (%), most to least frequent positive label:')
@@ -118,6 +150,9 @@ def table(rows):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.out is None:
+        args.out = os.path.join('runs', 'compare-%s.png' % time.strftime('%Y%m%d-%H%M%S'))
+        os.makedirs('runs', exist_ok=True)
     config.check_ranges(vars(args), [r for r in config.RANGES if r[0] in ('limit', 'input_size')])
     inference.check_output_file(args.out, '--out')
     if not args.out.lower().endswith(('.png', '.pdf', '.svg', '.jpg')):
@@ -134,14 +169,16 @@ def main(argv=None):
             raise UserError('%s predicts %d attributes, %s %d: compare systems trained for the same attributes'
                             % (source, len(rows[-1]['names']), args.sources[0], len(rows[0]['names'])))
     text = table(rows)
-    print('%s split of %s (%d sources):\n%s' % (args.split, rows[0]['dataset'], len(rows), text))
+    print('%s split of %s (%s):\n%s' % (args.split, rows[0]['dataset'], plural(len(rows), 'source'), text))
     order = list(np.argsort(-rows[0]['frequency'], kind='stable'))
     checkpoints.atomic_write(args.out, lambda tmp: plots.compare_bars(
         [rows[0]['names'][c] for c in order], [[r['result']['per_attribute'][c]['ap'] for c in order] for r in rows],
-        ['#%d %s' % (i + 1, r['system']) for i, r in enumerate(rows)], [rows[0]['frequency'][c] for c in order], tmp))
+        ['#%d %s (mAP %.2f): %s' % (i + 1, r['source'], 100 * r['result']['mAP'], r['system'])
+         for i, r in enumerate(rows)], [rows[0]['frequency'][c] for c in order], tmp))
     summary = [dict(source=r['source'], system=r['system'], params=r['params'], eval_speed=r['eval_speed'],
-                    train_speed=r['train_speed'], **{k: r['result'][k] for k in ('mAP', 'mA', 'accuracy', 'precision',
-                                                                                   'recall', 'f1', 'per_attribute')})
+                    train_speed=r['train_speed'], settings=r['settings'],
+                    **{k: r['result'][k] for k in ('mAP', 'mA', 'accuracy', 'precision', 'recall', 'f1',
+                                                   'per_attribute')})
                for r in rows]
     json_path = os.path.splitext(args.out)[0] + '.json'
     checkpoints.atomic_write(json_path, lambda tmp: json.dump(summary, open(tmp, 'w'), indent=1))

@@ -12,6 +12,11 @@ class UserError(Exception):
     """A problem with the user's input, reported as one line without a traceback."""
 
 
+def plural(count, word, many=None):
+    """'1 epoch', '2 epochs' (``many``: the plural when it is not ``word + 's'``)."""
+    return '%d %s' % (count, word if count == 1 else many or word + 's')
+
+
 def mxnet_message(err):
     """The line of an MXNetError's text that says what went wrong (its first line is often just
     "Traceback (most recent call last):" of the C++ side)."""

@@ -18,59 +18,40 @@ import os
 if 'OMP_NUM_THREADS' not in os.environ:        # must be set before mxnet is imported
     os.environ['OMP_NUM_THREADS'] = str(os.cpu_count() or 1)
 
+
+if __name__ == '__main__':                     # --help and flag errors answer before mxnet is imported
+    import flags
+    flags.preparse('eval')
+
+import shlex  # noqa: E402
+
 import cv2  # noqa: E402
 from mxnet import nd  # noqa: E402
 
 import checkpoints  # noqa: E402
 import config  # noqa: E402
-import datasets  # noqa: E402
+import flags  # noqa: E402
 import export  # noqa: E402
 import inference  # noqa: E402
 import plots  # noqa: E402
+import runfolder  # noqa: E402
 from distributed import parse_contexts  # noqa: E402
-from errors import UserError, run_main  # noqa: E402
-from backbone import BACKBONES, tap_names  # noqa: E402
-from model import PRESETS  # noqa: E402
+from errors import UserError, plural, run_main  # noqa: E402
+from backbone import tap_names  # noqa: E402
 
 
 def build_parser():
-    p = config.Parser(description="Evaluate a run folder, a checkpoint file, or the authors' saved_models/ "
-                                  'folder. Every flag takes both spellings, e.g. --batch_size or --batch-size.',
-                      formatter_class=config.HelpFormatter)
-    p.add_argument('source', help="run folder, checkpoint .params file, or a saved_models/ folder of the authors")
-    a = config.group_adder(p, 'what to evaluate')
-    a('--split', default='test', help='split to evaluate (train, val, test, ...)')
-    a('--checkpoint', default='best', choices=['best', 'last'], help='which checkpoint of a run folder')
-    a('--compare', choices=['paper'], help="add the paper's numbers and the differences")
-    a('--out', help='JSON file for the result (default: <run>/eval_<split>.json)')
-    a('--image', nargs='+', metavar='FILE', help='predict these images and draw their attention maps')
-    a('--out-dir', help='folder for the attention PNGs (default: <run>/attention)')
-    a('--export-upstream', metavar='DIR', help="write the weights in the authors' saved_models/ layout into DIR "
-                                              "(their main.py --test loads --preset upstream, resnet101_v1, 224)")
-    a('--export', metavar='DIR', help='write model-symbol.json + model-0000.params (MXNet), model.onnx and '
-                                      'model.json (attribute names, output, preprocessing) into DIR')
-    a('--int8', type=int, nargs='?', const=256, metavar='N',
-      help='with --export: also model-int8.onnx, calibrated on N training images (default 256)')
-    a = config.group_adder(p, "data and devices (default: the run's)")
-    a('--dataset', choices=datasets.names(), help="dataset (default: the run's)")
-    a('--data_path', help="dataset root (default: the run's)")
-    a('--gpus', help="GPU ids, e.g. '0' (default: the CPU)")
-    a('--batch_size', type=int, help="evaluation batch size (default: the run's)")
-    a('--num-workers', type=int, help="data-loader worker processes (default: the run's)")
-    a('--limit', type=int, help='evaluate only the first N samples')
-    a('--partition', type=int, help="PETA partition (default: the run's, else 0)")
-    a('--cache-dir', help='WIDER: folder of the cached person crops')
-    a('--skip-bad-samples', action='store_true', default=None, help='skip unreadable or malformed samples')
-    a = config.group_adder(p, "the authors' saved_models/ (they carry no config)")
-    a('--preset', choices=sorted(PRESETS), default='upstream', help="preset of the authors' files")
-    a('--backbone', choices=BACKBONES, default='resnet101_v1', help="backbone of the authors' files")
-    a('--input-size', type=int, default=224, help="input size for the authors' files")
-    a('--num_classes', type=int, help="number of attributes of the authors' files (default: the dataset's)")
-    a('--debug', action='store_true', help='show tracebacks')
-    return p
+    return flags.eval_parser()
 
 
-def read_image(path):
+def read_image(path, source='RUN'):
+    if os.path.isdir(path):
+        out = os.path.join(source, 'predictions.csv') if os.path.isfile(os.path.join(source, 'config.json')) \
+            else 'predictions.csv'
+        raise UserError('--image %s is a folder; give image files (--image %s), or predict every image in it with: '
+                        '%s predict.py %s %s --out %s' % (
+                            path, os.path.join(path, '*.jpg'), runfolder.python_command(), shlex.quote(source),
+                            shlex.quote(path), shlex.quote(out)))
     if not os.path.isfile(path):
         raise UserError('--image %s: no such file' % path)
     image = cv2.imread(path, cv2.IMREAD_COLOR)
@@ -79,37 +60,43 @@ def read_image(path):
     return image[:, :, ::-1].copy()
 
 
-def explain_images(net, cfg, names, paths, out_dir, ctx):
-    """Print attribute probabilities and write one attention-overlay PNG per image."""
+def explain_images(net, cfg, names, paths, out_dir, ctx, source='RUN', shared_scale=False):
+    """Print attribute probabilities and write one attention-overlay PNG per image (``shared_scale``: the
+    attention maps of all images on one colour scale, so that they can be compared)."""
+    images = [read_image(path, source) for path in paths]     # every image checked before any work
     os.makedirs(out_dir, exist_ok=True)
     transform = config.transform(cfg)
+    apcnn = getattr(net, 'head_kind', 'vaa') == 'apcnn'
     net.return_attention = True
-    written, images = [], [read_image(path) for path in paths]     # every image checked before any work
-    for path, image, out in zip(paths, images, overlay_names(paths, out_dir)):
+    seen = []
+    for path, image in zip(paths, images):
         x = nd.array(transform(image, 0)[None], ctx=ctx[0])
         _, _, fused, maps = net(x)
-        probs = nd.sigmoid(fused)[0].asnumpy()
+        seen.append((x, nd.sigmoid(fused)[0].asnumpy(), [m[0].asnumpy() for m in maps]))
+    net.return_attention = False
+    top = plots.attention_scale([maps for _, _, maps in seen]) if shared_scale and not apcnn else None
+    written = []
+    for path, image, out, (x, probs, maps) in zip(paths, images, overlay_names(paths, out_dir), seen):
         print('%s:' % path)
         for name, p in sorted(zip(names, probs), key=lambda t: -t[1]):
             print('  %-16s %.3f' % (name, p))
         crop = transform.eval_view(image)      # show the maps over the crop the network saw
-        if getattr(net, 'head_kind', 'vaa') == 'apcnn':
-            s3, s4, s5, rois, valid, box = [m[0].asnumpy() for m in maps]
+        if apcnn:
+            s3, s4, s5, rois, valid, box = maps
             plots.apcnn_overlay(crop, [s[0] for s in (s3, s4, s5)], rois, valid, box,
                                 cfg['input_size'] / float(s3.shape[-1]), out)
             written.append(out)
             print('  AP-CNN gates and ROIs: %s' % out)
             continue
-        plots.attention_overlay(crop, [m[0].asnumpy() for m in maps], names, probs, out,
-                                tap_names(cfg['backbone'], net.taps))
+        plots.attention_overlay(crop, maps, names, probs, out, tap_names(cfg['backbone'], net.taps), top=top)
         written.append(out)
-        print('  attention maps: %s' % out)
+        print('  attention maps: %s%s' % (out, ' (colour scale shared by the %d images: 0 to %.1f x uniform)' % (
+            len(paths), top) if top is not None else ''))
         if net.rga:                            # the RGA modules' spatial attention, in a figure of its own
             rga_out = out.replace('_attention.png', '_rga.png')
             plots.rga_overlay(crop, [(n, m[0, 0].asnumpy()) for n, m in net.rga_attention(x)], rga_out)
             written.append(rga_out)
             print('  RGA spatial attention: %s' % rga_out)
-    net.return_attention = False
     return written
 
 
@@ -132,15 +119,27 @@ def overlay_names(paths, out_dir):
 def export_upstream(net, cfg, names, folder):
     """The weights as the authors' saved_models/ files, and which code can read them."""
     written = checkpoints.save_upstream(net, folder)
-    print('wrote %d files in the authors\' saved_models/ layout to %s' % (len(written), folder))
+    print("wrote %s in the authors' saved_models/ layout to %s" % (plural(len(written), 'file'), folder))
     if (cfg['preset'], cfg['backbone'], cfg['input_size']) == ('upstream', 'resnet101_v1', 224):
         print("the authors' main.py --test loads them (place them in its saved_models/; --num_classes %d)"
               % len(names))
     else:
         print("the authors' code builds only --preset upstream with resnet101_v1 at 224x224, so it cannot load "
-              'these; eval.py reads them with: --preset %s --backbone %s --input-size %d --num_classes %d'
-              % (cfg['preset'], cfg['backbone'], cfg['input_size'], len(names)))
+              'these; evaluate them with:\n  %s' % upstream_command(cfg, folder))
     return written
+
+
+def upstream_command(cfg, folder):
+    """The eval.py command that evaluates exported saved_models/ files of ``cfg``'s network on its data, its
+    result going to the run folder."""
+    words = [runfolder.python_command(), 'eval.py', folder, '--preset', cfg['preset'], '--backbone', cfg['backbone'],
+             '--input-size', str(cfg['input_size']), '--dataset', cfg['dataset']]
+    if cfg.get('data_path'):
+        words += ['--data_path', cfg['data_path']]
+    if cfg.get('limit'):
+        words += ['--limit', str(cfg['limit'])]         # the run's own test split
+    words += ['--out', os.path.join(cfg['run_dir'], 'eval_upstream_files_test.json')]
+    return ' '.join(shlex.quote(w) for w in words)
 
 
 def main(argv=None):
@@ -156,6 +155,8 @@ def main(argv=None):
     net.hybridize(static_alloc=True, static_shape=True)
     if args.export_upstream:
         return export_upstream(net, cfg, names, args.export_upstream)
+    if args.shared_scale and not args.image:
+        raise UserError('--shared-scale goes with --image FILE ... (one colour scale for their attention maps)')
     if args.int8 is not None and (not args.export or args.int8 < 1):
         raise UserError('--int8 N goes with --export DIR and N >= 1 calibration images (it writes '
                         'DIR/model-int8.onnx)')
@@ -166,7 +167,7 @@ def main(argv=None):
         return written
     if args.image:
         out_dir = args.out_dir or os.path.join(cfg['run_dir'], 'attention')
-        return explain_images(net, cfg, names, args.image, out_dir, ctx)
+        return explain_images(net, cfg, names, args.image, out_dir, ctx, args.source, args.shared_scale)
     if not cfg.get('dataset'):
         raise UserError('give --dataset (and --data_path) to evaluate these weights on a split')
     return inference.report_split(net, cfg, names, args.split, ctx, args.source, args.out, args.compare)

@@ -50,7 +50,8 @@ def load_source(source, ctx, which='best', upstream=None, overrides=None):
     ``upstream``: for the authors' files, the settings train.py would take as flags (``preset``,
     ``backbone``, ``input_size``, ``dataset``, ``data_path``...; ``num_classes`` or a ``dataset`` to read
     the attribute names from, and ``split`` to read them in). ``overrides``: settings of
-    :data:`EVAL_OVERRIDES` that differ from the run's. ``cfg['run_dir']`` is where results go.
+    :data:`EVAL_OVERRIDES` that differ from the run's. ``cfg['run_dir']`` is where results go: the run
+    folder, or for the authors' files ``runs/eval-<their folder's name>``.
     """
     kind, path, run_dir = resolve_source(source, which)
     if kind == 'ours':
@@ -72,7 +73,9 @@ def load_source(source, ctx, which='best', upstream=None, overrides=None):
                                              **dict(config.data_options(cfg), limit=1)).attribute_names)
         else:
             raise UserError("evaluating the authors' saved_models/ needs --dataset (or --num_classes with --image)")
-        cfg.update(num_classes=len(names), run_dir=path)
+        # results go to runs/, not into the authors' folder (which holds only their files)
+        cfg.update(num_classes=len(names), run_dir=os.path.join('runs', 'eval-%s' % os.path.basename(
+            os.path.normpath(os.path.abspath(path)))))
         net = build_net(cfg, ctx, pretrained=False)
         checkpoints.load_upstream(net, path)
     cfg.update({k: v for k, v in (overrides or {}).items() if k in EVAL_OVERRIDES and v is not None})
@@ -135,6 +138,7 @@ def report(result, json_path, png_path, title, bars_title, compare=None, show=pr
     def write(tmp):
         with open(tmp, 'w') as f:
             json.dump(result, f, indent=1)
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     checkpoints.atomic_write(json_path, write)
     checkpoints.atomic_write(png_path, lambda tmp: plots.ap_bars(result, tmp, bars_title, compare))
     show(metrics.format_table(result, compare=compare, title=title))
@@ -159,7 +163,7 @@ def paper_line(result, dataset):
 
 def test_from_train_flags(cfg):
     """``train.py --test`` (the authors' flag): the test split with the best checkpoint of --resume, or
-    with the authors' files of --upstream-weights; writes ``eval_test.json`` beside them, like eval.py."""
+    with the authors' files of --upstream-weights; writes ``eval_test.json`` where eval.py does."""
     source = cfg.get('resume') or cfg.get('upstream_weights')
     if not source:
         raise UserError('--test needs --resume RUN_DIR (our run) or --upstream-weights saved_models/')

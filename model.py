@@ -34,21 +34,9 @@ from mxnet.gluon import nn
 from attention import HEAD_INIT, AttentionBranch, AttentionClassifier, ReturnsAttention
 from backbone import Backbone, all_blocks, freeze_backbone, tap_names
 from errors import UserError
+from presets import PRESETS  # noqa: F401  (model.PRESETS: the heads of each preset)
 
 LOG = logging.getLogger('vaa')
-
-# The head architecture of each preset. The first upstream tap is written with the block
-# number for ResNet-101 (s3b20); for other depths it is resolved as "three blocks before the end of
-# stage 3" (see ``resolve_taps``).
-PRESETS = {
-    'paper': dict(taps=('s3', 's4'), att_channels=(256, 256), att_second_kernel=1,
-                  cls_channels=(256, 512, 512)),
-    'upstream': dict(taps=('s3-3', 's3', 's4'), att_channels=(512, 512), att_second_kernel=3,
-                     cls_channels=(256, 512, 1024)),
-    # The embedded demo's 48-pixel canvases leave 3x3 and 2x2 maps at s3/s4: the paper's head design,
-    # narrower, on the end of stages 1 and 2 gives 12x12 and 6x6 maps at the same cost.
-    'demo': dict(taps=('s1', 's2'), att_channels=(64, 64), att_second_kernel=1, cls_channels=(64, 128, 128)),
-}
 
 # ----------------------------------------------------------------------------------------------
 # The full network

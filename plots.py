@@ -5,68 +5,125 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def curves(rows, path):
-    """Train/val loss and val mAP (and mA) per epoch from the metrics rows."""
-    if not rows:
-        return
+def curves(rows, path, title=None, freeze_epochs=0, monitor='mAP', lr=None):
+    """Train/val loss and train/val mAP (and val mA) per epoch from the metrics rows: whole-epoch ticks, the
+    first phase (``freeze_epochs``, backbone frozen) shaded, each learning-rate drop marked where it took
+    effect (``lr``: the starting rate), and the best epoch by ``monitor`` (the one tested) starred."""
+    if rows:
+        _save(curves_figure(rows, title, freeze_epochs, monitor, lr), path)
+
+
+def _save(fig, path):
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def curves_figure(rows, title=None, freeze_epochs=0, monitor='mAP', lr=None):
+    """The figure of :func:`curves`."""
+    from matplotlib.ticker import MaxNLocator
     epochs = [r['epoch'] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    key = {'mAP': 'val_mAP', 'mA': 'val_mA', 'f1': 'val_f1'}.get(monitor, 'val_mAP')
+    values = [r.get(key, float('nan')) for r in rows]
+    best = epochs[int(np.nanargmax(values))] if np.isfinite(values).any() else None
+    rates = [lr if lr is not None else rows[0].get('lr')] + [r.get('lr') for r in rows]
+    drops = [e + 0.5 for e, before, after in zip(epochs, rates, rates[1:])
+             if None not in (before, after) and after < before * 0.999]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(epochs, [r['train_loss'] for r in rows], 'o-', label='train')
     ax1.plot(epochs, [r['val_loss'] for r in rows], 's-', label='val')
-    ax1.set_xlabel('epoch')
     ax1.set_ylabel('loss (sum over branches)')
-    ax1.legend()
-    ax1.grid(alpha=.3)
     ax2.plot(epochs, [100 * r['train_mAP'] for r in rows], 'o-', label='train mAP')
     ax2.plot(epochs, [100 * r['val_mAP'] for r in rows], 's-', label='val mAP')
     ax2.plot(epochs, [100 * r['val_mA'] for r in rows], '^--', label='val mA')
-    ax2.set_xlabel('epoch')
+    if best is not None:
+        i = epochs.index(best)
+        ax2.plot([best], [100 * values[i]], '*', color='crimson', markersize=14, zorder=5,
+                 label='best val %s (tested): epoch %d' % (monitor, best))
     ax2.set_ylabel('%')
-    ax2.legend()
-    ax2.grid(alpha=.3)
+    for ax in (ax1, ax2):
+        if freeze_epochs:
+            ax.axvspan(-0.5, min(freeze_epochs, epochs[-1] + 1) - 0.5, color='0.85', zorder=0,
+                       label='first phase: backbone frozen')
+        for i, x in enumerate(drops):
+            ax.axvline(x, color='darkorange', ls=':', lw=1.5, label='learning rate / 10' if i == 0 else None)
+        ax.set_xlabel('epoch')
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        if len(epochs) <= 20:
+            ax.set_xticks(epochs)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def ap_bars(result, path, title='', compare=None):
-    """Per-attribute AP bars (%), with the paper's values as markers when given."""
-    rows = result['per_attribute']
+    """Per-attribute AP bars (%), attributes from the most to the least often positive, each with its
+    positive rate under its name and the AP a random ranking would get (about that rate, the chance level)
+    as a marker; the paper's values as markers too when given."""
+    _save(ap_bars_figure(result, title, compare), path)
+
+
+def ap_bars_figure(result, title='', compare=None):
+    """The figure of :func:`ap_bars`."""
+    rows = sorted(result['per_attribute'], key=lambda r: -r['positives'] / max(r['specified'], 1))
     names = [r['name'] for r in rows]
+    rates = [100.0 * r['positives'] / max(r['specified'], 1) for r in rows]
     aps = [100 * r['ap'] if r['ap'] is not None else 0 for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(names)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names)) + 1.6, 4.4))
     x = np.arange(len(names))
     ax.bar(x, aps, color='#4878a8', label='AP')
+    ax.plot(x, rates, '_', color='0.2', markersize=16, mew=2, label='chance (positive rate)')
     if compare:
         ref = [compare.get(n, np.nan) for n in names]
-        ax.plot(x, ref, 'k_', markersize=18, mew=2, label='paper')
-        ax.legend()
+        ax.plot(x, ref, '_', color='crimson', markersize=18, mew=2, label='paper')
+    ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.0, 1.0))      # beside the axes: bars reach 100
     ax.set_xticks(x)
-    ax.set_xticklabels(names, rotation=45, ha='right')
+    ax.set_xticklabels(['%s\n%.1f%% pos' % (n, r) for n, r in zip(names, rates)], rotation=50, ha='right', fontsize=7)
     ax.set_ylim(0, 100)
     ax.set_ylabel('AP (%)')
-    ax.set_title('%s mAP %.2f' % (title, 100 * result['mAP']))
+    ax.set_title('%s mAP %.2f (attributes from the most to the least often positive)' % (title, 100 * result['mAP']),
+                 fontsize=9)
     ax.grid(axis='y', alpha=.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def attention_overlay(image, maps, names, probs, path, tap_names=None):
+def attention_scale(maps):
+    """The top of the colour scale of :func:`attention_overlay` for ``maps`` (a list over taps of C x h x w
+    arrays, or a list of such lists for several images): the 99.5th percentile of the maps as multiples
+    of the uniform weight, at least 1."""
+    flat = maps if maps and isinstance(maps[0], np.ndarray) else [m for group in maps for m in group]
+    values = np.concatenate([(np.asarray(m, np.float32) * m[0].size).ravel() for m in flat])
+    return max(float(np.percentile(values, 99.5)), 1.0)
+
+
+def attention_overlay(image, maps, names, probs, path, tap_names=None, top=None):
+    """Write :func:`attention_figure` to ``path``."""
+    _save(attention_figure(image, maps, names, probs, tap_names, top), path)
+
+
+def attention_figure(image, maps, names, probs, tap_names=None, top=None):
     """One row per tap: the image, then each attribute's attention map over it (paper Fig. 3/4).
 
     ``image`` H x W x 3 uint8 (the crop the network saw); ``maps`` list over taps of C x h x w arrays
     (each map sums to 1); ``probs`` C floats. Maps are shown as multiples of the uniform weight
-    1 / (h w), on one colour scale shared by every tile (so taps and attributes compare), upsampled
-    to the image's pixels; every tile carries its attribute's full name and predicted probability.
+    1 / (h w), on one colour scale shared by every tile (so taps and attributes compare; ``top``: its
+    top, :func:`attention_scale` of several images to compare them too), upsampled to the image's
+    pixels; every tile carries its attribute's full name (on one line, in a size that fits the tile)
+    and predicted probability.
     """
     import cv2
     taps, classes = len(maps), len(names)
     h, w = image.shape[:2]
     scaled = [[cv2.resize(np.asarray(m[c], np.float32) * m[c].size, (w, h), interpolation=cv2.INTER_CUBIC)
                for c in range(classes)] for m in maps]
-    top = max(float(np.percentile(np.stack([t for row in scaled for t in row]), 99.5)), 1.0)
-    fig, axes = plt.subplots(taps, classes + 1, figsize=(1.45 * (classes + 1) + 0.8, 1.55 * taps + 0.6),
+    top = attention_scale(maps) if top is None else float(top)
+    tile = max(1.6, 0.068 * max(len(n) for n in names) + 0.25)       # inches: the longest name fits at 9 pt
+    fig, axes = plt.subplots(taps, classes + 1, figsize=(tile * (classes + 1) + 0.9, tile * taps + 0.7),
                              squeeze=False)
     for t in range(taps):
         axes[t, 0].imshow(image)
@@ -77,20 +134,19 @@ def attention_overlay(image, maps, names, probs, path, tap_names=None):
             ax.imshow(image)
             shown = ax.imshow(np.clip(scaled[t][c], 0, top), cmap='jet', alpha=0.55, vmin=0, vmax=top,
                               interpolation='nearest')
-            ax.text(0.03, 0.97, 'p=%.2f' % probs[c], transform=ax.transAxes, fontsize=6.5, va='top', ha='left',
+            ax.text(0.03, 0.97, 'p=%.2f' % probs[c], transform=ax.transAxes, fontsize=8, va='top', ha='left',
                     color='white', bbox=dict(facecolor='black', alpha=0.55, pad=1, linewidth=0))
             if t == 0:
-                ax.set_title(names[c].replace('_', '_\n', 1) if len(names[c]) > 12 else names[c], fontsize=7)
-    axes[0, 0].set_title('input', fontsize=7)
+                ax.set_title(names[c], fontsize=9)
+    axes[0, 0].set_title('input', fontsize=9)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
     fig.subplots_adjust(left=0.04, right=0.93, top=0.86, bottom=0.03, wspace=0.06, hspace=0.08)
     bar = fig.add_axes([0.945, 0.1, 0.012, 0.7])
-    fig.colorbar(shown, cax=bar).set_label('attention (x uniform)', fontsize=7)
-    bar.tick_params(labelsize=6)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.colorbar(shown, cax=bar).set_label('attention (x uniform)', fontsize=8)
+    bar.tick_params(labelsize=7)
+    return fig
 
 
 def _save_tiles(fig, axes, shown, label, path):
@@ -154,7 +210,7 @@ def compare_bars(names, aps, labels, frequency, path):
     """Per-attribute AP (%) of several systems side by side, attributes in the given order (most to
     least frequent), with each attribute's positive rate under its name."""
     k, c = len(aps), len(names)
-    fig, ax = plt.subplots(figsize=(max(7, 0.5 * c * max(k, 2) / 2 + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(max(7, 0.5 * c * max(k, 2) / 2 + 2), 4.2 + 0.2 * k))
     width = 0.8 / k
     x = np.arange(c)
     for i, (values, label) in enumerate(zip(aps, labels)):
@@ -166,8 +222,9 @@ def compare_bars(names, aps, labels, frequency, path):
     ax.set_ylabel('AP (%)')
     ax.set_title('per-attribute AP, most to least frequent positive label (positive rate under each name)',
                  fontsize=8)
-    ax.legend(fontsize=7, loc='upper right')
     ax.grid(axis='y', alpha=.3)
-    fig.tight_layout()
+    # under the axes, one line per system: a legend inside would cover the bars near 100%
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc='lower center', ncol=1, frameon=False)
+    fig.tight_layout(rect=(0, 0.045 * k + 0.02, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -22,6 +22,11 @@ import os
 if 'OMP_NUM_THREADS' not in os.environ:        # must be set before mxnet is imported
     os.environ['OMP_NUM_THREADS'] = str(os.cpu_count() or 1)
 
+
+if __name__ == '__main__':                     # --help and flag errors answer before mxnet is imported
+    import flags
+    flags.preparse('predict')
+
 import csv  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
@@ -31,48 +36,27 @@ from mxnet import gluon  # noqa: E402
 
 import checkpoints  # noqa: E402
 import config  # noqa: E402
+import flags  # noqa: E402
 import datasets  # noqa: E402
 import inference  # noqa: E402
 import metrics  # noqa: E402
 import steps  # noqa: E402
-from backbone import BACKBONES  # noqa: E402
 from datasets.base import decode_image  # noqa: E402
 from distributed import parse_contexts  # noqa: E402
-from errors import UserError, run_main  # noqa: E402
-from model import PRESETS  # noqa: E402
+from errors import UserError, plural, run_main  # noqa: E402
 
 LOG = logging.getLogger('vaa')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
 
 
 def build_parser():
-    p = config.Parser(description=__doc__.split('\n')[0], formatter_class=config.HelpFormatter)
-    p.add_argument('source', help="run folder, checkpoint .params file, the authors' saved_models/ folder, or an "
-                                  "eval.py --export folder (onnxruntime)")
-    p.add_argument('inputs', nargs='+', metavar='INPUT', help='image files, folders, or text files listing images')
-    a = config.group_adder(p, 'output')
-    a('--out', required=True, help='the CSV to write')
-    a('--threshold', help="add 0/1 columns: a number (e.g. 0.5), or 'val' for per-attribute thresholds chosen "
-                          "on the run's validation split")
-    a('--skip-bad-images', action='store_true', help='skip (and list) unreadable images instead of stopping')
-    a('--int8', action='store_true', help='export folder: run model-int8.onnx (eval.py --export DIR --int8)')
-    a = config.group_adder(p, 'speed')
-    a('--gpus', help="GPU ids, e.g. '0' or '0,1' (default: the CPU)")
-    a('--batch_size', type=int, default=32, help='images per batch')
-    a('--num-workers', type=int, default=2, help='decoding threads')
-    a = config.group_adder(p, "the authors' saved_models/ (they carry no config)")
-    a('--preset', choices=sorted(PRESETS), default='upstream', help="preset of the authors' files")
-    a('--backbone', choices=BACKBONES, default='resnet101_v1', help="backbone of the authors' files")
-    a('--input-size', type=int, default=224, help="input size for the authors' files")
-    a('--dataset', choices=datasets.names(), help="dataset whose attribute names (and validation split) to use")
-    a('--data_path', help="dataset root (default: the run's)")
-    a('--num_classes', type=int, help="number of attributes of the authors' files (without --dataset)")
-    a('--debug', action='store_true', help='show tracebacks')
-    return p
+    return flags.predict_parser()
 
 
-def list_images(inputs):
-    """Every image named by ``inputs`` (files, folders searched recursively, text lists), in order."""
+def list_images(inputs, skip_bad=False):
+    """Every image named by ``inputs`` (files, folders searched recursively, text lists), in order. A list
+    entry that is not an image file stops with the list's name and line (``skip_bad``: it is listed and
+    left out)."""
     paths = []
     for item in inputs:
         if os.path.isdir(item):
@@ -82,15 +66,39 @@ def list_images(inputs):
         elif os.path.isfile(item) and item.lower().endswith(IMAGE_EXTENSIONS):
             paths.append(item)
         elif os.path.isfile(item):
-            base = os.path.dirname(os.path.abspath(item))
-            with open(item, encoding='utf-8-sig') as f:
-                paths.extend(l.strip() if os.path.isabs(l.strip()) else os.path.join(base, l.strip())
-                             for l in f if l.strip() and not l.startswith('#'))
+            paths.extend(_read_list(item, skip_bad))
         else:
             raise UserError('input %s does not exist (give image files, folders or text files listing images)' % item)
     if not paths:
         raise UserError('no images found in %s (looked for %s)' % (' '.join(inputs), ', '.join(IMAGE_EXTENSIONS)))
     return paths
+
+
+def _read_list(path, skip_bad):
+    """The image paths of a text list (one per line, relative to the list; blank and # lines ignored)."""
+    base = os.path.dirname(os.path.abspath(path))
+    out = []
+    try:
+        with open(path, encoding='utf-8-sig') as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError:
+        raise UserError('input %s is neither an image (%s) nor a text list of image paths' % (
+            path, ', '.join(IMAGE_EXTENSIONS)))
+    for number, line in enumerate(lines, 1):
+        entry = line.strip()
+        if not entry or entry.startswith('#'):
+            continue
+        full = entry if os.path.isabs(entry) else os.path.join(base, entry)
+        if os.path.isfile(full):
+            out.append(full)
+            continue
+        problem = '%s line %d: %r is not an image file (%s)' % (
+            path, number, entry[:80], 'no such file' if entry.lower().endswith(IMAGE_EXTENSIONS) else
+            'a text input is read as a list of image paths, one per line, relative to the list')
+        if not skip_bad:
+            raise UserError(problem + '; fix the line, or pass --skip-bad-images')
+        LOG.warning('skipped: %s', problem)
+    return out
 
 
 class ImageList(gluon.data.Dataset):
@@ -190,7 +198,7 @@ def main(argv=None):
     if not LOG.handlers:
         logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
     inference.check_output_file(args.out, '--out')
-    paths = list_images(args.inputs)
+    paths = list_images(args.inputs, args.skip_bad_images)
     ctx = parse_contexts(args.gpus)
     upstream = dict(preset=args.preset, backbone=args.backbone, input_size=args.input_size, dataset=args.dataset,
                     data_path=args.data_path, num_classes=args.num_classes, split='val')
@@ -217,7 +225,7 @@ def main(argv=None):
             raise UserError("--threshold takes a number or 'val', got %r" % args.threshold)
     probs, kept, bad = predict_images(score, cfg, paths, args.batch_size, args.num_workers, args.skip_bad_images)
     write_csv(args.out, names, kept, probs, thresholds)
-    LOG.info('%d images -> %s%s', len(kept), args.out, '; %d unreadable skipped' % len(bad) if bad else '')
+    LOG.info('%s -> %s%s', plural(len(kept), 'image'), args.out, '; %d unreadable skipped' % len(bad) if bad else '')
     return dict(paths=kept, probabilities=probs, names=names, thresholds=thresholds, skipped=bad)
 
 

@@ -42,14 +42,16 @@ if [ ! -x "$venv/bin/python" ]; then
   fi
 fi
 # Reinstall only when setup.py or the mxnet flavour changed since the last install.
-stamp="$venv/.installed-$(cat setup.py | "$venv/bin/python" -c 'import hashlib,sys; print(hashlib.sha1(sys.stdin.buffer.read()).hexdigest()[:12])')-$flavour"
+stamp="$venv/.installed-$(cat setup.py constraints.txt | "$venv/bin/python" -c 'import hashlib,sys; print(hashlib.sha1(sys.stdin.buffer.read()).hexdigest()[:12])')-$flavour"
 if [ ! -f "$stamp" ]; then
   echo "run.sh: installing the project and its dependencies (mxnet flavour: $flavour)"
   "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet -e ".[$flavour,test]"
+  "$venv/bin/python" -m pip install --quiet -c constraints.txt -e ".[$flavour,test]"
   rm -f "$venv"/.installed-*
   touch "$stamp"
 fi
+# Any later `.venv/bin/pip install X` keeps the pins (NumPy < 1.24 for mxnet 1.9.1): pip reads this file.
+printf '[install]\nconstraint = %s\n' "$PWD/constraints.txt" > "$venv/pip.conf"
 
 # MXNet uses one OpenMP thread unless told otherwise; default to every core.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)}"

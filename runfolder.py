@@ -162,6 +162,7 @@ class RunFolder(object):
         return 'The last good checkpoint is %s (%s)' % (self.checkpoint('last'), resume_command(self.path))
 
     def write_config(self, cfg):
+        self.cfg = cfg
         if self.lead:
             write_json(os.path.join(self.path, 'config.json'), cfg, sort_keys=True)
 
@@ -190,7 +191,10 @@ class RunFolder(object):
                 writer.writeheader()
                 writer.writerows(self.rows)
         checkpoints.atomic_write(os.path.join(self.path, 'metrics.csv'), write_csv)
-        checkpoints.atomic_write(os.path.join(self.path, 'curves.png'), lambda tmp: plots.curves(self.rows, tmp))
+        cfg = getattr(self, 'cfg', None) or {}
+        checkpoints.atomic_write(os.path.join(self.path, 'curves.png'), lambda tmp: plots.curves(
+            self.rows, tmp, title=os.path.basename(os.path.normpath(os.path.abspath(self.path))),
+            freeze_epochs=cfg.get('freeze_epochs', 0), monitor=cfg.get('monitor', 'mAP'), lr=cfg.get('lr')))
 
     def save(self, which, net, meta, trainers=None, history=None, extra=None):
         """Write checkpoint ``which`` atomically: the weights, and for ``last`` the optimizer states
@@ -232,13 +236,15 @@ def log_to_file(message):
 def resume_command(run_dir):
     """The command that continues the run in ``run_dir``, as this process was started: through
     ``run.sh`` (which says so in VAA_LAUNCHER) or with this interpreter."""
-    launcher = os.environ.get('VAA_LAUNCHER')
-    if not launcher:
-        on_path = shutil.which('python')
-        python = 'python' if on_path and os.path.realpath(on_path) == os.path.realpath(sys.executable) \
-            else sys.executable
-        launcher = '%s train.py' % python
+    launcher = os.environ.get('VAA_LAUNCHER') or '%s train.py' % python_command()
     return '%s --resume %s' % (launcher, run_dir)
+
+
+def python_command():
+    """How to name this interpreter in a printed command: ``python`` when that is what the PATH finds,
+    else its full path."""
+    on_path = shutil.which('python')
+    return 'python' if on_path and os.path.realpath(on_path) == os.path.realpath(sys.executable) else sys.executable
 
 
 class Progress(object):

@@ -25,7 +25,13 @@ if 'OMP_NUM_THREADS' not in os.environ:        # must be set before mxnet is imp
 else:
     _OMP_NOTE = 'OMP_NUM_THREADS=%s' % os.environ['OMP_NUM_THREADS']
 
+
+if __name__ == '__main__':                     # --help and flag errors answer before mxnet is imported
+    import flags
+    flags.preparse('train')
+
 import collections  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
 import types  # noqa: E402
@@ -43,7 +49,7 @@ import metrics  # noqa: E402
 import mixed_precision  # noqa: E402
 import runfolder  # noqa: E402
 import steps  # noqa: E402
-from errors import UserError, run_main  # noqa: E402
+from errors import UserError, plural, run_main  # noqa: E402
 from losses import PredictionHistory, VAALoss, class_prior_weights  # noqa: E402
 from model import build_net, use_sync_batchnorm  # noqa: E402
 from trainers import PlateauSchedule, StageTrainers  # noqa: E402
@@ -66,7 +72,7 @@ def setup(cfg, explicit):
     if cfg['amp']:
         mixed_precision.init_amp(ctx)           # before the network is built
     return types.SimpleNamespace(cfg=cfg, ctx=ctx, kvstore=kvstore, rank=rank, num_workers=workers,
-                                 resumed=resumed, epoch=0, batch=0)
+                                 resumed=resumed, epoch=0, batch=0, explicit=tuple(explicit))
 
 
 def get_data(cfg, ctx, rank=0, num_workers=1):
@@ -122,10 +128,41 @@ def get_trainers(cfg, net, ctx, kvstore):
     if cfg['amp']:
         params['multi_precision'] = True
     trainers = StageTrainers(net, ctx, cfg['optimizer'], params, kvstore, finetune=cfg['finetune'],
-                             freeze_epochs=cfg['freeze_epochs'], amp=cfg['amp'])
-    LOG.info('%d Trainers (one per stage module), %s lr %g, batch %d, %d epochs', len(trainers.trainers),
-             cfg['optimizer'], cfg['lr'], cfg['batch_size'], cfg['epochs'])
+                             freeze_epochs=cfg['freeze_epochs'], amp=cfg['amp'], epochs=cfg['epochs'])
+    LOG.info('%d Trainers (one per stage module), %s lr %g, batch %d, %s', len(trainers.trainers),
+             cfg['optimizer'], cfg['lr'], cfg['batch_size'], plural(cfg['epochs'], 'epoch'))
     return trainers, PlateauSchedule(cfg['lr'], cfg['lr_patience'], cfg['lr_drops'], cfg['monitor'])
+
+
+def phase_notes(cfg, explicit):
+    """Say why a run has no first phase, or warn when the one asked for cannot do its job."""
+    preset_freeze = config.PRESET_SETTINGS[cfg['preset']]['freeze_epochs']
+    given = 'freeze_epochs' in explicit
+    if not given and preset_freeze and not cfg['pretrained'] and not cfg['finetune']:
+        LOG.info("no first phase: --preset %s's %s of training the heads on a frozen backbone are for ImageNet "
+                 'features, and this backbone starts from random weights (--no-pretrained); --freeze-epochs N asks '
+                 'for them anyway', cfg['preset'], plural(preset_freeze, 'epoch'))
+    if given and cfg['freeze_epochs'] and not cfg['pretrained']:
+        LOG.warning('--freeze-epochs %d with random weights (--no-pretrained): for %s the attention heads learn '
+                    'from the features of a random backbone that does not train', cfg['freeze_epochs'],
+                    plural(min(cfg['freeze_epochs'], cfg['epochs']), 'epoch'))
+    if given and cfg['freeze_epochs'] >= cfg['epochs']:
+        LOG.warning('--freeze-epochs %d with --epochs %d: the backbone and the primary classifier stay frozen for the '
+                    'whole run', cfg['freeze_epochs'], cfg['epochs'])
+
+
+def cpu_note(cfg, explicit, ctx):
+    """On the CPU with the paper's full-size network by default, suggest a smaller one for a first try."""
+    if any(c.device_type != 'cpu' for c in ctx) or cfg['dataset'] == 'demo':
+        return
+    if 'backbone' in explicit or 'input_size' in explicit:
+        return
+    if cfg['backbone'] in ('resnet18_v1', 'resnet34_v1') and cfg['input_size'] <= 128:
+        return
+    LOG.info('training %s at %dx%d on the CPU (the paper\'s network; about 8 GB and minutes per hundred images on '
+             '2 cores): for a first try on your data, add --backbone resnet18_v1 --input-size 128 (README, "Your own '
+             'data"); a GPU (--gpus 0) is what the full size needs', cfg['backbone'], cfg['input_size'],
+             cfg['input_size'])
 
 
 def restore(run):
@@ -257,6 +294,10 @@ def train(cfg, explicit=()):
     """
     with runfolder.StopSignals() as stop:       # (loader workers forked from here on ignore the signals)
         run = setup(cfg, explicit)
+        if run.resumed:
+            earlier = finished(run)
+            if earlier is not None:
+                return earlier
         run.folder = runfolder.RunFolder.prepare(run.cfg, lead=run.rank == 0)      # only rank 0 writes
         try:
             runfolder.setup_logging(run.folder, run.rank if run.num_workers > 1 else None)
@@ -277,6 +318,23 @@ def train(cfg, explicit=()):
             run.folder.close()
 
 
+def finished(run):
+    """For a resumed run that has trained all its epochs and been tested: say so (and how to train it longer)
+    and return its test result, without testing again; otherwise None."""
+    state, path = run.resumed[0]['state'], run.cfg['resume']
+    result_file = os.path.join(path, 'test_metrics.json')
+    if state['epoch'] < run.cfg['epochs'] or state.get('batch') or not os.path.isfile(result_file):
+        return None
+    runfolder.setup_logging()
+    with open(result_file) as f:
+        result = json.load(f)
+    LOG.info('%s has finished its %s: nothing is left to train, nothing was changed. Its test result (mAP '
+             '%.2f%%, epoch %s) is in %s; to train it longer: %s --epochs %d', path, plural(state['epoch'], 'epoch'),
+             100 * result['mAP'], result.get('best_epoch', '?'), result_file, runfolder.resume_command(path),
+             state['epoch'] + 5)
+    return result
+
+
 def train_epochs(run, stop):
     """Data, network, losses, trainers; then the epochs, each: phase, training pass, validation."""
     cfg, ctx = run.cfg, run.ctx
@@ -285,6 +343,9 @@ def train_epochs(run, stop):
     run.loss, run.history = get_losses(cfg, run.data.train, ctx)              # Eq. 7, history
     run.trainers, run.schedule = get_trainers(cfg, run.net, ctx, run.kvstore)  # a Trainer per stage
     saved = restore(run) if run.resumed else None
+    if not run.resumed:
+        phase_notes(cfg, run.explicit)
+        cpu_note(cfg, run.explicit, ctx)
     run.folder.write_config(cfg)
     if cfg['hybridize']:
         run.net.hybridize(static_alloc=True, static_shape=True)

@@ -25,6 +25,7 @@ import numpy as np
 from mxnet import gluon
 
 from distributed import GradientSync
+from errors import plural
 from mixed_precision import LossScaling
 
 LOG = logging.getLogger('vaa')
@@ -57,8 +58,8 @@ class PlateauSchedule(object):
             self.lr /= 10.0
             self.drops += 1
             self.waited = 0
-            LOG.info('no val %s gain for more than %d epochs: learning rate -> %g', self.monitor, self.patience,
-                     self.lr)
+            LOG.info('no val %s gain for more than %s: learning rate -> %g', self.monitor,
+                     plural(self.patience, 'epoch'), self.lr)
         return False
 
     def state_dict(self):
@@ -88,11 +89,14 @@ class StageTrainers(object):
         The paper's first phase: epochs during which only the attention heads train.
     amp : bool
         Float16 training: dynamic loss scaling shared by every Trainer.
+    epochs : int, optional
+        The run's length, for the phase's log line.
     """
 
     def __init__(self, net, ctx, optimizer='sgd', optimizer_params=None, kvstore=None, finetune=False,
-                 freeze_epochs=0, amp=False):
+                 freeze_epochs=0, amp=False, epochs=None):
         self.net, self.finetune, self.freeze_epochs = net, bool(finetune), int(freeze_epochs)
+        self.epochs = epochs
         net.freeze_backbone(self.finetune)
         self.trainers = collections.OrderedDict(
             (name, gluon.Trainer(params, optimizer, dict(optimizer_params or {}), kvstore=None,
@@ -115,8 +119,10 @@ class StageTrainers(object):
         if self.finetune or frozen == self.frozen:
             return False
         if frozen:
-            LOG.info('epochs 0-%d: backbone and primary classifier frozen, training the attention heads with '
-                     'their loss', self.freeze_epochs - 1)
+            last = self.freeze_epochs if self.epochs is None else min(self.freeze_epochs, self.epochs)
+            LOG.info('%s: backbone and primary classifier frozen, training the attention heads with their loss%s',
+                     'epoch 0' if last == 1 else 'epochs 0-%d' % (last - 1),
+                     ' (the whole run)' if self.epochs is not None and self.freeze_epochs >= self.epochs else '')
         elif self.frozen:
             LOG.info('epoch %d: training end to end', epoch)
         self.net.freeze_backbone(frozen, fix_statistics=True)

@@ -97,6 +97,9 @@ def detect(data_path):
     demo's cache). UserError naming what was looked for otherwise: a folder is never guessed at."""
     if not data_path:
         return 'demo'
+    if os.path.isfile(data_path):
+        raise UserError('--data_path %s is a file; give the folder that holds it: --data_path %s' % (
+            data_path, os.path.dirname(data_path) or '.'))
     if not os.path.isdir(data_path):
         raise UserError('--data_path %s does not exist; give the dataset folder (and --dataset)' % data_path)
     for name, marks in LAYOUTS:

@@ -163,6 +163,9 @@ def find_file(folder, candidates, what):
 def require_dir(path, what):
     if not path:
         raise UserError('--data_path is required for %s' % what)
+    if os.path.isfile(path):
+        raise UserError('--data_path %s is a file; give the folder that holds it (%s): --data_path %s' % (
+            path, what, os.path.dirname(path) or '.'))
     if not os.path.isdir(path):
         raise UserError('--data_path %s does not exist (expected the %s folder)' % (path, what))
     return path

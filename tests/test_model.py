@@ -150,25 +150,45 @@ def _flat(outs):
     return flat
 
 
-def test_pretrained_missing_cache_fails_at_once_with_the_file_to_place(tmp_path, monkeypatch):
-    """Offline: the model zoo's download is tried once for the right URL, then one error names the file,
-    the folder, the URL and --no-pretrained; nothing is left behind."""
+def test_pretrained_missing_cache_fails_at_once_with_the_file_to_place(tmp_path, monkeypatch, capsys):
+    """Offline (the model-zoo host refuses the connection: the tests' MXNET_GLUON_REPO is a closed loopback
+    port): no download is tried, and one error names the file, the folder, the URL, the reason and
+    --no-pretrained; nothing is left behind."""
     monkeypatch.setenv('MXNET_HOME', str(tmp_path))
     tried = []
-
-    def offline(url, path=None, **kwargs):
-        tried.append(url)
-        raise OSError('Network is unreachable')
-    monkeypatch.setattr(model_store, 'download', offline)
+    monkeypatch.setattr(model_store, 'download', lambda url, *a, **k: tried.append(url))
     path, url = model_zoo_file('resnet18_v1')
     start = time.time()
     with pytest.raises(UserError) as err:
         VAANet('resnet18_v1', 3, 'paper', 64, pretrained=True)
-    assert time.time() - start < 5 and tried == [url]
+    assert time.time() - start < 5 and tried == []
     message = str(err.value)
     assert os.path.basename(path) in message and str(tmp_path / 'models') in message and url in message
-    assert '--no-pretrained' in message and 'Network is unreachable' in message
+    assert '--no-pretrained' in message and 'no network connection to 127.0.0.1:9' in message
     assert not os.listdir(tmp_path) or not os.listdir(tmp_path / 'models')   # nothing downloaded
+    assert capsys.readouterr().out == ''
+
+
+def test_a_failing_download_is_tried_for_the_right_url_and_its_retries_stay_off_the_console(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """The host answers but the download fails: MXNet's own download is used (it checks the SHA-1), its
+    "download failed ... retrying" lines are not printed, and the error carries the reason."""
+    import backbone
+    monkeypatch.setenv('MXNET_HOME', str(tmp_path))
+    monkeypatch.setattr(backbone, '_unreachable', lambda url: None)
+    tried = []
+
+    def failing(url, path=None, **kwargs):
+        tried.append(url)
+        for left in (4, 3, 2):
+            print('download failed due to ConnectionError(MaxRetryError(...)), retrying, %d attempts left' % left)
+        raise OSError('Network is unreachable')
+    monkeypatch.setattr(model_store, 'download', failing)
+    path, url = model_zoo_file('resnet18_v1')
+    with pytest.raises(UserError, match='Network is unreachable') as err:
+        VAANet('resnet18_v1', 3, 'paper', 64, pretrained=True)
+    assert tried == [url] and os.path.basename(path) in str(err.value)
+    assert 'download failed' not in capsys.readouterr().out
 
 
 def _zoo_weights(path):
@@ -180,32 +200,42 @@ def _zoo_weights(path):
 
 
 def test_pretrained_missing_file_is_downloaded_through_the_model_zoo_with_its_sha1_check(tmp_path, monkeypatch):
-    """A fake model-zoo server: the zip is fetched, checked against the zoo's SHA-1 and loaded; a file
-    whose SHA-1 differs is refused."""
+    """A model-zoo server on a loopback port (MXNET_GLUON_REPO): the zip is fetched over HTTP, checked
+    against the zoo's SHA-1 and loaded; a file whose SHA-1 differs is refused."""
+    import functools
     import hashlib
+    import http.server
+    import threading
     import zipfile
     served = str(tmp_path / 'served.params')
     zoo = _zoo_weights(served)
     sha1 = hashlib.sha1(open(served, 'rb').read()).hexdigest()
     monkeypatch.setenv('MXNET_HOME', str(tmp_path / 'home'))
     monkeypatch.setitem(model_store._model_sha1, 'resnet18_v1', sha1)
-    path, url = model_zoo_file('resnet18_v1')
-
-    def server(address, path=None, **kwargs):
-        assert address == url
-        with zipfile.ZipFile(path, 'w') as zf:
-            zf.write(served, os.path.basename(model_zoo_file('resnet18_v1')[0]))
-        return path
-    monkeypatch.setattr(model_store, 'download', server)
-    net = get_vaa_net('resnet18_v1', 3, 'paper', 64, pretrained=True)
-    assert os.path.isfile(path)
-    ours = {n[len(net.backbone.zoo_prefix):]: p for n, p in net.backbone.collect_params().items()}
-    for name, param in zoo.features.collect_params().items():
-        np.testing.assert_array_equal(ours[name[len(zoo.prefix):]].data().asnumpy(), param.data().asnumpy())
-    os.remove(path)
-    monkeypatch.setitem(model_store._model_sha1, 'resnet18_v1', sha1[:8] + '0' * 32)   # same file name
-    with pytest.raises(UserError, match='different hash'):
-        VAANet('resnet18_v1', 3, 'paper', 64, pretrained=True)
+    root = tmp_path / 'repo'
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv('MXNET_GLUON_REPO', 'http://127.0.0.1:%d/' % server.server_address[1])
+        path, url = model_zoo_file('resnet18_v1')
+        zipped = root / 'gluon' / 'models' / os.path.basename(url)
+        zipped.parent.mkdir(parents=True)
+        with zipfile.ZipFile(str(zipped), 'w') as zf:
+            zf.write(served, os.path.basename(path))
+        net = get_vaa_net('resnet18_v1', 3, 'paper', 64, pretrained=True)
+        assert os.path.isfile(path)
+        ours = {n[len(net.backbone.zoo_prefix):]: p for n, p in net.backbone.collect_params().items()}
+        for name, param in zoo.features.collect_params().items():
+            np.testing.assert_array_equal(ours[name[len(zoo.prefix):]].data().asnumpy(), param.data().asnumpy())
+        os.remove(path)
+        monkeypatch.setitem(model_store._model_sha1, 'resnet18_v1', sha1[:8] + '0' * 32)   # same file name
+        with pytest.raises(UserError, match='different hash'):
+            VAANet('resnet18_v1', 3, 'paper', 64, pretrained=True)
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_pretrained_loads_the_cached_file(tmp_path, monkeypatch):

@@ -1,0 +1,329 @@
+"""A newcomer's first hour: no run that silently learns nothing, hints that work as printed (each test runs
+what was printed), messages that name the bad input, fast --help, plots that explain."""
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import compare
+import config
+import eval as evaluation
+import plots
+import predict
+import train
+from errors import UserError, plural
+from tests import fixtures
+
+ROOT = fixtures.ROOT
+TINY = ['--limit', '64', '--input-size', '32', '--batch_size', '16', '--log-interval', '1']
+SMALL = ['--backbone', 'resnet18_v1', '--input-size', '32', '--batch_size', '4', '--num-workers', '0']
+
+
+@pytest.fixture(scope='module')
+def two_runs(demo_path, tmp_path_factory):
+    """Two demo runs that differ in epochs, seed and input size."""
+    root = tmp_path_factory.mktemp('first-hour')
+    a, b = str(root / 'one-epoch'), str(root / 'two-epochs')
+    train.main(['--data_path', demo_path, '--out', a, '--epochs', '1'] + TINY)
+    train.main(['--data_path', demo_path, '--out', b, '--epochs', '2', '--seed', '1'] + TINY[:2] +
+               ['--input-size', '48'] + TINY[4:])
+    return a, b
+
+
+def _printed(command):
+    """Run a printed command line as the user would, in the project folder."""
+    words = shlex.split(command)
+    assert words[1].endswith('.py'), command
+    return subprocess.run([sys.executable] + words[1:], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          universal_newlines=True, timeout=600)
+
+
+# 1 ---------------------------------------------------------------------------------------------------------
+def test_random_weights_get_no_first_phase_and_a_too_short_run_is_refused(tmp_path):
+    root = str(tmp_path / 'mine')
+    fixtures.csv_dataset(root)
+    cfg, _ = config.parse_args(['--data_path', root, '--no-pretrained', '--epochs', '2'])
+    assert cfg['preset'] == 'paper' and cfg['freeze_epochs'] == 0
+    assert config.parse_args(['--data_path', root, '--epochs', '4'])[0]['freeze_epochs'] == 3   # ImageNet weights
+    with pytest.raises(UserError, match=r'--epochs 2 ends inside the first phase of --preset paper \(--freeze-epochs '
+                                        r'3: backbone and primary classifier frozen in epochs 0-2\).*--epochs 4 or more'):
+        config.parse_args(['--data_path', root, '--epochs', '2'])
+    asked, _ = config.parse_args(['--data_path', root, '--no-pretrained', '--epochs', '2', '--freeze-epochs', '3'])
+    assert asked['freeze_epochs'] == 3                       # asked for: allowed, with warnings (below)
+
+
+def test_train_log_says_why_there_is_no_first_phase_and_warns_about_one_that_cannot_work(tmp_path):
+    root = str(tmp_path / 'mine')
+    fixtures.csv_dataset(root)
+    out = str(tmp_path / 'run')
+    train.main(['--data_path', root, '--no-pretrained', '--epochs', '2', '--out', out] + SMALL)
+    log = open(os.path.join(out, 'train.log')).read()
+    assert "no first phase: --preset paper's 3 epochs of training the heads on a frozen backbone" in log
+    assert 'frozen, training the attention heads' not in log
+    assert json.load(open(os.path.join(out, 'config.json')))['freeze_epochs'] == 0
+    rows = json.load(open(os.path.join(out, 'metrics.json')))
+    assert rows[0]['val_mAP'] != rows[1]['val_mAP'] or rows[0]['train_loss'] != rows[1]['train_loss']
+    out2 = str(tmp_path / 'asked')
+    train.main(['--data_path', root, '--no-pretrained', '--epochs', '2', '--freeze-epochs', '3', '--out', out2] + SMALL)
+    log = open(os.path.join(out2, 'train.log')).read()
+    assert '--freeze-epochs 3 with random weights (--no-pretrained): for 2 epochs the attention heads learn' in log
+    assert '--freeze-epochs 3 with --epochs 2: the backbone and the primary classifier stay frozen for the whole run' \
+        in log
+    assert 'epochs 0-1: backbone and primary classifier frozen, training the attention heads with their loss (the ' \
+           'whole run)' in log
+
+
+# 2 ---------------------------------------------------------------------------------------------------------
+def test_resuming_a_finished_run_trains_and_tests_nothing_and_its_hint_trains_it_longer(two_runs, tmp_path, capsys):
+    run = str(tmp_path / 'copy')
+    shutil.copytree(two_runs[0], run)
+    before = {f: os.path.getmtime(os.path.join(run, f)) for f in ('test_metrics.json', 'metrics.json')}
+    result = train.main(['--resume', run])
+    printed = capsys.readouterr().out
+    assert result == json.load(open(os.path.join(run, 'test_metrics.json')))
+    assert before == {f: os.path.getmtime(os.path.join(run, f)) for f in before}       # not tested again
+    line = [l for l in printed.splitlines() if 'nothing is left to train' in l]
+    assert len(line) == 1 and '%s has finished its 1 epoch' % run in line[0] and 'Test split' not in printed
+    hint = line[0].split('to train it longer: ', 1)[1]
+    assert hint.endswith('--resume %s --epochs 6' % run)
+    proc = _printed(hint)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert len(json.load(open(os.path.join(run, 'metrics.json')))) == 6
+
+
+# 3 and 10 --------------------------------------------------------------------------------------------------
+def test_compare_shows_the_settings_and_names_every_one_in_which_the_runs_differ(two_runs, tmp_path, capsys,
+                                                                                monkeypatch):
+    a, b = two_runs
+    labels = []
+    real = plots.compare_bars
+    monkeypatch.setattr(plots, 'compare_bars', lambda *args: labels.extend(args[2]) or real(*args))
+    monkeypatch.chdir(tmp_path)                      # the default --out: runs/compare-<time>.png, here
+    summary = compare.main([a, b, '--limit', '32'])
+    text = capsys.readouterr().out
+    header = [l for l in text.splitlines() if l.startswith('source')][0]
+    for column in ('epochs', 'input', 'train split', 'seed'):
+        assert column in header
+    differ = [l for l in text.splitlines() if l.startswith('NOT COMPARABLE')]
+    assert len(differ) == 1
+    assert 'epochs (#1 1, #2 2)' in differ[0] and 'input size (#1 32, #2 48)' in differ[0]
+    assert 'seed (#1 0, #2 1)' in differ[0] and 'batch size' not in differ[0]
+    for row in summary:
+        assert row['system'] in text                 # the system column is never cut
+    written = os.listdir(str(tmp_path / 'runs'))
+    assert len([f for f in written if f.startswith('compare-') and f.endswith('.png')]) == 1
+    assert len(labels) == 2 and a in labels[0] and 'mAP %.2f' % (100 * summary[0]['mAP']) in labels[0]
+    same = compare.differences([dict(settings=dict(epochs=1, seed=0)), dict(settings=dict(epochs=1, seed=0))])
+    assert same.startswith('the runs were trained alike')
+    assert 'runs/compare-<date>-<time>.png' in ' '.join(compare.build_parser().format_help().split())
+
+
+# 4 ---------------------------------------------------------------------------------------------------------
+def test_the_export_upstream_hint_evaluates_the_files_as_printed(two_runs, tmp_path, capsys):
+    run = two_runs[0]
+    folder = str(tmp_path / 'saved_models')
+    evaluation.main([run, '--export-upstream', folder])
+    printed = capsys.readouterr().out
+    hint = printed.split('evaluate them with:\n', 1)[1].strip().splitlines()[0]
+    assert '--num_classes' not in hint and '--dataset demo' in hint
+    proc = _printed(hint)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    result = json.load(open(os.path.join(run, 'eval_upstream_files_test.json')))
+    assert result['mAP'] == pytest.approx(json.load(open(os.path.join(run, 'test_metrics.json')))['mAP'], abs=1e-6)
+    assert sorted(os.listdir(folder)) == sorted(f for f in os.listdir(folder) if f.endswith('.params'))
+
+
+def test_the_authors_files_evaluated_directly_write_their_result_under_runs(two_runs, tmp_path, capsys, monkeypatch):
+    folder = str(tmp_path / 'saved_models')
+    evaluation.main([two_runs[0], '--export-upstream', folder])
+    monkeypatch.chdir(tmp_path)
+    evaluation.main([folder, '--preset', 'demo', '--backbone', 'resnet18_v1', '--input-size', '32', '--dataset',
+                     'demo', '--data_path', os.path.join(ROOT, 'data', 'demo'), '--limit', '16'])
+    assert os.path.isfile(str(tmp_path / 'runs' / 'eval-saved_models' / 'eval_test.json'))
+    assert all(f.endswith('.params') for f in os.listdir(folder))
+
+
+# 5 ---------------------------------------------------------------------------------------------------------
+def test_an_image_folder_is_named_as_a_folder_and_the_printed_predict_command_works(two_runs, tmp_path):
+    run = two_runs[0]
+    photos = tmp_path / 'photos'
+    photos.mkdir()
+    for i in range(2):
+        fixtures._write(str(photos / ('p%d.jpg' % i)), fixtures.solid(fixtures.COLOURS[i]))
+    line = fixtures.one_line_error(['eval.py', run, '--image', str(photos)], 'is a folder')
+    hint = line.split('predict every image in it with: ', 1)[1]
+    proc = _printed(hint)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    rows = open(os.path.join(run, 'predictions.csv')).read().splitlines()
+    assert len(rows) == 3 and rows[0].startswith('path,')
+
+
+def test_a_data_path_that_is_a_file_is_named_with_the_folder_to_give(tmp_path):
+    root = str(tmp_path / 'mine')
+    fixtures.csv_dataset(root)
+    fixtures.one_line_error(['train.py', '--data_path', os.path.join(root, 'train.csv')],
+                            '--data_path %s is a file; give the folder that holds it: --data_path %s' % (
+                                os.path.join(root, 'train.csv'), root))
+    fixtures.one_line_error(['train.py', '--dataset', 'csv', '--data_path', os.path.join(root, 'train.csv')],
+                            'give the folder that holds it (the CSV dataset): --data_path %s' % root)
+
+
+# 6 ---------------------------------------------------------------------------------------------------------
+def test_a_text_file_that_is_not_a_list_of_images_is_named_with_its_line(tmp_path):
+    notes = tmp_path / 'notes.txt'
+    notes.write_text('# my notes\n\nThe photos from Tuesday are the best.\n')
+    with pytest.raises(UserError, match=r"notes.txt line 3: 'The photos from Tuesday are the best.' is not an image "
+                                        r'file \(a text input is read as a list of image paths'):
+        predict.list_images([str(notes)])
+    image = tmp_path / 'a.jpg'
+    fixtures._write(str(image), fixtures.solid(fixtures.COLOURS[0]))
+    listing = tmp_path / 'list.txt'
+    listing.write_text('a.jpg\nmissing.jpg\n')
+    with pytest.raises(UserError, match=r"list.txt line 2: 'missing.jpg' is not an image file \(no such file\)"):
+        predict.list_images([str(listing)])
+    assert predict.list_images([str(listing)], skip_bad=True) == [str(image)]
+
+
+# 7 ---------------------------------------------------------------------------------------------------------
+def test_offline_imagenet_weights_give_one_line_and_no_retries(tmp_path):
+    root = str(tmp_path / 'mine')
+    fixtures.csv_dataset(root)
+    proc = fixtures.cli(['train.py', '--data_path', root, '--out', str(tmp_path / 'r')] + SMALL,
+                        env={'MXNET_HOME': str(tmp_path / 'mxhome')})
+    assert proc.returncode == 2
+    assert 'download failed' not in proc.stdout + proc.stderr and 'retrying' not in proc.stdout + proc.stderr
+    errors = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
+    assert len(errors) == 1 and 'no network connection to 127.0.0.1:9' in errors[0]
+    assert [l for l in proc.stderr.strip().splitlines() if not l.startswith('[')] == errors   # (MXNet's engine line)
+
+
+# 8 ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('script,args,status', [
+    ('train.py', ['--help'], 0), ('eval.py', ['--help'], 0), ('predict.py', ['--help'], 0),
+    ('compare.py', ['--help'], 0), ('benchmark.py', ['--help'], 0), ('train.py', ['--bogus'], 2),
+    ('train.py', ['--epochs', '0'], 2), ('eval.py', ['RUN', '--limit', '0'], 2), ('predict.py', ['RUN'], 2)])
+def test_help_and_flag_errors_answer_before_mxnet_is_imported(script, args, status):
+    code = ('import runpy, sys; sys.argv = [%r] + %r\n'
+            'try:\n    runpy.run_path(%r, run_name="__main__")\n'
+            'except SystemExit as e:\n    print("EXIT", e.code, "mxnet" in sys.modules)\n') % (script, args, script)
+    proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=120)
+    assert proc.stdout.strip().splitlines()[-1] == 'EXIT %d False' % status, (proc.stdout[-500:], proc.stderr[-500:])
+
+
+def test_help_texts_say_what_the_code_does():
+    import flags
+    words = lambda p: ''.join(p.format_help().split())       # noqa: E731  (argparse wraps at hyphens too)
+    assert '$XDG_CACHE_HOME/vaa-attributes/wider-<hashof--data_path>-crop256' in words(flags.build_parser())
+    assert 'crops256' not in words(flags.build_parser()) and 'workerprocesses' not in words(flags.build_parser())
+    bench = flags.benchmark_parser()
+    assert bench.description.endswith('.')
+    assert all(a.help for a in bench._actions if a.option_strings)  # pylint: disable=protected-access
+    assert [plural(1, 'epoch'), plural(2, 'epoch'), plural(1, 'image')] == ['1 epoch', '2 epochs', '1 image']
+
+
+def test_a_one_epoch_run_logs_one_epoch(two_runs):
+    log = open(os.path.join(two_runs[0], 'train.log')).read()
+    assert 'batch 16, 1 epoch\n' in log and '1 epochs' not in log
+
+
+# 9 ---------------------------------------------------------------------------------------------------------
+def test_constraints_keep_numpy_below_2_for_every_later_install():
+    pins = [l.split('#')[0].strip() for l in open(os.path.join(ROOT, 'constraints.txt'))]
+    assert 'numpy>=1.21,<1.24' in pins and 'opencv-python<4.9' in pins
+    assert "'numpy>=1.21,<1.24'" in open(os.path.join(ROOT, 'setup.py')).read()     # one pin, two places
+    script = open(os.path.join(ROOT, 'run.sh')).read()
+    assert 'pip install --quiet -c constraints.txt' in script and '/pip.conf' in script
+    conf = os.path.join(sys.prefix, 'pip.conf')
+    if not os.path.isfile(conf):
+        pytest.skip('not the environment run.sh made (no %s)' % conf)
+    assert 'constraint = %s' % os.path.join(ROOT, 'constraints.txt') in open(conf).read()
+
+
+# 11 --------------------------------------------------------------------------------------------------------
+def test_the_paper_network_on_a_cpu_gets_a_hint_for_a_first_try(caplog):
+    import logging
+    import mxnet as mx
+    cfg = dict(dataset='csv', backbone='resnet101_v1', input_size=224)
+    with caplog.at_level(logging.INFO, logger='vaa'):     # (captures the 'vaa' logger, which does not propagate)
+        train.cpu_note(cfg, [], [mx.cpu()])
+        train.cpu_note(cfg, ['backbone'], [mx.cpu()])            # the user chose: no hint
+        train.cpu_note(dict(cfg, dataset='demo'), [], [mx.cpu()])
+    hints = [r.getMessage() for r in caplog.records if 'for a first try' in r.getMessage()]
+    assert len(hints) == 1 and '--backbone resnet18_v1 --input-size 128' in hints[0]
+
+
+# 13 --------------------------------------------------------------------------------------------------------
+def _row(epoch, lr, val):
+    return dict(epoch=epoch, lr=lr, train_loss=1.0 - 0.1 * epoch, val_loss=1.1 - 0.1 * epoch, train_mAP=0.5,
+                val_mAP=val, val_mA=0.6)
+
+
+def test_curves_have_whole_epochs_the_first_phase_the_drops_and_the_tested_epoch():
+    rows = [_row(0, 1e-3, .40), _row(1, 1e-3, .55), _row(2, 1e-4, .50), _row(3, 1e-4, .52)]
+    fig = plots.curves_figure(rows, title='runs/mine', freeze_epochs=1, monitor='mAP', lr=1e-3)
+    left, right = fig.axes
+    assert fig._suptitle.get_text() == 'runs/mine'  # pylint: disable=protected-access
+    assert right.get_xlim() == (-0.5, 3.5)
+    assert all(float(t).is_integer() for t in right.get_xticks() if -0.5 <= t <= 3.5)
+    star = [l for l in right.get_lines() if l.get_marker() == '*']
+    assert len(star) == 1 and list(star[0].get_xdata()) == [1] and 'epoch 1' in star[0].get_label()
+    drops = [l for l in right.get_lines() if l.get_linestyle() == ':']
+    assert len(drops) == 1 and list(drops[0].get_xdata()) == [2.5, 2.5]         # lr fell after epoch 2
+    shaded = [p for p in right.patches if 'first phase' in p.get_label()]
+    assert len(shaded) == 1
+    one = plots.curves_figure([_row(0, 1e-3, .4)])
+    assert one.axes[1].get_xlim() == (-0.5, 0.5) and list(one.axes[1].get_xticks()) == [0]
+    plots.plt.close('all')
+
+
+# 14 --------------------------------------------------------------------------------------------------------
+def test_ap_bars_go_from_the_most_to_the_least_positive_with_their_rate_and_chance_level():
+    per = [dict(name='rare', ap=0.3, positives=5, specified=100), dict(name='common', ap=0.9, positives=60,
+                                                                         specified=100),
+           dict(name='middle', ap=0.5, positives=20, specified=80)]
+    fig = plots.ap_bars_figure(dict(mAP=0.57, per_attribute=per), 'test')
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == ['common\n60.0% pos', 'middle\n25.0% pos', 'rare\n5.0% pos']
+    chance = [l for l in ax.get_lines() if 'chance' in l.get_label()][0]
+    np.testing.assert_allclose(chance.get_ydata(), [60, 25, 5])
+    np.testing.assert_allclose([b.get_height() for b in ax.patches], [90, 50, 30])
+    plots.plt.close('all')
+
+
+# 15 --------------------------------------------------------------------------------------------------------
+def test_attention_tiles_name_attributes_on_one_readable_line():
+    maps = [np.full((3, 4, 4), 1 / 16.0, np.float32)]
+    names = ['three_at_bottom', 'a_very_long_attribute_name', 'hat']
+    fig = plots.attention_figure(np.zeros((48, 48, 3), np.uint8), maps, names, [0.1, 0.5, 0.9])
+    titles = [ax.title for ax in fig.axes[1:4]]
+    assert [t.get_text() for t in titles] == names and all(t.get_fontsize() >= 9 for t in titles)
+    width = fig.get_size_inches()[0] / 4 * fig.dpi          # the tile's pixels
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    assert max(t.get_window_extent(renderer).width for t in titles) <= width
+    plots.plt.close('all')
+
+
+def test_shared_scale_puts_every_image_of_a_call_on_one_colour_scale(two_runs, tmp_path, monkeypatch):
+    photos = []
+    for i in range(2):
+        path = str(tmp_path / ('p%d.jpg' % i))
+        fixtures._write(path, fixtures.solid(fixtures.COLOURS[i]) if i else
+                        np.random.RandomState(0).randint(0, 255, (40, 30, 3)).astype(np.uint8))
+        photos.append(path)
+    tops = {}
+    real = plots.attention_overlay
+    monkeypatch.setattr(plots, 'attention_overlay', lambda *a, **k: tops.setdefault(
+        'shared' if k.get('top') is not None else 'own', []).append(k.get('top')) or real(*a, **k))
+    evaluation.main([two_runs[0], '--image'] + photos + ['--out-dir', str(tmp_path / 'own')])
+    evaluation.main([two_runs[0], '--image'] + photos + ['--shared-scale', '--out-dir', str(tmp_path / 'shared')])
+    assert tops['own'] == [None, None] and len(tops['shared']) == 2 and tops['shared'][0] == tops['shared'][1] >= 1
+    with pytest.raises(UserError, match='--shared-scale goes with --image'):
+        evaluation.main([two_runs[0], '--shared-scale'])
