@@ -17,9 +17,10 @@ setup(
     long_description_content_type='text/markdown',
     python_requires='>=3.8,<3.12',
     py_modules=['apcnn', 'apcnn_roi', 'attention', 'backbone', 'benchmark', 'checkpoints', 'compare',
-                'config', 'distributed', 'errors', 'eval', 'export', 'inference', 'launch', 'losses',
-                'machine', 'mcloss', 'metrics', 'mixed_precision', 'mlgcn', 'model', 'plots',
-                'predict', 'rga', 'runfolder', 'steps', 'train', 'trainers', 'upstream_reference'],
+                'config', 'distributed', 'errors', 'eval', 'export', 'flags', 'inference', 'launch',
+                'losses', 'machine', 'mcloss', 'metrics', 'mixed_precision', 'mlgcn', 'model', 'plots',
+                'predict', 'presets', 'rga', 'runfolder', 'steps', 'train', 'trainers',
+                'upstream_reference'],
     packages=find_packages(include=['datasets', 'datasets.*']),
     install_requires=[
         'numpy>=1.21,<1.24',
