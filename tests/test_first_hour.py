@@ -327,3 +327,13 @@ def test_shared_scale_puts_every_image_of_a_call_on_one_colour_scale(two_runs, t
     assert tops['own'] == [None, None] and len(tops['shared']) == 2 and tops['shared'][0] == tops['shared'][1] >= 1
     with pytest.raises(UserError, match='--shared-scale goes with --image'):
         evaluation.main([two_runs[0], '--shared-scale'])
+
+
+def test_setup_installs_every_module_of_the_project():
+    """A module missing from py_modules works in the clone (editable install) and fails after pip install."""
+    import glob
+    import re
+    text = open(os.path.join(ROOT, 'setup.py')).read()
+    listed = set(re.findall(r"'(\w+)'", text[text.index('py_modules'):text.index('packages=')]))
+    modules = {os.path.basename(f)[:-3] for f in glob.glob(os.path.join(ROOT, '*.py'))} - {'setup'}
+    assert listed == modules
