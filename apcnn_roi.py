@@ -62,14 +62,18 @@ class ROIPyramid(gluon.HybridBlock):
         score = F.where(above, score, F.ones_like(score) * -1)
         data = F.concat(F.expand_dims(score, 2),
                         F.broadcast_add(F.zeros_like(F.expand_dims(score, 2)), F.expand_dims(boxes, 0)), dim=2)
-        kept = F.slice_axis(F.contrib.box_nms(data, overlap_thresh=self.iou, valid_thresh=0, topk=-1, coord_start=1,
-                                              score_index=0, id_index=-1, force_suppress=True),
-                            axis=1, begin=0, end=k)                                            # N, k, 5
+        kept = self.nms(F, data, k)                                                            # N, k, 5
         valid = F.reshape(F.slice_axis(kept, axis=2, begin=0, end=1), (0, -1)) >= 0
         x1, y1, x2, y2 = [F.reshape(F.slice_axis(kept, axis=2, begin=i, end=i + 1), (0, -1)) for i in range(1, 5)]
         last = self.input_size - 1
         rois = F.stack(F.maximum(x1, 0), F.maximum(y1, 0), F.minimum(x2 - 1, last), F.minimum(y2 - 1, last), axis=2)
         return F.broadcast_mul(rois, F.expand_dims(valid, 2)), valid
+
+    def nms(self, F, data, k):
+        """The first ``k`` rows of (N, M, 5) [score, x1, y1, x2 + 1, y2 + 1] after NMS at IoU >= ``iou``
+        (suppressed and invalid rows: -1), in descending score."""
+        return F.slice_axis(F.contrib.box_nms(data, overlap_thresh=self.iou, valid_thresh=0, topk=-1, coord_start=1,
+                                              score_index=0, id_index=-1, force_suppress=True), axis=1, begin=0, end=k)
 
     def hybrid_forward(self, F, s3, s4, s5):
         levels = [self._level(F, g, s, a, k) for g, s, a, k in zip((s3, s4, s5), self.sizes, self.anchors, self.topk)]

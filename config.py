@@ -71,7 +71,14 @@ def resolve_config(args):
         # The first phase trains the heads on ImageNet features; on random ones it would teach nothing.
         cfg['freeze_epochs'] = 0
     check_ranges(cfg, RANGES)
-    if cfg['freeze_epochs'] >= cfg['epochs'] > 0 and not freeze_given and not cfg.get('resume'):
+    if not cfg.get('resume'):       # a resumed run keeps its checked config (merge_resume refuses changes)
+        check_combinations(cfg, freeze_given)
+    return cfg
+
+
+def check_combinations(cfg, freeze_given=True):
+    """UserError for settings that cannot work together (the first phase, freezing, the related systems)."""
+    if cfg['freeze_epochs'] >= cfg['epochs'] > 0 and not freeze_given:
         raise UserError('--epochs %d ends inside the first phase of --preset %s (--freeze-epochs %d: backbone and '
                         'primary classifier frozen in epochs 0-%d), so they would never train: give --epochs %d or '
                         'more, or a smaller --freeze-epochs' % (cfg['epochs'], cfg['preset'], cfg['freeze_epochs'],
@@ -90,7 +97,6 @@ def resolve_config(args):
         if cfg['finetune']:
             raise UserError('--mc-loss shapes the channels of the backbone, which --finetune freezes for the whole '
                             'run (only its bias would train); drop one of them')
-    return cfg
 
 
 def _numbers(cfg, key, kind, count, test, what):

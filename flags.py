@@ -85,7 +85,9 @@ def _method_flags(a):
     a('--pretrained', dest='pretrained', action='store_true', default=None,
       help='start the backbone from ImageNet weights, downloaded into the model-zoo cache when missing '
            '(default: on for real datasets, off for the demo)')
-    a('--no-pretrained', dest='pretrained', action='store_false', help='start the backbone from random weights')
+    # (default=None on both flags of a pair: explicit flags are those that differ from the parser's default)
+    a('--no-pretrained', dest='pretrained', action='store_false', default=None,
+      help='start the backbone from random weights')
     a('--input-size', type=int, help='square input side (default: 224; 48 for the demo)')
     a('--gamma', type=float, default=0.5, help='focusing parameter of the weighted focal loss (Eq. 4)')
     a('--class-weights', default='deepmar', choices=['deepmar', 'paper'],
@@ -95,10 +97,11 @@ def _method_flags(a):
                                                    'starts at this epoch')
     a('--plain-bce', dest='plain_bce', action='store_true', default=None,
       help='upstream quirk: plain sigmoid BCE for every branch (default: on for --preset upstream)')
-    a('--no-plain-bce', dest='plain_bce', action='store_false', help='use the paper losses with any preset')
+    a('--no-plain-bce', dest='plain_bce', action='store_false', default=None,
+      help='use the paper losses with any preset')
     a('--history-zero-rows', dest='history_zero_rows', action='store_true', default=None,
       help='upstream quirk: count the zero-initialised history rows (default: on for --preset upstream)')
-    a('--no-history-zero-rows', dest='history_zero_rows', action='store_false',
+    a('--no-history-zero-rows', dest='history_zero_rows', action='store_false', default=None,
       help='use only stored predictions with any preset')
 
 
@@ -151,7 +154,7 @@ def _schedule_flags(a):
     a('--shuffle', dest='shuffle', action='store_true', default=None,
       help='shuffle the training samples every epoch (default: on; off for --preset upstream, whose '
            'ImageRecordIter never shuffled)')
-    a('--no-shuffle', dest='shuffle', action='store_false', help='keep the training samples in file order')
+    a('--no-shuffle', dest='shuffle', action='store_false', default=None, help='keep the training samples in file order')
     a('--lr-patience', type=int, help='epochs without val improvement before the lr is divided by 10 '
                                       '(default: per preset and dataset)')
     a('--lr-drops', type=int, help='maximum number of learning-rate drops (default: per preset and dataset)')

@@ -167,18 +167,19 @@ def validation_thresholds(net, cfg, names, ctx):
     data = datasets.load_split(cfg['dataset'], cfg['data_path'], cfg.get('val_split', 'val'),
                                attribute_names=names, **config.data_options(cfg))
     logits, labels, masks, _ = steps.predict(net, config.eval_loader(cfg, data), ctx)
-    probs, thresholds = metrics.sigmoid(logits), []
-    for c in range(len(names)):
-        m = masks[:, c] > 0
-        p, y = probs[m, c], labels[m, c] > 0.5
-        if not y.any() or y.all():
-            thresholds.append(0.5)                 # nothing to balance on: the default
-            continue
-        candidates = np.unique(np.r_[p, 0.5])
-        scores = np.array([((p >= t) & y).sum() / y.sum() + ((p < t) & ~y).sum() / (~y).sum() for t in candidates])
-        best = candidates[scores >= scores.max() - 1e-12]
-        thresholds.append(float(best[np.argmin(np.abs(best - 0.5))]))      # of equally good ones, nearest 0.5
-    return thresholds
+    probs = metrics.sigmoid(logits)
+    return [best_threshold(probs[masks[:, c] > 0, c], labels[masks[:, c] > 0, c] > 0.5) for c in range(len(names))]
+
+
+def best_threshold(p, y):
+    """The threshold t (p >= t is positive) among the scores and 0.5 that maximises (TPR + TNR) / 2 on scores
+    ``p`` with truth ``y``; of equally good ones the nearest to 0.5; 0.5 when ``y`` has one class only."""
+    if not y.any() or y.all():
+        return 0.5                                 # nothing to balance on: the default
+    candidates = np.unique(np.r_[p, 0.5])
+    scores = np.array([((p >= t) & y).sum() / y.sum() + ((p < t) & ~y).sum() / (~y).sum() for t in candidates])
+    best = candidates[scores >= scores.max() - 1e-12]
+    return float(best[np.argmin(np.abs(best - 0.5))])      # of equally good ones, nearest 0.5
 
 
 def write_csv(path, names, paths, probs, thresholds=None):
