@@ -249,6 +249,7 @@ class Backbone(gluon.HybridBlock):
             shapes = stage_shapes(units, ends, input_size)
             with self.name_scope():
                 inserted = {ends['s%d' % stage]: block for stage, block in plugins(shapes).items()}
+        self.inserted_prefixes = [inserted[i].prefix for i in sorted(inserted)]
         units, index = self._insert(units, inserted)
         self.tap_indices = [index[i] for i in tap_indices]
         with self.name_scope():
@@ -289,6 +290,26 @@ class Backbone(gluon.HybridBlock):
         """The model-zoo layers' parameters (everything of the zoo but the new output layer)."""
         return self.zoo_params(with_output=False)
 
+    def inserted_params(self):
+        """The parameters of the blocks inserted after stages (``plugins``), as one ParameterDict."""
+        if not self.inserted_prefixes:
+            return gluon.ParameterDict()
+        return self.collect_params('|'.join(re.escape(p) + '.*' for p in self.inserted_prefixes))
+
+    def freeze(self, frozen=True, fix_statistics=False):
+        """Stop (or restart) gradients for the model-zoo layers (not the output layer, not the inserted
+        blocks). A frozen layer's BatchNorm statistics never move (MXNet updates them in the backward pass),
+        but in training mode it would still normalise with each batch's statistics; ``fix_statistics``
+        makes it use its stored ones, so that the frozen backbone computes in training what it computes at
+        evaluation (the first phase of the paper's schedule). Unfreezing restores batch statistics. The
+        graph is rebuilt at the next call."""
+        for param in self.feature_params():
+            param.grad_req = 'null' if frozen else 'write'     # (BN running statistics stay 'null')
+        for block in all_blocks(self):
+            if isinstance(block, nn.BatchNorm) and block.prefix.startswith(self.zoo_prefix):
+                block._kwargs['use_global_stats'] = bool(frozen and fix_statistics)  # pylint: disable=protected-access
+        self._clear_cached_op()
+
     def hybrid_forward(self, F, x):
         taps = []
         for segment in self.segments:
@@ -300,23 +321,6 @@ class Backbone(gluon.HybridBlock):
             return tuple(taps) + final + (x,)
         pooled = self.pool(x)
         return tuple(taps) + final + (self.output(pooled) if self.output is not None else F.flatten(pooled),)
-
-
-def freeze_backbone(net, frozen=True, keep_output=False, fix_statistics=False):
-    """Stop (or restart) gradients for ``net.backbone``'s model-zoo layers and, unless ``keep_output``,
-    the primary classifier (``net.primary_params()``; plug-in blocks inside the backbone keep training).
-    A frozen layer's BatchNorm statistics never move (MXNet updates them in the backward pass), but in
-    training mode it would still normalise with each batch's statistics; ``fix_statistics`` makes it use
-    its stored ones, so that the frozen backbone computes in training exactly what it computes at
-    evaluation (the first phase of the paper's schedule). Unfreezing restores batch statistics. The graph
-    is rebuilt at the next call."""
-    params = net.backbone.feature_params() + ([] if keep_output else net.primary_params())
-    for param in params:
-        param.grad_req = 'null' if frozen else 'write'     # (BN running statistics stay 'null')
-    for block in all_blocks(net.backbone):
-        if isinstance(block, nn.BatchNorm) and block.prefix.startswith(net.backbone.zoo_prefix):
-            block._kwargs['use_global_stats'] = bool(frozen and fix_statistics)  # pylint: disable=protected-access
-    net._clear_cached_op()  # pylint: disable=protected-access
 
 
 def all_blocks(block, seen=None):

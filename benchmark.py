@@ -56,7 +56,9 @@ import mxnet as mx  # noqa: E402
 from mxnet import autograd, gluon, nd  # noqa: E402
 
 import config  # noqa: E402
+from datasets import loaders  # noqa: E402
 import flags  # noqa: E402
+import related  # noqa: E402
 import steps  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
 from losses import PredictionHistory, VAALoss  # noqa: E402
@@ -85,11 +87,7 @@ def ours_steps(args, ctx, x, y, m, **system):
     net = build_net(cfg, [ctx], labels=labels, mask=np.ones_like(labels))
     net.hybridize(static_alloc=True, static_shape=True)
     trainers = StageTrainers(net, [ctx], 'sgd', {'learning_rate': 1e-4, 'momentum': 0.9, 'wd': 5e-4})
-    mc = None
-    if cfg.get('mc_loss'):
-        from mcloss import MutualChannelLoss
-        mc = MutualChannelLoss(*config.mc_weights(cfg))
-    loss = VAALoss(gamma=0.5, mc=mc)
+    loss = VAALoss(gamma=0.5, aux=related.aux_loss(cfg))
     loss.hybridize(static_alloc=True, static_shape=True)
     history = PredictionHistory(args.batch * 4, args.classes, start_epoch=0, use_epoch=0, ctx=ctx)
     idx = nd.arange(args.batch, dtype='int64')
@@ -101,8 +99,7 @@ def ours_steps(args, ctx, x, y, m, **system):
         steps.train_step(net, loss, trainers, history, batch, 2, [ctx])
 
     def eval_step():
-        if getattr(net, 'return_aux', False):
-            net.return_aux = False
+        net.return_aux = False
         net(x)[2].wait_to_read()
     return train_step, eval_step
 
@@ -300,9 +297,9 @@ def bench_inference(args, ctx):
                 rows['%s, batch %d' % (name, batch)] = batch / _timed(lambda: run(x), 1, iters, nd.waitall)
         if args.accuracy:
             test = datasets.load_split(cfg['dataset'], cfg['data_path'], 'test', attribute_names=names,
-                                       **config.data_options(cfg))
+                                       **loaders.data_options(cfg))
             batches = [(x.asnumpy(), y.asnumpy(), m.asnumpy()) for x, y, m, _ in
-                       config.eval_loader(dict(cfg, batch_size=32), test)]
+                       loaders.eval_loader(dict(cfg, batch_size=32), test)]
             labels, masks = (np.concatenate([b[i] for b in batches]) for i in (1, 2))
             for name, run in paths.items():
                 logits = np.concatenate([run(b[0]) for b in batches]).astype(np.float64)

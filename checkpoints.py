@@ -27,7 +27,7 @@ from errors import UserError, mxnet_message
 def upstream_files(net):
     """``{file name: (ParameterDict, prefix to strip)}``: one file per module of ``net.stage_modules()``
     (``backbone`` -> ``backbone_resnet.params``, ``stage_N/fatt`` -> ``fatt_stage_N.params``, ...)."""
-    if getattr(net, 'plugins', None):
+    if net.plugins:
         raise UserError("the authors' saved_models/ layout has no place for %s; export a run without related "
                         "systems (its own checkpoints keep everything)" % ' and '.join(net.plugins))
     files = {}

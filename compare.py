@@ -32,8 +32,10 @@ import checkpoints  # noqa: E402
 import config  # noqa: E402
 import flags  # noqa: E402
 import datasets  # noqa: E402
+from datasets import loaders  # noqa: E402
 import inference  # noqa: E402
 import plots  # noqa: E402
+import related  # noqa: E402
 import steps  # noqa: E402
 from distributed import parse_contexts  # noqa: E402
 from errors import UserError, plural, run_main  # noqa: E402
@@ -47,15 +49,11 @@ def describe(cfg, kind):
     """The system and its flags, in a few words."""
     if kind == 'upstream':
         return "authors' saved_models (%s, %s, %d)" % (cfg['preset'], cfg['backbone'], cfg['input_size'])
-    head = cfg.get('head', 'vaa')
-    parts = [{'gcn': 'ML-GCN head', 'apcnn': 'AP-CNN'}.get(head, 'VAA')]
-    if cfg.get('rga', 'none') != 'none':
-        parts.append('RGA-%s@%s' % (cfg['rga'].upper(), cfg.get('rga_stages', '1,2,3,4')))
-    if cfg.get('mc_loss'):
-        parts.append('MC-Loss %s' % cfg.get('mc_weights', '1.5,20'))
-    if head != 'apcnn':
-        taps = cfg.get('taps')
-        parts.append('taps %s' % (taps if taps else 'of the preset'))
+    systems = related.active(cfg)
+    parts = [s.describe(cfg) for s in systems if s.HEAD] or ['VAA']            # the head first
+    parts += [s.describe(cfg) for s in systems if not s.HEAD]
+    if related.network_of(cfg) is None:
+        parts.append('taps %s' % (cfg['taps'] if cfg['taps'] else 'of the preset'))
     return '%s (%s, %s, %d)' % (' + '.join(parts), cfg['preset'], cfg['backbone'], cfg['input_size'])
 
 
@@ -66,8 +64,8 @@ def evaluate_source(source, args, ctx, common):
                     dataset=common.get('dataset'), data_path=common.get('data_path'), split=args.split)
     net, cfg, names = inference.load_source(source, ctx, upstream=upstream, overrides=dict(common, limit=args.limit))
     net.hybridize(static_alloc=True, static_shape=True)
-    data = datasets.load_split(cfg['dataset'], cfg['data_path'], args.split, **config.data_options(cfg))
-    loader = config.eval_loader(cfg, data)
+    data = datasets.load_split(cfg['dataset'], cfg['data_path'], args.split, **loaders.data_options(cfg))
+    loader = loaders.eval_loader(cfg, data)
     steps.predict(net, [next(iter(loader))], ctx)                      # warm up (graph, memory)
     start = time.time()
     result = steps.evaluate(net, loader, ctx, names)

@@ -7,13 +7,14 @@ combine into the config a run saves (``config.json``, and inside every checkpoin
 * :func:`merge_resume`: a resumed run's saved config with the flags a resume may change.
 * :func:`defaults`: the resolved config for a few settings (eval.py on the authors' files, which carry
   no config).
-* :func:`transform`, :func:`train_loader`, :func:`eval_loader`, :func:`data_options`: the image
-  transform, loaders and dataset options a config implies.
+* :func:`complete`: the one place where a saved config is upgraded (keys added since filled in).
+
+The image transform, the loaders and the dataset options a config implies are in ``datasets/loaders.py``.
 """
 import argparse
 
 import datasets
-from datasets.base import Transform, make_loader
+import related
 from errors import UserError, plural
 from flags import (RANGES, HelpFormatter, Parser, build_parser, check_ranges, group_adder,  # noqa: F401
                    spellings)
@@ -21,12 +22,11 @@ from presets import BACKBONES, DATASET_FAMILY, FALLBACKS, PRESETS, PRESET_SETTIN
 
 # What a resumed run may change; everything else comes from the run's saved config.
 RESUME_OVERRIDES = ('epochs', 'data_path', 'gpus', 'cpus', 'num_workers', 'log_interval', 'debug', 'kvstore')
-# What a resumed run must not change (the weights and the schedule depend on them).
+# What a resumed run must not change (the weights and the schedule depend on them), the related systems'
+# settings included.
 RESUME_FIXED = ('dataset', 'preset', 'backbone', 'input_size', 'num_classes', 'lr', 'batch_size', 'optimizer',
                 'seed', 'train_split', 'partition', 'all_attributes', 'freeze_epochs', 'finetune', 'gamma',
-                'shuffle', 'pretrained', 'taps', 'head', 'rga', 'rga_stages', 'rga_ratios', 'gcn_embeddings',
-                'gcn_t', 'gcn_p', 'gcn_reweight', 'gcn_pool', 'backbone_lr_mult', 'mc_loss', 'mc_weights', 'mc_drop',
-                'mc_xi', 'apcnn_topk', 'apcnn_anchors', 'apcnn_iou', 'apcnn_drop')
+                'shuffle', 'pretrained', 'taps', 'head', 'backbone_lr_mult') + related.fixed()
 
 
 def parse_args(argv=None):
@@ -88,54 +88,19 @@ def check_combinations(cfg, freeze_given=True):
     if (cfg.get('taps') or '').strip().lower() == 'none' and (cfg['finetune'] or cfg['freeze_epochs']):
         raise UserError('--taps none leaves only the primary classifier, which --finetune/--freeze-epochs '
                         'would freeze: nothing would train; drop one of them')
-    if cfg.get('rga', 'none') != 'none' and cfg['backbone'].startswith('densenet'):
-        raise UserError('--rga is built for ResNet backbones; %s is a DenseNet' % cfg['backbone'])
-    if cfg.get('head') == 'apcnn':
-        check_apcnn(cfg)
-    if cfg.get('mc_loss'):
-        mc_weights(cfg)
-        if cfg['finetune']:
-            raise UserError('--mc-loss shapes the channels of the backbone, which --finetune freezes for the whole '
-                            'run (only its bias would train); drop one of them')
+    related.check(cfg)
 
 
-def _numbers(cfg, key, kind, count, test, what):
-    value = cfg.get(key)
-    try:
-        numbers = tuple(kind(v) for v in str(value).split(','))
-    except ValueError:
-        numbers = ()
-    if len(numbers) != count or not all(test(v) for v in numbers):
-        raise UserError('--%s must be %d %s, got %r' % (key.replace('_', '-'), count, what, value))
-    return numbers
-
-
-def check_apcnn(cfg):
-    """UserError for AP-CNN settings it cannot take."""
-    if cfg['input_size'] % 32:
-        raise UserError('--head apcnn needs an --input-size divisible by 32 (its pyramid adds maps upsampled x2 '
-                        'twice), got %d: use %d' % (cfg['input_size'], max(32, int(round(cfg['input_size'] / 32.0)) * 32)))
-    for flag, key in (('--taps', 'taps'), ('--rga', 'rga'), ('--mc-loss', 'mc_loss')):
-        if cfg.get(key) not in (None, False, 'none'):
-            raise UserError('--head apcnn has its own attention pyramid instead of the VAA taps and takes no %s; '
-                            'drop it' % flag)
-    _numbers(cfg, 'apcnn_topk', int, 3, lambda v: v >= 1, 'whole numbers, 1 or more, such as 5,3,1')
-    _numbers(cfg, 'apcnn_anchors', float, 3, lambda v: 0 < v < float('inf'), 'positive numbers, such as 64,128,256')
-    drop = _numbers(cfg, 'apcnn_drop', float, 2, lambda v: 0 <= v <= 1, 'probabilities, such as 0.3,0.3')
-    if sum(drop) > 1:
-        raise UserError('--apcnn-drop: the two probabilities add up to more than 1 (%s)' % cfg['apcnn_drop'])
-
-
-def mc_weights(cfg):
-    """``--mc-weights`` as (discriminality weight, diversity weight), or a UserError."""
-    value = cfg.get('mc_weights', '1.5,20')
-    try:
-        weights = tuple(float(v) for v in str(value).split(','))
-    except ValueError:
-        weights = ()
-    if len(weights) != 2 or not all(w == w and 0 <= w < float('inf') for w in weights):
-        raise UserError("--mc-weights must be two numbers, 0 or more, such as '1.5,20'; got %r" % (value,))
-    return weights
+def complete(cfg):
+    """Fill, in place, the keys a config lacks with their defaults: the flags' (what an older run's config
+    did not have yet) and its preset's settings. The one place where a saved config is upgraded, so that
+    the code reads ``cfg['key']``. Returns ``cfg``."""
+    for key, value in vars(build_parser().parse_args([])).items():
+        cfg.setdefault(key, value)
+    for key, value in PRESET_SETTINGS.get(cfg['preset'], {}).items():
+        if cfg.get(key) is None:
+            cfg[key] = value
+    return cfg
 
 
 def defaults(**flags):
@@ -168,35 +133,3 @@ def merge_resume(cfg, saved, explicit, state=None):
             merged[key] = cfg[key]
     merged['resume'] = cfg['resume']
     return merged
-
-
-# ---------------------------------------------------------------------------------------------- what a config implies
-
-def transform(cfg, train=False):
-    """The image transform of a config: random crops and mirrors for training, the centre crop else."""
-    return Transform(cfg['input_size'], cfg['resize'], cfg['crop_range'], train=train,
-                     normalisation=cfg['normalisation'], seed=cfg.get('seed', 0))
-
-
-def train_loader(cfg, data, num_devices=1, rank=0, num_workers=1):
-    """(loader, sampler) of this worker's shard of ``data`` with the training transform and order."""
-    shard = len(data) // num_workers
-    if cfg['batch_size'] > shard:
-        raise UserError('--batch_size %d is larger than the training split (%d samples%s); lower it'
-                        % (cfg['batch_size'], shard, ' per worker' if num_workers > 1 else ''))
-    remainder = shard % cfg['batch_size']
-    last_batch = 'discard' if 0 < remainder < max(2, num_devices) else 'keep'      # BN needs 2+ samples
-    return make_loader(data, transform(cfg, train=True), cfg['batch_size'], shuffle=cfg.get('shuffle', True),
-                       num_workers=cfg['num_workers'], last_batch=last_batch, seed=cfg['seed'], shard=rank,
-                       num_shards=num_workers)
-
-
-def eval_loader(cfg, data):
-    """Batches of ``data`` in order, with the evaluation transform of ``cfg``."""
-    return make_loader(data, transform(cfg), cfg['batch_size'], shuffle=False, num_workers=cfg['num_workers'])[0]
-
-
-def data_options(cfg):
-    """Keyword arguments of ``datasets.load_split`` from a config."""
-    return dict(limit=cfg.get('limit'), skip_bad=cfg.get('skip_bad_samples'), partition=cfg.get('partition'),
-                all_attributes=cfg.get('all_attributes'), cache_dir=cfg.get('cache_dir'))

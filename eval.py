@@ -30,14 +30,13 @@ from mxnet import nd  # noqa: E402
 
 import checkpoints  # noqa: E402
 import config  # noqa: E402
+from datasets import loaders  # noqa: E402
 import flags  # noqa: E402
 import export  # noqa: E402
 import inference  # noqa: E402
-import plots  # noqa: E402
 import runfolder  # noqa: E402
 from distributed import parse_contexts  # noqa: E402
 from errors import UserError, plural, run_main  # noqa: E402
-from backbone import tap_names  # noqa: E402
 
 
 def build_parser():
@@ -65,8 +64,7 @@ def explain_images(net, cfg, names, paths, out_dir, ctx, source='RUN', shared_sc
     attention maps of all images on one colour scale, so that they can be compared)."""
     images = [read_image(path, source) for path in paths]     # every image checked before any work
     os.makedirs(out_dir, exist_ok=True)
-    transform = config.transform(cfg)
-    apcnn = getattr(net, 'head_kind', 'vaa') == 'apcnn'
+    transform = loaders.transform(cfg)
     net.return_attention = True
     seen = []
     for path, image in zip(paths, images):
@@ -74,29 +72,17 @@ def explain_images(net, cfg, names, paths, out_dir, ctx, source='RUN', shared_sc
         _, _, fused, maps = net(x)
         seen.append((x, nd.sigmoid(fused)[0].asnumpy(), [m[0].asnumpy() for m in maps]))
     net.return_attention = False
-    top = plots.attention_scale([maps for _, _, maps in seen]) if shared_scale and not apcnn else None
+    top = net.shared_scale([maps for _, _, maps in seen]) if shared_scale else None
     written = []
     for path, image, out, (x, probs, maps) in zip(paths, images, overlay_names(paths, out_dir), seen):
         print('%s:' % path)
         for name, p in sorted(zip(names, probs), key=lambda t: -t[1]):
             print('  %-16s %.3f' % (name, p))
         crop = transform.eval_view(image)      # show the maps over the crop the network saw
-        if apcnn:
-            s3, s4, s5, rois, valid, box = maps
-            plots.apcnn_overlay(crop, [s[0] for s in (s3, s4, s5)], rois, valid, box,
-                                cfg['input_size'] / float(s3.shape[-1]), out)
-            written.append(out)
-            print('  AP-CNN gates and ROIs: %s' % out)
-            continue
-        plots.attention_overlay(crop, maps, names, probs, out, tap_names(cfg['backbone'], net.taps), top=top)
-        written.append(out)
-        print('  attention maps: %s%s' % (out, ' (colour scale shared by the %d images: 0 to %.1f x uniform)' % (
-            len(paths), top) if top is not None else ''))
-        if net.rga:                            # the RGA modules' spatial attention, in a figure of its own
-            rga_out = out.replace('_attention.png', '_rga.png')
-            plots.rga_overlay(crop, [(n, m[0, 0].asnumpy()) for n, m in net.rga_attention(x)], rga_out)
-            written.append(rga_out)
-            print('  RGA spatial attention: %s' % rga_out)
+        for i, (figure, what) in enumerate(net.overlays(crop, x, maps, names, probs, out, top)):
+            written.append(figure)
+            print('  %s: %s%s' % (what, figure, ' (colour scale shared by the %d images: 0 to %.1f x uniform)' % (
+                len(paths), top) if top is not None and i == 0 else ''))
     return written
 
 

@@ -53,19 +53,14 @@ class FusedLogits(gluon.HybridBlock):
         return self.net(x)[2]
 
 
-def has_onnx(cfg):
-    """Whether the network has an ONNX form: AP-CNN's in-graph ROI selection (box_nms, BilinearSampler on
-    computed grids) has no converter in MXNet's exporter, so it exports the MXNet symbol files only."""
-    return cfg.get('head', 'vaa') != 'apcnn'
-
-
-def model_card(cfg, names, int8_images=0):
-    """``model.json``: everything needed to feed the exported graph and read its output."""
+def model_card(cfg, names, int8_images=0, onnx=True):
+    """``model.json``: everything needed to feed the exported graph and read its output (``onnx``: whether
+    the network has an ONNX form, ``net.onnx_reason is None``)."""
     from datasets.base import NORMALISATION
     mean, std = NORMALISATION[cfg['normalisation']]
     size = cfg['input_size']
     files = {'mxnet_symbol': FILES[0], 'mxnet_params': FILES[1]}
-    if has_onnx(cfg):
+    if onnx:
         files['onnx'] = FILES[2]
     return {
         'format': 'vaa-attributes export 1',
@@ -165,13 +160,13 @@ def export_onnx(symbol_file, params_file, input_size, out):
 def calibration_images(cfg, names, count):
     """``count`` images of the run's training split (a fixed random sample), preprocessed as for
     evaluation: the inputs whose ranges set the INT8 scales."""
-    import config
     import datasets
+    from datasets import loaders
     if not cfg.get('dataset'):
         raise UserError('--int8 calibrates on the training split: give --dataset and --data_path')
     data = datasets.load_split(cfg['dataset'], cfg['data_path'], 'train', attribute_names=names,
-                               **dict(config.data_options(cfg), limit=None))
-    transform = config.transform(cfg)
+                               **dict(loaders.data_options(cfg), limit=None))
+    transform = loaders.transform(cfg)
     picks = np.random.RandomState(0).permutation(len(data))[:count]
     return [transform(data[int(i)][0], int(i))[None] for i in picks]
 
@@ -213,10 +208,10 @@ def export(net, cfg, names, folder, ctx, calibration=None):
     images are given); each appears only when complete."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError('--export %s is a file; give a folder' % folder)
-    onnx = has_onnx(cfg)
+    onnx = net.onnx_reason is None
     if not onnx and calibration:
-        raise UserError('--int8 quantizes the ONNX model, and AP-CNN has none (its ROI selection has no ONNX '
-                        'form); export without --int8')
+        raise UserError('--int8 quantizes the ONNX model, and this network has none (%s); export without '
+                        '--int8' % net.onnx_reason)
     if onnx:
         onnx_modules()                             # before any work: the extra must be installed
     os.makedirs(folder, exist_ok=True)
@@ -228,13 +223,13 @@ def export(net, cfg, names, folder, ctx, calibration=None):
             export_onnx(symbol_file, params_file, cfg['input_size'], os.path.join(tmp, FILES[2]))
         else:
             files.remove(FILES[2])
-            print('AP-CNN: MXNet symbol files only (its in-graph ROI selection has no ONNX form); run them with '
-                  'mx.gluon.SymbolBlock.imports or predict.py on the run folder')
+            print('MXNet symbol files only (%s); run them with mx.gluon.SymbolBlock.imports or predict.py on the '
+                  'run folder' % net.onnx_reason)
         if calibration:
             quantize_onnx(os.path.join(tmp, FILES[2]), os.path.join(tmp, INT8_FILE), calibration)
             files.insert(3, INT8_FILE)
         with open(os.path.join(tmp, FILES[3]), 'w') as f:
-            json.dump(model_card(cfg, names, len(calibration or ())), f, indent=2)
+            json.dump(model_card(cfg, names, len(calibration or ()), onnx), f, indent=2)
         for name in files:
             os.replace(os.path.join(tmp, name), os.path.join(folder, name))
     except OSError as err:

@@ -14,6 +14,7 @@ import os
 import sys
 
 import datasets                   # (its package module only: the registry of names)
+import related                    # (the systems' interfaces: they import nothing heavy)
 from errors import UserError
 from presets import BACKBONES, PRESETS
 
@@ -108,37 +109,10 @@ def _method_flags(a):
 def _related_flags(a):
     a('--taps', help="the attention taps, e.g. 's3,s4' (default: the preset's); 'none' for no attention branch "
                      "(the primary classifier alone)")
-    a('--head', choices=['vaa', 'gcn', 'apcnn'], default='vaa',
-      help="primary classifier: vaa (a Dense layer, the paper's), gcn (ML-GCN: a label graph's GCN gives "
-           "the classifiers) or apcnn (AP-CNN: an attention pyramid on stages 2-4 and a second pass on the "
-           "zoomed ROIs, instead of the VAA taps; --input-size divisible by 32)")
-    a('--rga', choices=['none', 's', 'c', 'sc'], default='none',
-      help='Relation-Aware Global Attention after ResNet stages: spatial, channel, or both (S then C)')
-    a('--rga-stages', default='1,2,3,4', help='stages followed by an RGA module (stage 1 is costly at 224: '
-                                               '2,3,4 halves the cost)')
-    a('--rga-ratios', default='8,8,8', help='RGA channel, spatial and down-sampling ratios')
-    a('--gcn-embeddings', default='onehot',
-      help="ML-GCN label embeddings: a C x d .npy file (GloVe of the attribute names, as the paper), or the "
-           "offline fallbacks onehot, cooc (co-occurrence eigenvectors), random")
-    a('--gcn-t', type=float, default=0.4, help='ML-GCN: threshold tau on P(label j | label i)')
-    a('--gcn-p', type=float, default=0.25, help='ML-GCN: re-weighting p (the paper states 0.2)')
-    a('--gcn-reweight', choices=['code', 'paper'], default='code',
-      help='ML-GCN correlation matrix as the released code computes it, or as Eq. 8 of the paper')
-    a('--gcn-pool', choices=['max', 'avg'], default='max', help='ML-GCN image feature pooling')
-    a('--mc-loss', action='store_true',
-      help='add MC-Loss (mutual-channel loss) on the last feature map to the objective: one channel group per '
-           'attribute, a discriminality and a diversity term (training only; predictions are unchanged)')
-    a('--mc-weights', default='1.5,20', help="MC-Loss weights of the discriminality and diversity terms (the "
-                                             "authors' current code; their ResNet-50 release: 0.0005,0.005)")
-    a('--mc-drop', type=float, default=0.4, help='MC-Loss: share of each group that channel-wise attention masks')
-    a('--mc-xi', type=int, default=0, help="MC-Loss channels per attribute: 0 splits the backbone's own channels "
-                                           "(the paper's ResNet setting); K > 0 projects the map to C x K first")
-    a('--apcnn-topk', default='5,3,1', help='AP-CNN: ROIs kept per pyramid level (strides 8, 16, 32)')
-    a('--apcnn-anchors', default='64,128,256',
-      help='AP-CNN: anchor sides per level at a 448-pixel input (scaled to --input-size)')
-    a('--apcnn-iou', type=float, default=0.05, help='AP-CNN: NMS IoU threshold of the ROIs')
-    a('--apcnn-drop', default='0.3,0.3',
-      help='AP-CNN: training-time probability of dropping one level-3 ROI, and one level-4 ROI')
+    heads = related.heads()
+    a('--head', choices=[h for h, _ in heads], default='vaa',
+      help='primary classifier: %s' % '; '.join('%s (%s)' % h for h in heads))
+    related.add_flags(a)
     a('--backbone-lr-mult', type=float, default=1.0,
       help="learning-rate factor for the model-zoo layers (ML-GCN's recipe: 0.1)")
 
@@ -230,11 +204,8 @@ RANGES = (
     ('num_workers', lambda v: v >= 0, '0 or more'), ('cpus', lambda v: v >= 1, 'at least 1'),
     ('log_interval', lambda v: v >= 1, 'at least 1'), ('partition', lambda v: 0 <= v <= 4, 'in 0..4'),
     ('input_size', lambda v: v >= 32, 'at least 32 (the backbones downsample the input 32 times)'),
-    ('gcn_t', _finite(lambda v: 0 < v <= 1), 'in (0, 1]'), ('gcn_p', _finite(lambda v: 0 <= v <= 1), 'in [0, 1]'),
     ('backbone_lr_mult', _finite(lambda v: v >= 0), '0 or more'),
-    ('apcnn_iou', _finite(lambda v: 0 < v <= 1), 'in (0, 1]'),
-    ('mc_drop', _finite(lambda v: 0 <= v < 1), 'in [0, 1)'), ('mc_xi', lambda v: v == 0 or v >= 2, '0 or at least 2'),
-)
+) + related.ranges()
 
 
 

@@ -15,6 +15,7 @@ import os
 import checkpoints
 import config
 import datasets
+from datasets import loaders
 import metrics
 import plots
 import steps
@@ -70,7 +71,7 @@ def load_source(source, ctx, which='best', upstream=None, overrides=None):
             names = ['attr%d' % i for i in range(num_classes)]
         elif cfg.get('dataset'):
             names = list(datasets.load_split(cfg['dataset'], cfg['data_path'], split,
-                                             **dict(config.data_options(cfg), limit=1)).attribute_names)
+                                             **dict(loaders.data_options(cfg), limit=1)).attribute_names)
         else:
             raise UserError("evaluating the authors' saved_models/ needs --dataset (or --num_classes with --image)")
         # results go to runs/, not into the authors' folder (which holds only their files)
@@ -96,8 +97,8 @@ def check_output_file(path, flag):
 def evaluate_split(net, cfg, names, split, ctx):
     """Score ``split`` of the config's dataset; the split must have the model's attributes."""
     data = datasets.load_split(cfg['dataset'], cfg['data_path'], split, attribute_names=names,
-                               **config.data_options(cfg))
-    result = steps.evaluate(net, config.eval_loader(cfg, data), ctx, names)
+                               **loaders.data_options(cfg))
+    result = steps.evaluate(net, loaders.eval_loader(cfg, data), ctx, names)
     result['split'] = split
     return result
 

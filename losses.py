@@ -16,6 +16,8 @@ from the logits as -softplus(-x) and -softplus(x), so nothing is clipped and gra
 Upstream quirks are switches: ``plain_bce`` (the released losses were plain sigmoid BCE) and
 ``PredictionHistory(upstream_zero_rows=True)``.
 """
+import collections
+
 import numpy as np
 import mxnet as mx
 from mxnet import gluon, nd
@@ -158,24 +160,35 @@ class VAALoss(gluon.Block):
     primary : bool
         Include L_w. The authors' ``--finetune`` drops it (the backbone, whose output it trains, is
         frozen).
-    mc : mcloss.MutualChannelLoss, optional
-        MC-Loss (``--mc-loss``): :func:`steps.train_step` adds ``mc.weigh(*mc.terms(...))`` on the
-        network's auxiliary outputs to this objective while training. Validation does not evaluate the
-        MC head, so the validation loss stays Eq. 7 alone (as does the logged training loss; the two MC
-        terms are logged beside it).
+    aux : a related system's loss on the network's auxiliary outputs, optional
+        (``related.aux_loss``: MC-Loss with ``--mc-loss``). :meth:`objective` adds it while training.
+        Validation does not evaluate the auxiliary head, so the validation loss stays Eq. 7 alone (as does
+        the logged training loss; the auxiliary terms are logged beside it).
 
-    ``loss(primary_logits, tap_logits, label, mask=None, std_weight=None)`` -> shape (N,), computed in
-    the logits' dtype, except that float16 logits (``--amp``) are cast to float32 first.
+    ``loss(primary_logits, tap_logits, label, mask=None, std_weight=None)`` -> shape (N,): Eq. 7, computed
+    in the logits' dtype, except that float16 logits (``--amp``) are cast to float32 first.
     """
 
-    def __init__(self, pos_weight=None, neg_weight=None, gamma=0.5, plain_bce=False, primary=True, mc=None,
+    def __init__(self, pos_weight=None, neg_weight=None, gamma=0.5, plain_bce=False, primary=True, aux=None,
                  **kwargs):
         super(VAALoss, self).__init__(**kwargs)
         self.primary = bool(primary)
         with self.name_scope():
             self.focal = WeightedFocalLoss(pos_weight, neg_weight, gamma=gamma, plain_bce=plain_bce)
             self.attention = AttentionHistoryLoss(plain_bce=plain_bce)
-            self.mc = mc
+            self.aux = aux
+
+    def objective(self, primary, taps, label, mask=None, std_weight=None, aux=None):
+        """What training minimises, and its parts: ``(total, {'eq7': ..., <the auxiliary loss's terms>...})``,
+        each of shape (N,) (the auxiliary terms unweighted). ``aux``: the network's auxiliary outputs
+        (``net.return_aux``), needed when an auxiliary loss is set."""
+        eq7 = self(primary, taps, label, mask, std_weight)
+        parts = collections.OrderedDict(eq7=eq7)
+        if self.aux is None:
+            return eq7, parts
+        term, terms = self.aux.objective_terms(aux, label, mask)
+        parts.update(terms)
+        return eq7 + term, parts
 
     def __repr__(self):
         taps = 'plain sigmoid BCE' if self.attention._plain_bce else 'history-weighted BCE (Eqs. 5-6)'
@@ -186,7 +199,7 @@ class VAALoss(gluon.Block):
         else:
             text = 'weighted focal loss (Eq. 4, gamma %g) on the primary logits + %s on each tap' % (
                 self.focal._gamma, taps)
-        return text + (' + %r' % self.mc if self.mc is not None else '')
+        return text + (' + %r' % self.aux if self.aux is not None else '')
 
     def forward(self, primary, taps, label, mask=None, std_weight=None):  # pylint: disable=arguments-differ
         dtype = np.float32 if primary.dtype == np.float16 else primary.dtype

@@ -19,8 +19,13 @@ fusion      (y_p + y_a1 + y_a2) / 3      (y_p + y_a1 + y_a2 + y_a3) / 4
 
 Backbones (``backbone.py``) are the Gluon model-zoo ResNet v1 (18/34/50/101/152) and DenseNet
 (121/161/169/201), their layers used as they are and cut at the taps, so the whole network
-hybridizes into one graph. The related systems plug in here too: RGA blocks inside the backbone
-(``rga.py``) and the ML-GCN primary head (``mlgcn.py``), through :func:`build_net`.
+hybridizes into one graph.
+
+:class:`AttributeNet` is the contract every network of the project keeps (the paper's and AP-CNN's):
+what ``forward`` returns and the methods training, evaluation and the checkpoints use. The related systems
+(``related/``) plug their parts into the paper's network through :class:`Parts` (blocks inside the
+backbone, the primary head, an auxiliary head), or build a network of their own; :func:`build_net` is
+where a config becomes a network.
 """
 import collections
 import logging
@@ -31,85 +36,132 @@ import mxnet as mx
 from mxnet import gluon
 from mxnet.gluon import nn
 
+import config
+import related
 from attention import HEAD_INIT, AttentionBranch, AttentionClassifier, ReturnsAttention
-from backbone import Backbone, all_blocks, freeze_backbone, tap_names
+from backbone import Backbone, all_blocks, tap_names
 from errors import UserError
 from presets import PRESETS  # noqa: F401  (model.PRESETS: the heads of each preset)
 
 LOG = logging.getLogger('vaa')
 
-# ----------------------------------------------------------------------------------------------
-# The full network
-# ----------------------------------------------------------------------------------------------
 
-class VAANet(ReturnsAttention, gluon.HybridBlock):
-    """Backbone + one attention branch and classifier per tap, fused at score level.
+class AttributeNet(ReturnsAttention, gluon.HybridBlock):
+    """The contract of every network of the project.
 
-    Parameters
-    ----------
-    backbone : str
-        One of ``BACKBONES``.
-    num_classes : int
-        Number of attributes C.
-    preset : 'paper', 'upstream' or 'demo'
-        Head architecture and taps (module docstring).
-    input_size : int
-        Side of the square input; the tap sizes and the kxk classifier convs follow from it.
-    pretrained : bool
-        Load ImageNet weights for the backbone from the model-zoo cache.
-    taps : sequence of str, optional
-        Override the preset's taps (``resolve_taps`` gives the syntax); ``()``: no attention branch,
-        the prediction is the primary classifier's.
-    rga : dict, optional
-        ``mode`` (``s``, ``c``, ``sc``), ``stages`` and ``ratios``: RGA modules after those ResNet stages
-        (``rga.py``).
-    gcn : callable, optional
-        ``gcn(feature_width)`` -> an ML-GCN head (``mlgcn.build_gcn``) that replaces the primary Dense
-        classifier; ``gcn_pool`` is its global pooling.
-    mc : dict, optional
-        ``xi``, ``drop_rate``: an MC-Loss head (``mcloss.MCHead``) on the map that enters the global
-        pooling, evaluated only while ``return_aux`` is on (training).
-
-    ``net(x)`` returns ``(primary_logits, [tap_logits...], fused_logits)``; after
-    ``net.return_attention = True`` a fourth element holds the list of attention maps A_i
-    (N x C x H_i x W_i, each map sums to 1); after ``net.return_aux = True`` (MC-Loss, training only)
-    a fourth element holds ``[mc_logits, mc_div]`` (``aux_names``).
+    ``net(x)`` returns ``(primary, taps, fused)``: the primary logits (the focal loss of Eq. 7), a list of
+    further logits (each gets the history-weighted BCE), and the fused logits (the prediction is their
+    sigmoid); after ``net.return_attention = True`` a fourth element holds the attention maps, after
+    ``net.return_aux = True`` (training, only for a network with ``aux_names``) the auxiliary outputs.
+    ``backbone`` is a :class:`backbone.Backbone`. Each method below has one meaning for every network.
     """
 
-    aux_names = ('mc_logits', 'mc_div')
+    aux_names = ()
+    taps = ()                       # the VAA attention taps this network has
+    plugins = ()                    # the related systems in it, in words (for the log)
+    onnx_reason = None              # why the network has no ONNX form (None: it has one)
     _return_aux = False
 
+    @property
+    def return_aux(self):
+        """When on (training), ``net(x)`` also returns the auxiliary outputs (``aux_names``). Changing it
+        rebuilds the cached graph; it cannot be combined with ``return_attention``."""
+        return self._return_aux
+
+    @return_aux.setter
+    def return_aux(self, value):
+        if value and not self.aux_names:
+            raise ValueError('this network has no auxiliary outputs')
+        if bool(value) != self._return_aux:
+            self._return_aux = bool(value)
+            self._clear_cached_op()
+
+    def stage_modules(self):
+        """``{module name: ParameterDict}``: the separately trained modules, one Trainer each."""
+        raise NotImplementedError
+
+    def primary_params(self):
+        """The primary classifier's trainable parameters (frozen with the backbone in the first phase)."""
+        raise NotImplementedError
+
+    def freeze(self, frozen=True, keep_output=False, fix_statistics=False):
+        """Stop (or restart) gradients for the model-zoo layers (``Backbone.freeze``) and, unless
+        ``keep_output``, the primary classifier; blocks of the related systems keep training.
+        ``fix_statistics``: the frozen BatchNorms normalise with their stored statistics."""
+        self.backbone.freeze(frozen, fix_statistics)
+        for param in [] if keep_output else self.primary_params():
+            param.grad_req = 'null' if frozen else 'write'
+        self._clear_cached_op()
+
+    def stage_logits(self, primary, taps):
+        """``{name: logits}`` of parts reported beside the fused prediction (AP-CNN's two passes); {}."""
+        return {}
+
+    def overlays(self, crop, x, maps, names, probs, path, top=None):
+        """``eval.py --image``: draw the attention ``maps`` of the batch-of-one ``x`` over ``crop`` into
+        ``path`` (and any further figures beside it), on a colour scale up to ``top`` (None: the image's
+        own); returns [(file, what it shows)]."""
+        raise NotImplementedError
+
+    def shared_scale(self, maps):
+        """The ``top`` of :meth:`overlays` that puts the attention maps of several images (``maps``: one
+        list per image) on one scale, or None where the maps have a fixed scale."""
+        return None
+
+    def _build_cache(self, *args):
+        # The auxiliary head is evaluated only while training: at evaluation its parameters are rightly
+        # unused, and MXNet would warn about each of them.
+        with warnings.catch_warnings():
+            if self.aux_names:
+                warnings.filterwarnings('ignore', r'Parameter (%s\S+(, )?)+ is not used' % re.escape(self.prefix))
+            return super(AttributeNet, self)._build_cache(*args)
+
+
+class Parts(object):
+    """What the related systems plug into the paper's network: ``blocks`` (name, factory(stage shapes) ->
+    {stage: block}) inserted after backbone stages; ``primary`` (name, factory(feature width) -> block:
+    pooled features -> logits) instead of the Dense output, on ``pool`` pooling; ``aux`` (name, output names,
+    factory(shape of the map that enters the pooling) -> block) evaluated while ``return_aux`` is on;
+    ``overlays``: functions(net, x, crop, path) -> [(file, what)] drawn beside the attention maps; ``notes``:
+    the systems in words."""
+
+    def __init__(self):
+        self.blocks = self.primary = self.aux = None
+        self.pool = 'avg'
+        self.overlays, self.notes = [], []
+
+
+class VAANet(AttributeNet):
+    """Backbone + one attention branch and classifier per tap, fused at score level (module docstring).
+
+    ``backbone``: the model-zoo name; ``preset``: the head architecture and taps (``presets.PRESETS``);
+    ``taps``: override the preset's (``backbone.resolve_taps``; ``()``: no branch, the prediction is the
+    primary classifier's); ``parts``: the related systems' :class:`Parts` (None: the paper's network alone).
+    ``stage_modules()``: ``backbone`` and per tap the authors' ``stage_N/fconv``, ``stage_N/fatt``,
+    ``stage_N/fsr`` (N = 2, 3, 4 as in their file names: ``stage_numbers``), then the parts' own modules.
+    """
+
     def __init__(self, backbone='resnet101_v1', num_classes=14, preset='paper', input_size=224,
-                 pretrained=False, taps=None, root=None, rga=None, gcn=None, gcn_pool='max', mc=None, **kwargs):
+                 pretrained=False, taps=None, root=None, parts=None, **kwargs):
         super(VAANet, self).__init__(**kwargs)
         if preset not in PRESETS:
             raise UserError('unknown preset %r: use %s' % (preset, ', '.join(sorted(PRESETS))))
         if num_classes < 1:
             raise UserError('num_classes must be at least 1, got %d' % num_classes)
-        cfg = PRESETS[preset]
-        self.preset, self.backbone_name, self.num_classes = preset, backbone, num_classes
-        self.input_size = input_size
+        cfg, parts = PRESETS[preset], parts or Parts()
+        self.preset, self.backbone_name, self.num_classes, self.input_size = preset, backbone, num_classes, input_size
         self.taps = tuple(cfg['taps'] if taps is None else taps)
-        self.rga, self.head_kind, self.mc_config = rga, 'gcn' if gcn is not None else 'vaa', mc
-        plugins = None
-        if rga:
-            from rga import rga_blocks
-            plugins = lambda shapes: rga_blocks(rga['mode'], shapes, rga.get('stages', (1, 2, 3, 4)),  # noqa: E731
-                                                rga.get('ratios', (8, 8, 8)))
+        self.parts, self.plugins = parts, parts.notes
+        self.aux_names = parts.aux[1] if parts.aux else ()
         with self.name_scope():
             self.backbone = Backbone(backbone, num_classes, self.taps, pretrained, root, input_size,
-                                     pool=gcn_pool if gcn is not None else 'avg', output=gcn is None,
-                                     plugins=plugins, return_final_map=mc is not None, prefix='backbone_')
+                                     pool=parts.pool, output=parts.primary is None,
+                                     plugins=parts.blocks[1] if parts.blocks else None,
+                                     return_final_map=parts.aux is not None, prefix='backbone_')
         self.tap_shapes, feature_shape = self._infer_shapes(input_size)
         with self.name_scope():
-            if gcn is not None:
-                self.gcn = gcn(feature_shape[0])
-            if mc is not None:
-                from mcloss import MCHead
-                # evaluated only while training: at evaluation its parameters are rightly unused
-                warnings.filterwarnings('ignore', r'Parameter (%smc_\S+(, )?)+ is not used' % re.escape(self.prefix))
-                self.mc = MCHead(num_classes, self.final_shape[0], mc.get('xi', 0), mc.get('drop_rate', 0.4),
-                                 prefix='mc_')
+            self.primary_head = parts.primary[1](feature_shape[0]) if parts.primary else None
+            self.aux_head = parts.aux[2](self.final_shape) if parts.aux else None
             self.branches = nn.HybridSequential(prefix='')
             self.classifiers = nn.HybridSequential(prefix='')
             for i, shape in enumerate(self.tap_shapes):
@@ -132,83 +184,42 @@ class VAANet(ReturnsAttention, gluon.HybridBlock):
         self.final_shape = tuple(shapes[-2][1:]) if self.backbone.return_final_map else None
         return [tuple(s[1:]) for s in shapes[:len(self.taps)]], tuple(shapes[-1][1:])
 
-    @property
-    def return_aux(self):
-        """When on (training with MC-Loss), ``net(x)`` also returns ``[mc_logits, mc_div]``. Changing it
-        rebuilds the cached graph; it cannot be combined with ``return_attention``."""
-        return self._return_aux
-
-    @return_aux.setter
-    def return_aux(self, value):
-        if value and self.mc_config is None:
-            raise ValueError('this network has no auxiliary outputs (no MC-Loss head)')
-        if bool(value) != self._return_aux:
-            self._return_aux = bool(value)
-            self._clear_cached_op()
-
-    @property
-    def plugins(self):
-        """The related systems switched on in this network (empty for the paper's network)."""
-        return (['rga %s after stages %s' % (self.rga['mode'], ','.join(map(str, self.rga.get('stages', (1, 2, 3, 4)))))]
-                if self.rga else []) + (['ML-GCN head'] if self.head_kind == 'gcn' else []) + (
-                    ['MC-Loss head (%d attributes x %d channels%s)' % (
-                        self.num_classes, self.mc.xi, ', projected' if self.mc.projected else '')]
-                    if self.mc_config is not None else [])
-
     def stage_modules(self):
-        """The network's separately trained modules: ``{name: ParameterDict}``.
-
-        ``backbone``: the model-zoo layers and the new output layer; per tap, the authors' split
-        ``stage_N/fconv`` (confidence conv), ``stage_N/fatt`` (attention convs), ``stage_N/fsr``
-        (classifier), N = 2, 3, 4 as in their file names (``stage_numbers``); and, when on, ``rga`` (the
-        RGA blocks), ``gcn`` (the ML-GCN head) and ``mc`` (the MC-Loss head's bias or projection). Each module gets its own ``gluon.Trainer``
-        (``trainers.StageTrainers``) and, without plug-ins, its own file in the authors' layout
-        (``checkpoints.upstream_files``).
-        """
         backbone = self.backbone.collect_params(re.escape(self.backbone.zoo_prefix) + '.*')
         modules = collections.OrderedDict(backbone=backbone)
         for number, branch, classifier in zip(self.stage_numbers, self.branches, self.classifiers):
             modules['stage_%d/fconv' % number] = branch.fconv.collect_params()
             modules['stage_%d/fatt' % number] = branch.fatt.collect_params()
             modules['stage_%d/fsr' % number] = classifier.fsr.collect_params()
-        if self.rga:
-            modules['rga'] = self.backbone.collect_params(re.escape(self.backbone.prefix) + r'rga\d+_.*')
-        if self.head_kind == 'gcn':
-            modules['gcn'] = self.gcn.collect_params()
-        if self.mc_config is not None:
-            modules['mc'] = self.mc.collect_params()
+        if self.parts.blocks:
+            modules[self.parts.blocks[0]] = self.backbone.inserted_params()
+        for part, head in ((self.parts.primary, self.primary_head), (self.parts.aux, self.aux_head)):
+            if part:
+                modules[part[0]] = head.collect_params()
         return modules
 
     def primary_params(self):
-        """The primary classifier's trainable parameters: the new output layer, or the GCN head's."""
-        if self.head_kind == 'gcn':
-            return [p for n, p in self.gcn.collect_params().items() if not n.endswith(('_adjacency', '_embeddings'))]
-        return list(self.backbone.output.collect_params().values())
+        """The new output layer's parameters, or the primary head's (its constants excepted)."""
+        head = self.primary_head if self.primary_head is not None else self.backbone.output
+        return [p for p in head.collect_params().values() if not isinstance(p, gluon.Constant)]
 
-    def freeze_backbone(self, frozen=True, keep_output=False, fix_statistics=False):
-        """:func:`freeze_backbone` on this network."""
-        freeze_backbone(self, frozen, keep_output, fix_statistics)
+    def shared_scale(self, maps):
+        import plots
+        return plots.attention_scale(maps)
 
-    def rga_attention(self, x):
-        """The spatial attention of every RGA block for the batch ``x`` (run block by block, for
-        overlays): ``[(name, N x 1 x H x W)]``."""
-        maps = []
-        for sequence in list(self.backbone.segments) + [self.backbone.head]:
-            for unit in sequence:
-                if hasattr(unit, 'use_spatial'):
-                    unit.return_attention = True
-                    x, spatial, _ = unit(x)
-                    unit.return_attention = False
-                    maps.append((unit.prefix[len(self.backbone.prefix):].rstrip('_'), spatial))
-                else:
-                    x = unit(x)
-        return maps
+    def overlays(self, crop, x, maps, names, probs, path, top=None):
+        import plots
+        plots.attention_overlay(crop, maps, names, probs, path, tap_names(self.backbone_name, self.taps), top=top)
+        written = [(path, 'attention maps')]
+        for draw in self.parts.overlays:
+            written += draw(self, x, crop, path)
+        return written
 
     def hybrid_forward(self, F, x):
         outs = self.backbone(x)
         features, primary = outs[:len(self.taps)], outs[-1]
-        if self.head_kind == 'gcn':
-            primary = self.gcn(primary)
+        if self.primary_head is not None:
+            primary = self.primary_head(primary)
         tap_logits, maps = [], []
         for feat, branch, classifier in zip(features, self.branches, self.classifiers):
             attention, confidence, _ = branch(feat)
@@ -220,7 +231,7 @@ class VAANet(ReturnsAttention, gluon.HybridBlock):
         if self._return_attention:
             return primary, tap_logits, fused, maps
         if self._return_aux:
-            return primary, tap_logits, fused, list(self.mc(outs[-2]))
+            return primary, tap_logits, fused, list(self.aux_head(outs[-2]))
         return primary, tap_logits, fused
 
 
@@ -259,7 +270,7 @@ def initialize(net, ctx=None):
     # Infer every shape symbolically and allocate now, so loaded weights are shape-checked and the
     # parameters can be handed to Trainers before the first batch (with the auxiliary outputs on, so
     # that the MC head's parameters are in the graph).
-    aux = getattr(net, 'mc_config', None) is not None
+    aux = bool(net.aux_names)
     if aux:
         net.return_aux = True
     net.infer_shape(mx.nd.zeros((1, 3, net.input_size, net.input_size)))
@@ -273,9 +284,9 @@ def initialize(net, ctx=None):
 
 
 def get_vaa_net(backbone='resnet101_v1', num_classes=14, preset='paper', input_size=224,
-                pretrained=False, ctx=None, taps=None, root=None, **plugins):
-    """Build, initialise and place a :class:`VAANet` (``plugins``: its ``rga``, ``gcn``, ``gcn_pool``, ``mc``)."""
-    net = VAANet(backbone, num_classes, preset, input_size, pretrained, taps, root, **plugins)
+                pretrained=False, ctx=None, taps=None, root=None, parts=None):
+    """Build, initialise and place a :class:`VAANet` (``parts``: the related systems' :class:`Parts`)."""
+    net = VAANet(backbone, num_classes, preset, input_size, pretrained, taps, root, parts)
     return initialize(net, ctx)
 
 
@@ -290,62 +301,29 @@ def build_net(cfg, ctx=None, pretrained=None, labels=None, mask=None):
     """The network a run's config describes; training, evaluation, resume and the benchmark all build it
     here, so a saved ``config.json`` (or a checkpoint's config) rebuilds exactly the trained network.
 
-    Reads ``backbone``, ``num_classes``, ``preset``, ``input_size``, ``taps``, ``pretrained`` and the
-    related systems' keys (``rga``, ``rga_stages``, ``rga_ratios``, ``head``, ``gcn_*``,
-    ``backbone_lr_mult``, ``mc_loss``, ``mc_xi``, ``mc_drop``, ``apcnn_*``), each off when absent.
-    ``head='apcnn'`` builds an :class:`apcnn.APCNNNet` instead. ``pretrained=False`` overrides the config (weights
-    about to be loaded from a checkpoint need no ImageNet cache). ``labels``/``mask``: the training
-    labels, from which the ML-GCN head builds its label graph (without them it waits for a checkpoint).
+    ``cfg`` is completed in place (``config.complete``: an old run's config gains the keys added since).
+    A related system that is a network of its own (``related.network_of``: AP-CNN) builds it; otherwise
+    the paper's network with the parts the systems plug in. ``pretrained=False`` overrides the config
+    (weights about to be loaded from a checkpoint need no ImageNet cache). ``labels``/``mask``: the
+    training labels, from which the ML-GCN head builds its label graph (without them it waits for a
+    checkpoint).
     """
-    pretrained = cfg.get('pretrained', False) if pretrained is None else pretrained
-    if cfg.get('head', 'vaa') == 'apcnn':
-        return _build_apcnn(cfg, ctx, pretrained)
-    plugins = {}
-    if cfg.get('rga', 'none') not in (None, 'none'):
-        plugins['rga'] = dict(mode=cfg['rga'], stages=_ints(cfg.get('rga_stages', '1,2,3,4')),
-                              ratios=_ints(cfg.get('rga_ratios', '8,8,8')))
-    if cfg.get('head', 'vaa') == 'gcn':
-        from mlgcn import build_gcn
-        plugins['gcn'] = lambda width: build_gcn(cfg, cfg['num_classes'], width, labels, mask)
-        plugins['gcn_pool'] = cfg.get('gcn_pool', 'max')
-    if cfg.get('mc_loss'):
-        plugins['mc'] = dict(xi=int(cfg.get('mc_xi', 0)), drop_rate=float(cfg.get('mc_drop', 0.4)))
-    net = get_vaa_net(cfg['backbone'], cfg['num_classes'], cfg['preset'], cfg['input_size'], pretrained, ctx,
-                      parse_taps(cfg.get('taps')), **plugins)
-    for tap, shape in zip(tap_names(net.backbone_name, net.taps), net.tap_shapes):
-        if shape[1] * shape[2] < 4:
-            LOG.warning('tap %s has a %dx%d map at --input-size %d: its spatial attention has next to nothing to '
-                        'choose from (use a larger --input-size)', tap, shape[1], shape[2], cfg['input_size'])
-    if 'rga' in plugins and 1 in plugins['rga']['stages'] and (cfg['input_size'] // 4) ** 2 >= 1024:
-        n = (cfg['input_size'] // 4) ** 2
-        LOG.warning('RGA at stage 1 (a %dx%d map): its position graph has %d x %d entries and its compression '
-                    'costs about %.1f GMAC per image (ResNet-101 at 224: 7.8); --rga-stages 2,3,4 leaves it out',
-                    cfg['input_size'] // 4, cfg['input_size'] // 4, n, n, n ** 3 / 4e9)
-    _backbone_lr_mult(net, cfg)
-    return net
-
-
-def _build_apcnn(cfg, ctx, pretrained):
-    from apcnn import APCNNNet
-    net = APCNNNet(cfg['backbone'], cfg['num_classes'], cfg['input_size'], pretrained, preset=cfg['preset'],
-                   topk=_ints(cfg.get('apcnn_topk', '5,3,1')), anchors=_floats(cfg.get('apcnn_anchors', '64,128,256')),
-                   iou=float(cfg.get('apcnn_iou', 0.05)), drop_probs=_floats(cfg.get('apcnn_drop', '0.3,0.3')))
-    initialize(net, ctx)
-    _backbone_lr_mult(net, cfg)
-    return net
-
-
-def _backbone_lr_mult(net, cfg):
-    """``--backbone-lr-mult``: the learning-rate factor of the model-zoo layers."""
-    if cfg.get('backbone_lr_mult', 1.0) != 1.0:
+    config.complete(cfg)
+    pretrained = cfg['pretrained'] if pretrained is None else pretrained
+    own = related.network_of(cfg)
+    if own is not None:
+        net = initialize(own.network(cfg, pretrained), ctx)
+    else:
+        parts = Parts()
+        for system in related.active(cfg):
+            system.plug(cfg, parts, labels, mask)
+        net = get_vaa_net(cfg['backbone'], cfg['num_classes'], cfg['preset'], cfg['input_size'], pretrained, ctx,
+                          parse_taps(cfg['taps']), parts=parts)
+        for tap, shape in zip(tap_names(net.backbone_name, net.taps), net.tap_shapes):
+            if shape[1] * shape[2] < 4:
+                LOG.warning('tap %s has a %dx%d map at --input-size %d: its spatial attention has next to nothing '
+                            'to choose from (use a larger --input-size)', tap, shape[1], shape[2], cfg['input_size'])
+    if cfg['backbone_lr_mult'] != 1.0:              # --backbone-lr-mult: the model-zoo layers' learning rate
         for param in net.backbone.zoo_params(with_output=False):
             param.lr_mult = cfg['backbone_lr_mult']
-
-
-def _floats(value):
-    return tuple(float(v) for v in (value if isinstance(value, (list, tuple)) else str(value).split(',')))
-
-
-def _ints(value):
-    return tuple(int(v) for v in str(value).replace(' ', '').split(',') if v) if not isinstance(value, (list, tuple)) \
-        else tuple(int(v) for v in value)
+    return net

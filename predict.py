@@ -38,6 +38,7 @@ import checkpoints  # noqa: E402
 import config  # noqa: E402
 import flags  # noqa: E402
 import datasets  # noqa: E402
+from datasets import loaders  # noqa: E402
 import inference  # noqa: E402
 import metrics  # noqa: E402
 import steps  # noqa: E402
@@ -146,7 +147,7 @@ def onnx_scorer(folder, int8):
 
 def predict_images(score, cfg, paths, batch_size, workers, skip_bad):
     """(probabilities N x C for the readable images, their paths, the unreadable paths)."""
-    loader = gluon.data.DataLoader(ImageList(paths, config.transform(cfg)), batch_size=batch_size,
+    loader = gluon.data.DataLoader(ImageList(paths, loaders.transform(cfg)), batch_size=batch_size,
                                    num_workers=workers, thread_pool=True)
     from tqdm import tqdm
     probs, kept, bad = [], [], []
@@ -165,8 +166,8 @@ def predict_images(score, cfg, paths, batch_size, workers, skip_bad):
 def validation_thresholds(net, cfg, names, ctx):
     """Per attribute, the threshold on p that maximises (TPR + TNR) / 2 on the run's validation split."""
     data = datasets.load_split(cfg['dataset'], cfg['data_path'], cfg.get('val_split', 'val'),
-                               attribute_names=names, **config.data_options(cfg))
-    logits, labels, masks, _ = steps.predict(net, config.eval_loader(cfg, data), ctx)
+                               attribute_names=names, **loaders.data_options(cfg))
+    logits, labels, masks, _ = steps.predict(net, loaders.eval_loader(cfg, data), ctx)
     probs = metrics.sigmoid(logits)
     return [best_threshold(probs[masks[:, c] > 0, c], labels[masks[:, c] > 0, c] > 0.5) for c in range(len(names))]
 

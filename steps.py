@@ -24,32 +24,26 @@ Step = collections.namedtuple('Step', 'loss logits labels masks terms')
 def train_step(net, loss_fn, trainers, history, batch, epoch, ctx):
     """Train on ``batch`` = (data, label, mask, index); returns a :class:`Step` with the loss of Eq. 7
     summed over the batch (an NDArray of shape (1,) on ``ctx[0]``), the per-device fused logits, labels
-    and masks, and ``terms``: the batch sums of further terms of the objective (MC-Loss: ``mc_dis``,
+    and masks, and ``terms``: the batch sums of the objective's further parts (MC-Loss: ``mc_dis``,
     ``mc_div``, unweighted), ``{}`` without them.
 
-    ``loss_fn``: a ``losses.VAALoss`` (with ``loss_fn.mc``, the network's MC head is evaluated and its
-    weighted terms added to what is minimised); ``trainers``: a ``trainers.StageTrainers``;
-    ``history``: the ``losses.PredictionHistory`` of the training split.
+    ``loss_fn``: a ``losses.VAALoss``, whose :meth:`~losses.VAALoss.objective` is minimised (with an
+    auxiliary loss the network's auxiliary outputs are evaluated for it); ``trainers``: a
+    ``trainers.StageTrainers``; ``history``: the ``losses.PredictionHistory`` of the training split.
     """
     parts = split_batch(batch, ctx)
     weights = [history.weights(idx, epoch, ctx=x.context) for x, _, _, idx in parts]     # 1 + std_s
-    mc = loss_fn.mc
-    if mc is not None:
-        net.return_aux = True
+    net.return_aux = loss_fn.aux is not None
     losses, objectives, fused, terms = [], [], [], collections.defaultdict(list)
     with autograd.record():
         for (x, y, m, _), w in zip(parts, weights):
             outs = net(x)
-            primary, taps, f = outs[:3]
-            loss = loss_fn(primary, taps, y, m, w)                                      # Eq. 7
-            losses.append(loss)
-            if mc is not None:
-                dis, div = mc.terms(outs[3][0], outs[3][1], y, m)
-                loss = loss + mc.weigh(dis, div)                                        # + MC-Loss
-                terms['mc_dis'].append(dis)
-                terms['mc_div'].append(div)
-            objectives.append(loss)
-            fused.append(f)
+            total, named = loss_fn.objective(outs[0], outs[1], y, m, w, outs[3] if len(outs) > 3 else None)
+            losses.append(named.pop('eq7'))                                             # Eq. 7
+            for key, value in named.items():
+                terms[key].append(value)
+            objectives.append(total)
+            fused.append(outs[2])
         scaled = trainers.scale(objectives)
     autograd.backward(scaled)
     trainers.step(batch[0].shape[0])
@@ -117,13 +111,12 @@ def predict(net, loader, ctx, loss_fn=None, stages=None):
     has them (``net.stage_logits``: AP-CNN's two passes)."""
     logits, labels, masks, total, count = [], [], [], 0.0, 0
     parts = collections.defaultdict(list)
-    if getattr(net, 'return_aux', False):
-        net.return_aux = False                  # the MC head is for training only
+    net.return_aux = False                      # the auxiliary head is for training only
     for batch in loader:
         for x, y, m, _ in split_batch(batch, ctx):
             primary, taps, fused = net(x)[:3]
             logits.append(fused)
-            if stages is not None and hasattr(net, 'stage_logits'):
+            if stages is not None:
                 for name, value in net.stage_logits(primary, taps).items():
                     parts[name].append(value)
             labels.append(y)

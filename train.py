@@ -42,11 +42,13 @@ import mxnet as mx  # noqa: E402
 import checkpoints  # noqa: E402
 import config  # noqa: E402
 import datasets  # noqa: E402
+from datasets import loaders  # noqa: E402
 import distributed  # noqa: E402
 import inference  # noqa: E402
 import machine  # noqa: E402
 import metrics  # noqa: E402
 import mixed_precision  # noqa: E402
+import related  # noqa: E402
 import runfolder  # noqa: E402
 import steps  # noqa: E402
 from errors import UserError, plural, run_main  # noqa: E402
@@ -78,16 +80,16 @@ def setup(cfg, explicit):
 def get_data(cfg, ctx, rank=0, num_workers=1):
     """The three splits; the training loader serves this worker's shard with the random augmentation."""
     train = datasets.load_split(cfg['dataset'], cfg['data_path'], cfg['train_split'], cfg['num_classes'],
-                                **config.data_options(cfg))
+                                **loaders.data_options(cfg))
     names = list(train.attribute_names)
     val, test = (datasets.load_split(cfg['dataset'], cfg['data_path'], cfg[key], attribute_names=names,
-                                     **config.data_options(cfg)) for key in ('val_split', 'test_split'))
+                                     **loaders.data_options(cfg)) for key in ('val_split', 'test_split'))
     cfg['num_classes'] = len(names)
     LOG.info('%s: %d train, %d val, %d test samples, %d attributes', cfg['dataset'], len(train), len(val),
              len(test), len(names))
-    train_loader, sampler = config.train_loader(cfg, train, len(ctx), rank, num_workers)
-    return Data(names, train, val, test, train_loader, sampler, config.eval_loader(cfg, val),
-                config.eval_loader(cfg, test))
+    train_loader, sampler = loaders.train_loader(cfg, train, len(ctx), rank, num_workers)
+    return Data(names, train, val, test, train_loader, sampler, loaders.eval_loader(cfg, val),
+                loaders.eval_loader(cfg, test))
 
 
 def get_net(cfg, ctx, train):
@@ -107,12 +109,8 @@ def get_net(cfg, ctx, train):
 def get_losses(cfg, train, ctx):
     """Eq. 7 with the class priors of the training labels, and the training split's prediction history."""
     pos_weight, neg_weight = class_prior_weights(train.labels, train.mask, cfg['class_weights'])
-    mc = None
-    if cfg.get('mc_loss'):                      # MC-Loss is added to Eq. 7, never replaces it
-        from mcloss import MutualChannelLoss
-        mc = MutualChannelLoss(*config.mc_weights(cfg))
     loss = VAALoss(pos_weight, neg_weight, gamma=cfg['gamma'], plain_bce=cfg['plain_bce'],
-                   primary=not cfg['finetune'], mc=mc)
+                   primary=not cfg['finetune'], aux=related.aux_loss(cfg))   # (added to Eq. 7, never replacing it)
     history = PredictionHistory(len(train), cfg['num_classes'], track=cfg['history_track'],
                                 start_epoch=cfg['history_start'], ctx=ctx[0],
                                 upstream_zero_rows=cfg['history_zero_rows'])

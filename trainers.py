@@ -97,7 +97,7 @@ class StageTrainers(object):
                  freeze_epochs=0, amp=False, epochs=None):
         self.net, self.finetune, self.freeze_epochs = net, bool(finetune), int(freeze_epochs)
         self.epochs = epochs
-        net.freeze_backbone(self.finetune)
+        net.freeze(self.finetune)
         self.trainers = collections.OrderedDict(
             (name, gluon.Trainer(params, optimizer, dict(optimizer_params or {}), kvstore=None,
                                  update_on_kvstore=False))
@@ -125,7 +125,7 @@ class StageTrainers(object):
                      ' (the whole run)' if self.epochs is not None and self.freeze_epochs >= self.epochs else '')
         elif self.frozen:
             LOG.info('epoch %d: training end to end', epoch)
-        self.net.freeze_backbone(frozen, fix_statistics=True)
+        self.net.freeze(frozen, fix_statistics=True)
         self.frozen = frozen
         return True
 

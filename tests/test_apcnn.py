@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from mxnet import autograd, nd
 
-from apcnn import APCNNNet, PyramidAttentions, PyramidFeatures
-from apcnn_roi import ROIPyramid, ROIZoom
+from related.apcnn.net import APCNNNet, PyramidAttentions, PyramidFeatures
+from related.apcnn.roi import ROIPyramid, ROIZoom
 from errors import UserError
 
 

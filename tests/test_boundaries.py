@@ -42,7 +42,7 @@ def test_train_py_switches_the_primary_term_off_in_the_first_phase_and_on_after(
 
 # 2. the per-batch seed: other draws in every batch, the same ones after a resume ------------------------------
 def test_the_in_graph_draws_differ_between_batches_and_repeat_after_a_resume(demo_path, tmp_path, monkeypatch):
-    from mcloss import MCHead
+    from related.mcloss.head import MCHead
     masks = []
     real = MCHead.cwa_mask
 
@@ -173,7 +173,7 @@ def test_the_gcn_head_is_built_from_the_masked_labels_in_the_form_asked_for(rewe
     cfg = config.defaults(backbone='resnet18_v1', input_size=32, num_classes=5, dataset=None, head='gcn',
                           gcn_reweight=reweight, gcn_t=0.3, gcn_p=0.2)
     net = build_net(cfg, [mx.cpu()], labels=labels, mask=mask)
-    adjacency = [p for n, p in net.gcn.collect_params().items() if n.endswith('_adjacency')][0].data().asnumpy()
+    adjacency = [p for n, p in net.primary_head.collect_params().items() if n.endswith('_adjacency')][0].data().asnumpy()
     np.testing.assert_allclose(adjacency, _graph_by_hand(labels, mask, 0.3, 0.2, reweight), rtol=1e-5, atol=1e-6)
     other = 'paper' if reweight == 'code' else 'code'
     assert not np.allclose(adjacency, _graph_by_hand(labels, mask, 0.3, 0.2, other), atol=1e-3)
@@ -192,7 +192,7 @@ def test_the_mc_weights_given_are_the_weights_of_the_objective():
     cfg['num_classes'] = 2                          # (train.get_data sets it from the dataset)
     loss, _ = train.get_losses(cfg, Split(), [mx.cpu()])
     dis, div = nd.array([2.0, 4.0]), nd.array([0.5, 0.25])
-    np.testing.assert_allclose(loss.mc.weigh(dis, div).asnumpy(), [0.3 * 2 + 7 * 0.5, 0.3 * 4 + 7 * 0.25], rtol=1e-6)
+    np.testing.assert_allclose(loss.aux.weigh(dis, div).asnumpy(), [0.3 * 2 + 7 * 0.5, 0.3 * 4 + 7 * 0.25], rtol=1e-6)
 
 
 # 8. AP-CNN's NMS exactly at the threshold ---------------------------------------------------------------------
@@ -200,7 +200,7 @@ def test_apcnn_nms_suppresses_a_box_at_exactly_the_iou_threshold():
     """Two 21 x 21 boxes ("+1" sides) that overlap by 2 columns: IoU = 42 / (441 + 441 - 42) = 0.05 exactly.
     The released cpu_nms suppresses at IoU >= 0.05: only the higher score survives; one column less
     (IoU 21 / 861 < 0.05) and both survive. Run by the pyramid's own NMS, with its threshold."""
-    from apcnn_roi import ROIPyramid
+    from related.apcnn.roi import ROIPyramid
     pyramid = ROIPyramid(64, (8, 4, 2))
     for shift, kept in ((19, [0.9]), (20, [0.9, 0.8])):
         boxes = np.array([[0, 0, 20, 20], [shift, 0, shift + 20, 20]], np.float32)

@@ -337,3 +337,9 @@ def test_setup_installs_every_module_of_the_project():
     listed = set(re.findall(r"'(\w+)'", text[text.index('py_modules'):text.index('packages=')]))
     modules = {os.path.basename(f)[:-3] for f in glob.glob(os.path.join(ROOT, '*.py'))} - {'setup'}
     assert listed == modules
+    from setuptools import find_packages
+    packages = set(find_packages(ROOT, include=text.split('find_packages(include=')[1].split(')')[0].strip('[]')
+                                 .replace("'", '').replace(' ', '').split(',')))
+    folders = {os.path.relpath(os.path.dirname(f), ROOT).replace(os.sep, '.')
+               for f in glob.glob(os.path.join(ROOT, '*', '**', '__init__.py'), recursive=True)} - {'tests'}
+    assert packages == folders, (packages, folders)

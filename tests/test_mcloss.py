@@ -6,7 +6,7 @@ import pytest
 from mxnet import autograd, nd
 
 from errors import UserError
-from mcloss import MCHead, MutualChannelLoss
+from related.mcloss.head import MCHead, MutualChannelLoss
 
 
 def _head(num_classes, channels, hybrid, **kwargs):
@@ -197,7 +197,7 @@ def test_the_mc_head_reads_the_pooled_map_and_leaves_the_predictions_alone(hybri
     a network without it holding the same weights."""
     from model import build_net
     net = _mc_net(hybrid, mc_drop=0.0)                      # no channel masking: a deterministic head
-    net.mc.bias.set_data(nd.array([0.5, -1.0, 0.25, 0.0]))
+    net.aux_head.bias.set_data(nd.array([0.5, -1.0, 0.25, 0.0]))
     x = nd.array(np.random.RandomState(0).randn(3, 3, 48, 48))
     off = [o.asnumpy() for o in _flat(net(x))]
     net.return_aux = True
@@ -254,8 +254,8 @@ def test_the_training_step_adds_the_weighted_mc_terms_and_logs_them_unweighted()
     expected_vaa = vaa(primary, taps, y, m).sum().asscalar()
     lr, w_dis, w_div = 0.1, 1.5, 20.0
     trainers = StageTrainers(net, [mx.cpu()], 'sgd', {'learning_rate': lr})
-    bias = net.mc.bias.data().asnumpy().copy()
-    loss = VAALoss(gamma=0.5, mc=MutualChannelLoss(w_dis, w_div))
+    bias = net.aux_head.bias.data().asnumpy().copy()
+    loss = VAALoss(gamma=0.5, aux=MutualChannelLoss(w_dis, w_div))
     step = steps.train_step(net, loss, trainers, PredictionHistory(4, 4), (x, y, m, nd.arange(4)), 0, [mx.cpu()])
     yy, mm = y.asnumpy(), m.asnumpy()
     bce = -(yy * -np.logaddexp(0, -logits) + (1 - yy) * -np.logaddexp(0, logits))
@@ -263,7 +263,7 @@ def test_the_training_step_adds_the_weighted_mc_terms_and_logs_them_unweighted()
     assert step.terms['mc_dis'].asscalar() == pytest.approx((bce * mm).mean(1).sum(), rel=1e-5)
     assert step.terms['mc_div'].asscalar() == pytest.approx(div.sum(), rel=1e-5)
     grad = w_dis * ((1 / (1 + np.exp(-logits)) - yy) * mm / 4).sum(0) / 4        # batch-mean gradient on b
-    np.testing.assert_allclose(net.mc.bias.data().asnumpy(), bias - lr * grad, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(net.aux_head.bias.data().asnumpy(), bias - lr * grad, rtol=1e-4, atol=1e-7)
     assert net.return_aux
     steps.predict(net, [(x, y, m, nd.arange(4))], [mx.cpu()])
     assert not net.return_aux
@@ -271,8 +271,9 @@ def test_the_training_step_adds_the_weighted_mc_terms_and_logs_them_unweighted()
 
 def test_mc_loss_flags_are_checked_and_kept_in_the_config():
     import config
+    import related
     cfg = config.resolve_config(config.defaults(mc_loss=True, mc_weights='2,10', dataset='demo'))
-    assert config.mc_weights(cfg) == (2.0, 10.0) and 'mc_weights' in config.RESUME_FIXED
+    assert related.mcloss.settings(cfg).weights == (2.0, 10.0) and 'mc_weights' in config.RESUME_FIXED
     for flags, message in [(dict(mc_weights='1.5'), 'two numbers'), (dict(mc_weights='a,b'), 'two numbers'),
                            (dict(mc_drop=1.0), r'--mc-drop must be in \[0, 1\)'), (dict(mc_xi=1), '--mc-xi'),
                            (dict(finetune=True), '--finetune')]:

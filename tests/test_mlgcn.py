@@ -6,7 +6,7 @@ import mxnet as mx
 from mxnet import autograd, nd
 
 import checkpoints
-import mlgcn
+from related.mlgcn import head as mlgcn
 import steps
 from errors import UserError
 from losses import PredictionHistory, VAALoss
@@ -110,21 +110,21 @@ def test_gcn_constants_travel_in_checkpoints_and_are_never_trained(tmp_path):
     labels = (rng.rand(30, 4) < 0.5).astype(np.float32)
     cfg = _gcn_cfg()
     net = build_net(cfg, labels=labels, mask=np.ones_like(labels))
-    graph = net.gcn.adjacency.data().asnumpy().copy()
+    graph = net.primary_head.adjacency.data().asnumpy().copy()
     expected = mlgcn.normalize_adjacency(mlgcn.correlation_matrix(*mlgcn.cooccurrence(labels)))
     np.testing.assert_allclose(graph, expected, rtol=1e-6)
     trainers = StageTrainers(net, [mx.cpu()], 'sgd', {'learning_rate': 0.5})
     assert 'gcn' in trainers.trainers and 'backbone' in trainers.trainers
     x = nd.random.normal(shape=(4, 3, 64, 64))
     batch = (x, nd.array(labels[:4]), nd.ones((4, 4)), nd.arange(4, dtype='int64'))
-    before = net.gcn.gc1.weight.data().asnumpy().copy()
+    before = net.primary_head.gc1.weight.data().asnumpy().copy()
     steps.train_step(net, VAALoss(), trainers, PredictionHistory(4, 4), batch, 0, [mx.cpu()])
-    assert not np.array_equal(net.gcn.gc1.weight.data().asnumpy(), before)        # the GCN trains
-    np.testing.assert_array_equal(net.gcn.adjacency.data().asnumpy(), graph)     # its graph does not
+    assert not np.array_equal(net.primary_head.gc1.weight.data().asnumpy(), before)        # the GCN trains
+    np.testing.assert_array_equal(net.primary_head.adjacency.data().asnumpy(), graph)     # its graph does not
     path = str(tmp_path / 'last.params')
     checkpoints.save_training(path, net, trainers.trainers, None, dict(config=cfg))
     again = build_net(cfg)                                        # as eval.py: no labels, placeholders
-    assert not again.gcn.adjacency.data().asnumpy().any()
+    assert not again.primary_head.adjacency.data().asnumpy().any()
     checkpoints.load_weights(path, again)
     np.testing.assert_array_equal(again(x)[2].asnumpy(), net(x)[2].asnumpy())
     with pytest.raises(UserError, match='has shape'):

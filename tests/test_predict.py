@@ -9,7 +9,7 @@ import cv2
 import predict
 import steps
 import config
-from datasets import digits
+from datasets import digits, loaders
 from errors import UserError
 from inference import load_source
 import mxnet as mx
@@ -48,7 +48,7 @@ def test_a_folder_and_a_list_give_the_probabilities_evaluation_computes(demo_run
     assert [r[0] for r in rows] == expected_order and len(rows) == 25
     net, cfg, names = load_source(demo_run, [mx.cpu()])
     net.hybridize()
-    logits, _, _, _ = steps.predict(net, config.eval_loader(dict(cfg, batch_size=20), ds), [mx.cpu()])
+    logits, _, _, _ = steps.predict(net, loaders.eval_loader(dict(cfg, batch_size=20), ds), [mx.cpu()])
     probs = 1 / (1 + np.exp(-logits))
     got = np.array([[float(v) for v in r[1:]] for r in rows])
     np.testing.assert_allclose(got[:20], probs, rtol=1e-4, atol=1e-6)
@@ -78,7 +78,7 @@ def test_thresholds_and_unreadable_images(demo_run, demo_path, tmp_path):
     # each threshold is a best balanced accuracy on the validation split (brute force over all cuts)
     net, cfg, _ = load_source(demo_run, [mx.cpu()])
     val = digits.DigitsCanvas(cfg['data_path'], 'val', limit=cfg['limit'])
-    logits, labels, masks, _ = steps.predict(net, config.eval_loader(cfg, val), [mx.cpu()])
+    logits, labels, masks, _ = steps.predict(net, loaders.eval_loader(cfg, val), [mx.cpu()])
     p = 1 / (1 + np.exp(-logits))
     for c in range(len(names)):
         m = masks[:, c] > 0

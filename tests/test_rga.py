@@ -8,7 +8,7 @@ from mxnet import autograd, gluon, nd
 import checkpoints
 from errors import UserError
 from model import build_net
-from rga import RGAModule
+from related.rga.modules import RGAModule
 
 
 def _params(block):
@@ -147,10 +147,10 @@ def test_rga_in_the_network_keeps_the_zoo_and_adds_a_trained_module(tmp_path):
     block = [u for u in net.backbone.segments[0] if hasattr(u, 'use_spatial')][0]
     np.testing.assert_allclose(net.backbone(x)[0].asnumpy(), block(plain.backbone(x)[0]).asnumpy(), rtol=1e-5,
                                atol=1e-6)
-    net.freeze_backbone(True, fix_statistics=True)                 # the paper's first phase
+    net.freeze(True, fix_statistics=True)                 # the paper's first phase
     assert all(p.grad_req == 'write' for n, p in rga.items() if not n.endswith(('running_mean', 'running_var')))
     assert all(p.grad_req == 'null' for p in net.backbone.feature_params())
-    net.freeze_backbone(False)
+    net.freeze(False)
     with pytest.raises(UserError, match="no place for rga sc"):
         checkpoints.save_upstream(net, str(tmp_path / 'saved_models'))
     # hybridized export and import
@@ -163,7 +163,7 @@ def test_rga_in_the_network_keeps_the_zoo_and_adds_a_trained_module(tmp_path):
 
 def test_small_maps_and_densenet():
     net = build_net(dict(backbone='resnet18_v1', num_classes=3, preset='demo', input_size=48, rga='sc'))
-    assert net.rga and net(nd.zeros((2, 3, 48, 48)))[2].shape == (2, 3)     # stage 4 is 2x2: 4 // 8 -> 1 channel
+    assert 'rga' in net.stage_modules() and net(nd.zeros((2, 3, 48, 48)))[2].shape == (2, 3)     # stage 4 is 2x2: 4 // 8 -> 1 channel
     with pytest.raises(UserError, match='ResNet'):
         build_net(dict(backbone='densenet121', num_classes=3, preset='paper', input_size=64, rga='s'))
 

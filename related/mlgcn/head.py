@@ -152,22 +152,20 @@ class GCNClassifier(gluon.HybridBlock):
         return F.dot(features, self.classifiers(F, adjacency, embeddings), transpose_b=True)
 
 
-def build_gcn(cfg, num_classes, feat_dim, labels=None, mask=None, prefix='gcn_'):
-    """The GCN head a config describes. With the training labels the graph and embeddings are computed
-    (and logged); without (rebuilding for evaluation) they are placeholders a checkpoint fills."""
-    kind = cfg.get('gcn_embeddings', 'onehot')
+def build_gcn(settings, num_classes, feat_dim, labels=None, mask=None, dim=None, prefix='gcn_'):
+    """(the GCN head of ``settings`` (``related.mlgcn.settings``), its embedding width). With the training
+    labels the graph and embeddings are computed (and logged); without (rebuilding for evaluation) they are
+    placeholders of the saved width ``dim`` that a checkpoint fills."""
     if labels is None:
-        dim = cfg.get('gcn_embedding_dim') or num_classes
-        return GCNClassifier((num_classes, num_classes), (num_classes, dim), feat_dim, prefix=prefix)
+        dim = dim or num_classes
+        return GCNClassifier((num_classes, num_classes), (num_classes, dim), feat_dim, prefix=prefix), dim
     joint, counts = cooccurrence(labels, mask)
-    a = correlation_matrix(joint, counts, cfg.get('gcn_t', 0.4), cfg.get('gcn_p', 0.25),
-                           cfg.get('gcn_reweight', 'code'))
-    adjacency = normalize_adjacency(a, 'paper' if cfg.get('gcn_reweight') == 'paper' else 'code')
-    embeddings = label_embeddings(kind, num_classes, labels, mask)
-    cfg['gcn_embedding_dim'] = int(embeddings.shape[1])          # (saved, so evaluation rebuilds the head)
+    a = correlation_matrix(joint, counts, settings.t, settings.p, settings.reweight)
+    adjacency = normalize_adjacency(a, 'paper' if settings.reweight == 'paper' else 'code')
+    embeddings = label_embeddings(settings.embeddings, num_classes, labels, mask)
     edges = int((a - np.diag(np.diag(a)) > 0).sum())
     LOG.info('ML-GCN head: %d label-graph edges (t %g, p %g, %s re-weighting, %.1f per attribute); label '
-             'embeddings: %s%s', edges, cfg.get('gcn_t', 0.4), cfg.get('gcn_p', 0.25), cfg.get('gcn_reweight', 'code'),
-             edges / float(num_classes), kind,
-             '' if kind not in EMBEDDINGS else ' (an offline fallback, not the paper\'s GloVe vectors)')
-    return GCNClassifier(adjacency, embeddings, feat_dim, prefix=prefix)
+             'embeddings: %s%s', edges, settings.t, settings.p, settings.reweight, edges / float(num_classes),
+             settings.embeddings,
+             '' if settings.embeddings not in EMBEDDINGS else ' (an offline fallback, not the paper\'s GloVe vectors)')
+    return GCNClassifier(adjacency, embeddings, feat_dim, prefix=prefix), int(embeddings.shape[1])

@@ -19,6 +19,8 @@ The last feature map's channels are split into one group of xi channels per attr
 ``w_dis * L_dis + w_div * div`` per sample (defaults 1.5 and 20, the authors' current code). The head is
 used only while training, so the CWA mask needs no train/test switch inside the graph.
 """
+import collections
+
 import numpy as np
 from mxnet import gluon, nd
 from mxnet.gluon.loss import Loss
@@ -112,6 +114,12 @@ class MutualChannelLoss(Loss):
     def weigh(self, dis, div):
         """``dis_weight * L_dis + div_weight * div``: the MC-Loss term of the objective."""
         return self.dis_weight * dis + self.div_weight * div
+
+    def objective_terms(self, aux, label, mask=None):
+        """The objective's interface (``losses.VAALoss``): from the head's auxiliary outputs ``[dis_logits,
+        div]``, (the weighted term to add, ``{'mc_dis': L_dis, 'mc_div': div}`` unweighted, per sample)."""
+        dis, div = self.terms(aux[0], aux[1], label, mask)
+        return self.weigh(dis, div), collections.OrderedDict([('mc_dis', dis), ('mc_div', div)])
 
     def _dis(self, F, dis_logits, label, mask):
         if self.mode == 'ce':

@@ -145,3 +145,28 @@ def rga_blocks(mode, stage_shapes, stages=(1, 2, 3, 4), ratios=(8, 8, 8)):
                                                                         ','.join(map(str, sorted(stage_shapes)))))
     return {s: RGAModule(stage_shapes[s][0], stage_shapes[s][1], stage_shapes[s][2], 's' in mode, 'c' in mode,
                          ratios[0], ratios[1], ratios[2], prefix='rga%d_' % s) for s in stages}
+
+
+def attention(backbone, x):
+    """The spatial attention of every RGA module of ``backbone`` for the batch ``x`` (run block by block):
+    ``[(name, N x 1 x H x W)]``."""
+    maps = []
+    for sequence in list(backbone.segments) + [backbone.head]:
+        for unit in sequence:
+            if isinstance(unit, RGAModule):
+                unit.return_attention = True
+                x, spatial, _ = unit(x)
+                unit.return_attention = False
+                maps.append((unit.prefix[len(backbone.prefix):].rstrip('_'), spatial))
+            else:
+                x = unit(x)
+    return maps
+
+
+def overlay(net, x, crop, path):
+    """``eval.py --image``: the RGA modules' spatial attention over the crop, in a figure of its own beside
+    the attention maps' (``<name>_rga.png``); returns [(file, what it shows)]."""
+    import plots
+    out = path.replace('_attention.png', '_rga.png')
+    plots.rga_overlay(crop, [(n, m[0, 0].asnumpy()) for n, m in attention(net.backbone, x)], out)
+    return [(out, 'RGA spatial attention')]

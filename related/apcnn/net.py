@@ -23,9 +23,9 @@ import mxnet as mx
 from mxnet import gluon
 from mxnet.gluon import nn
 
-from attention import ReturnsAttention
-from backbone import Backbone, BatchNorm1D, freeze_backbone
+from backbone import Backbone, BatchNorm1D
 from errors import UserError
+from model import AttributeNet
 
 CONV_INIT = mx.init.MSRAPrelu(factor_type='out', slope=0)          # normal(0, sqrt(2 / (k * k * out)))
 LINEAR_INIT = mx.init.Xavier(rnd_type='uniform', factor_type='in', magnitude=1)   # U(+-1 / sqrt(fan_in))
@@ -154,31 +154,29 @@ class APClassifier(gluon.HybridBlock):
         return self.body(F.mean(x, axis=(2, 3)) if self.pool else x)
 
 
-class APCNNNet(ReturnsAttention, gluon.HybridBlock):
+class APCNNNet(AttributeNet):
     """AP-CNN on a model-zoo backbone, with the project's network contract (module docstring).
 
     ``input_size`` must be divisible by 32 (the x2 upsampling sums). ``anchors`` are the anchor sides at
     ``anchor_ref`` pixels and scale with the input (64/128/256 at 448 -> 32/64/128 at 224; without this
     the 256-pixel level-5 anchor would cover a whole 224 input and the zoom would do nothing). ``topk``,
-    ``iou``, ``drop_probs``, ``border``: :class:`apcnn_roi.ROIPyramid` and :class:`apcnn_roi.ROIZoom`.
+    ``iou``, ``drop_probs``, ``border``: :class:`roi.ROIPyramid` and :class:`roi.ROIZoom`.
     After ``net.return_attention = True`` a fourth element holds ``[S3, S4, S5, rois, valid, box]``:
     the spatial gates, the ROIs in input pixels, which are valid, and the union box in B3 cells.
     """
 
-    aux_names = ()
-    return_aux = False
+    onnx_reason = "box_nms and the computed sampling grid have no ONNX form in MXNet's exporter"
 
     def __init__(self, backbone='resnet50_v1', num_classes=14, input_size=224, pretrained=False, root=None,
                  preset='paper', topk=(5, 3, 1), anchors=(64, 128, 256), anchor_ref=448, iou=0.05,
                  drop_probs=(0.3, 0.3), border=0.1, width=256, hidden=256, **kwargs):
         super().__init__(**kwargs)
-        from apcnn_roi import ROIPyramid, ROIZoom
+        from related.apcnn.roi import ROIPyramid, ROIZoom
         if input_size % 32:
             raise UserError('--head apcnn needs an --input-size divisible by 32 (its pyramid adds maps upsampled '
                             'x2 twice), got %d: use %d or %d' % (input_size, input_size // 32 * 32,
                                                                  input_size // 32 * 32 + 32))
         self.backbone_name, self.num_classes, self.input_size, self.preset = backbone, num_classes, input_size, preset
-        self.taps, self.rga, self.head_kind, self.mc_config = (), None, 'apcnn', None
         self.topk = tuple(int(k) for k in topk)
         with self.name_scope():
             self.backbone = Backbone(backbone, num_classes, ('s2', 's3'), pretrained, root, input_size, pool=None,
@@ -228,9 +226,14 @@ class APCNNNet(ReturnsAttention, gluon.HybridBlock):
         """The primary classifier's parameters: the concatenated classifier (shared by stage II)."""
         return list(self.cls_concate.collect_params().values())
 
-    def freeze_backbone(self, frozen=True, keep_output=False, fix_statistics=False):
-        """:func:`backbone.freeze_backbone` on this network (its primary classifier: ``cls_concate``)."""
-        freeze_backbone(self, frozen, keep_output, fix_statistics)
+    def overlays(self, crop, x, maps, names, probs, path, top=None):
+        """The three spatial gates, the ROIs and the zoom box over the crop (``top`` does not apply: the gates
+        are sigmoid values on one fixed scale)."""
+        import plots
+        s3, s4, s5, rois, valid, box = maps
+        plots.apcnn_overlay(crop, [s[0] for s in (s3, s4, s5)], rois, valid, box, self.input_size / float(s3.shape[-1]),
+                            path)
+        return [(path, 'AP-CNN gates and ROIs')]
 
     @staticmethod
     def stage_logits(primary, taps):
