@@ -80,7 +80,7 @@ def evaluate_source(source, args, ctx, common):
         epochs = len(rows)
     settings = {key: cfg.get(key) for key, _ in PROTOCOL} if kind == 'ours' else {}
     if kind == 'ours':
-        settings['epochs'] = epochs if epochs is not None else cfg.get('epochs')
+        settings['epochs'] = epochs if epochs is not None else cfg['epochs']
     return dict(source=source, system=describe(cfg, kind), result=result, params=params, eval_speed=speed,
                 train_speed=train_speed, frequency=(data.labels * data.mask).sum(0) / np.maximum(data.mask.sum(0), 1),
                 names=list(names), dataset=cfg['dataset'], data_path=cfg['data_path'], settings=settings)

@@ -18,7 +18,7 @@ import related
 from errors import UserError, plural
 from flags import (RANGES, HelpFormatter, Parser, build_parser, check_ranges, group_adder,  # noqa: F401
                    spellings)
-from presets import BACKBONES, DATASET_FAMILY, FALLBACKS, PRESETS, PRESET_SETTINGS, SCHEDULES  # noqa: F401
+from presets import BACKBONES, FALLBACKS, PRESETS, PRESET_SETTINGS, SCHEDULES, schedule_for  # noqa: F401
 
 # What a resumed run may change; everything else comes from the run's saved config.
 RESUME_OVERRIDES = ('epochs', 'data_path', 'gpus', 'cpus', 'num_workers', 'log_interval', 'debug', 'kvstore')
@@ -57,8 +57,7 @@ def resolve_config(args):
     data_defaults = datasets.defaults(cfg['dataset']) if cfg.get('dataset') else {}
     if cfg.get('preset') is None:
         cfg['preset'] = data_defaults.get('preset', 'paper')
-    family = DATASET_FAMILY.get(cfg.get('dataset'))
-    schedule = SCHEDULES.get((cfg['preset'], family)) or SCHEDULES.get(('paper', family)) or {}
+    schedule = schedule_for(cfg['preset'], cfg.get('dataset'))
     for key, fallback in FALLBACKS.items():
         if cfg.get(key) is None:
             cfg[key] = data_defaults.get(key, schedule.get(key, fallback))

@@ -165,7 +165,7 @@ def predict_images(score, cfg, paths, batch_size, workers, skip_bad):
 
 def validation_thresholds(net, cfg, names, ctx):
     """Per attribute, the threshold on p that maximises (TPR + TNR) / 2 on the run's validation split."""
-    data = datasets.load_split(cfg['dataset'], cfg['data_path'], cfg.get('val_split', 'val'),
+    data = datasets.load_split(cfg['dataset'], cfg['data_path'], cfg['val_split'],
                                attribute_names=names, **loaders.data_options(cfg))
     logits, labels, masks, _ = steps.predict(net, loaders.eval_loader(cfg, data), ctx)
     probs = metrics.sigmoid(logits)

@@ -34,7 +34,6 @@ import collections  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
-import types  # noqa: E402
 
 import numpy as np  # noqa: E402
 import mxnet as mx  # noqa: E402
@@ -58,11 +57,13 @@ from trainers import PlateauSchedule, StageTrainers  # noqa: E402
 
 LOG = logging.getLogger('vaa')
 Data = collections.namedtuple('Data', 'names train val test train_loader sampler val_loader test_loader')
+Place = collections.namedtuple('Place', 'ctx kvstore rank workers')     # where this worker trains
 
 
 def setup(cfg, explicit):
-    """Devices, workers and, with --resume, the run's own config (checked before anything is written)."""
-    ctx = distributed.parse_contexts(cfg['gpus'], cfg.get('cpus', 1))
+    """-> (cfg, :data:`Place`, the checkpoint to resume or None): devices, workers and, with --resume, the
+    run's own config (checked before anything is written)."""
+    ctx = distributed.parse_contexts(cfg['gpus'], cfg['cpus'])
     kvstore = distributed.create_kvstore(cfg['kvstore'], len(ctx))
     rank, workers = (kvstore.rank, kvstore.num_workers) if kvstore is not None else (0, 1)
     resumed = None
@@ -73,8 +74,7 @@ def setup(cfg, explicit):
     np.random.seed(cfg['seed'])
     if cfg['amp']:
         mixed_precision.init_amp(ctx)           # before the network is built
-    return types.SimpleNamespace(cfg=cfg, ctx=ctx, kvstore=kvstore, rank=rank, num_workers=workers,
-                                 resumed=resumed, epoch=0, batch=0, explicit=tuple(explicit))
+    return cfg, Place(ctx, kvstore, rank, workers), resumed
 
 
 def get_data(cfg, ctx, rank=0, num_workers=1):
@@ -163,92 +163,91 @@ def cpu_note(cfg, explicit, ctx):
              cfg['input_size'])
 
 
-def restore(run):
-    """Continue from the last checkpoint: weights, optimizer states, history and schedule. Returns the
-    totals of an interrupted epoch (None when the checkpoint is from the end of an epoch)."""
-    meta, extra = checkpoints.load_training(run.folder.checkpoint('last'), run.net, run.trainers.trainers,
-                                            run.history, run.resumed[1])
+def restore(resumed, path, net, trainers, history, schedule, monitor):
+    """Continue from the checkpoint ``path`` (``resumed``: its meta and arrays): weights, optimizer states,
+    history and schedule. Returns (epoch, batch, the totals of an interrupted epoch or None)."""
+    meta, extra = checkpoints.load_training(path, net, trainers.trainers, history, resumed[1])
     state = meta['state']
-    run.schedule.load_state_dict(state)
-    run.trainers.set_learning_rate(state['lr'])
-    run.epoch, run.batch = state['epoch'], state.get('batch', 0)
-    LOG.info('resumed at epoch %d%s (lr %g, best val %s %.2f%%)', run.epoch, ' batch %d' % run.batch if run.batch
-             else '', state['lr'], run.cfg['monitor'], 100 * state['best'])
-    if not run.batch:
-        return None
-    return dict({k: v.asnumpy() for k, v in extra.items()}, loss_sum=state['loss_sum'], seen=state['seen'],
-                terms=state.get('terms', {}))
+    schedule.load_state_dict(state)
+    trainers.set_learning_rate(state['lr'])
+    epoch, batch = state['epoch'], state.get('batch', 0)
+    LOG.info('resumed at epoch %d%s (lr %g, best val %s %.2f%%)', epoch, ' batch %d' % batch if batch else '',
+             state['lr'], monitor, 100 * state['best'])
+    if not batch:
+        return epoch, 0, None
+    return epoch, batch, dict({k: v.asnumpy() for k, v in extra.items()}, loss_sum=state['loss_sum'],
+                              seen=state['seen'], terms=state.get('terms', {}))
 
 
-def train_epoch(run, epoch, saved, stop):
-    """One pass over this worker's shard, or what is left of it after an interrupted epoch (``saved``).
-    Returns (``steps.EpochTotals``, number of batches done, samples/sec over all workers)."""
-    cfg, loader = run.cfg, run.data.train_loader
-    start = run.batch if saved else 0
-    run.data.sampler.set_epoch(epoch, skip=start * cfg['batch_size'])
-    progress = runfolder.Progress(len(loader), 'epoch %d' % epoch, cfg['log_interval'], done=start)
-    guard = runfolder.FiniteGuard(run.ctx[0], epoch, run.folder)
-    totals = steps.EpochTotals(run.ctx[0], cfg['num_classes'], saved)
+def train_epoch(cfg, epoch, net, loss, trainers, history, data, place, folder, stop, start=0, saved=None):
+    """One pass over this worker's shard of ``data``, from batch ``start`` with the totals ``saved`` of an
+    interrupted epoch. Returns (``steps.EpochTotals``, number of batches done, samples/sec over all
+    workers)."""
+    data.sampler.set_epoch(epoch, skip=start * cfg['batch_size'])
+    progress = runfolder.Progress(len(data.train_loader), 'epoch %d' % epoch, cfg['log_interval'], done=start)
+    guard = runfolder.FiniteGuard(place.ctx[0], epoch, folder)
+    totals = steps.EpochTotals(place.ctx[0], cfg['num_classes'], saved)
     batch_no = start
-    for batch in loader:
+    for batch in data.train_loader:
         # the draws inside the graph (MC-Loss masks, AP-CNN's ROI drops) depend only on seed, epoch and
         # batch, so that a resumed run repeats them
         mx.random.seed((cfg['seed'] * 1000003 + epoch * 10007 + batch_no) % 2 ** 31)
-        step = steps.train_step(run.net, run.loss, run.trainers, run.history, batch, epoch, run.ctx)
+        step = steps.train_step(net, loss, trainers, history, batch, epoch, place.ctx)
         totals.add(step, batch[0].shape[0])
         guard.add(batch_no, sum(step.terms.values(), step.loss))
         batch_no += 1
         progress.update(batch[0].shape[0], totals.mean_loss)
         if progress.count % progress.interval == 0:
             guard.check()
-        if stop.requested(run.trainers.sync):
+        if stop.requested(trainers.sync):
             break
     guard.check()
-    return totals, batch_no, progress.close() * run.num_workers
+    return totals, batch_no, progress.close() * place.workers
 
 
-def meta(run, epoch, batch, **extra):
+def checkpoint_meta(cfg, names, schedule, epoch, batch, **extra):
     """What a checkpoint records besides the arrays: loop state, config and attribute names."""
-    state = dict(run.schedule.state_dict(), epoch=epoch, batch=batch, **extra)
-    return dict(state=state, config=run.cfg, attribute_names=run.data.names)
+    state = dict(schedule.state_dict(), epoch=epoch, batch=batch, **extra)
+    return dict(state=state, config=cfg, attribute_names=names)
 
 
-def save_interrupted(run, epoch, totals, batch_no):
+def save_interrupted(cfg, folder, net, trainers, history, data, schedule, epoch, totals, batch_no):
     """Checkpoint a partial epoch so that --resume continues after its last finished batch."""
     saved = totals.state()
-    history = run.trainers.sync.merged_history(run.history, run.data.sampler.indices)
+    merged = trainers.sync.merged_history(history, data.sampler.indices)
     extra = {k: saved[k] for k in ('logits', 'labels', 'masks')}
-    run.folder.save('last', run.net, meta(run, epoch, batch_no, loss_sum=saved['loss_sum'], seen=saved['seen'],
-                                          terms=saved['terms']),
-                    run.trainers.trainers, history, extra)
+    meta = checkpoint_meta(cfg, data.names, schedule, epoch, batch_no, loss_sum=saved['loss_sum'],
+                           seen=saved['seen'], terms=saved['terms'])
+    folder.save('last', net, meta, trainers.trainers, merged, extra)
 
 
-def validate(run, epoch, totals):
+def validate(cfg, net, loss, data, schedule, ctx, epoch, totals):
     """Train mAP from the epoch's predictions; validation metrics and loss (the objective training
     minimises); the schedule's verdict. Returns (metrics row, new best?, per-attribute val AP)."""
     out = totals.arrays()
-    train_result = metrics.evaluate(out['logits'], out['labels'], out['masks'], run.data.names)
-    logits, labels, masks, val_loss = steps.predict(run.net, run.data.val_loader, run.ctx, run.loss)
-    val = metrics.evaluate(logits, labels, masks, run.data.names)
+    train_result = metrics.evaluate(out['logits'], out['labels'], out['masks'], data.names)
+    logits, labels, masks, val_loss = steps.predict(net, data.val_loader, ctx, loss)
+    val = metrics.evaluate(logits, labels, masks, data.names)
     finite = np.isfinite(logits).all() and np.isfinite(val_loss)                # else: diverged
-    improved = run.schedule.update(epoch, val[run.cfg['monitor']] if finite else float('nan'))
-    row = dict(epoch=epoch, lr=run.schedule.lr, train_loss=totals.mean_loss(), val_loss=val_loss,
+    improved = schedule.update(epoch, val[cfg['monitor']] if finite else float('nan'))
+    row = dict(epoch=epoch, lr=schedule.lr, train_loss=totals.mean_loss(), val_loss=val_loss,
                train_mAP=train_result['mAP'], val_mAP=val['mAP'], val_mA=val['mA'], val_f1=val['f1'])
     row.update(('train_' + k, v) for k, v in totals.mean_terms().items())      # MC-Loss: mc_dis, mc_div
     return row, improved, {r['name']: r['ap'] for r in val['per_attribute']}
 
 
-def end_epoch(run, epoch, totals, speed, tic):
+def end_epoch(cfg, epoch, net, loss, trainers, history, data, schedule, ctx, folder, totals, speed, tic):
     """Validate (rank 0), every worker follows the schedule, then write the checkpoints and metrics."""
-    run.trainers.sync.average_aux_states()
-    row, improved, val_ap = validate(run, epoch, totals) if run.folder.lead else (None, False, None)
-    run.trainers.follow(run.schedule)
-    if run.schedule.diverged:
-        raise UserError('the validation outputs became inf/NaN in epoch %d: the weights diverged although the training '
-                        'loss stayed finite. Nothing of this epoch was saved. %s; or start a new run with a lower --lr '
-                        '(this one: %g)' % (epoch, run.folder.last_good(), run.cfg['lr']))
-    history = run.trainers.sync.merged_history(run.history, run.data.sampler.indices)
-    if not run.folder.lead:
+    trainers.sync.average_aux_states()
+    row, improved, val_ap = (validate(cfg, net, loss, data, schedule, ctx, epoch, totals) if folder.lead
+                             else (None, False, None))
+    trainers.follow(schedule)
+    if schedule.diverged:
+        raise UserError('the validation outputs became inf/NaN in epoch %d: the weights diverged although the '
+                        'training loss stayed finite. Nothing of this epoch was saved. %s; or start a new run '
+                        'with a lower --lr (this one: %g)' % (epoch, folder.last_good(), cfg['lr']))
+    merged = trainers.sync.merged_history(history, data.sampler.indices)
+    if not folder.lead:
         return
     row.update(samples_per_sec=speed, seconds=time.time() - tic, val_ap=val_ap)
     LOG.info('Epoch [%d]: train loss %.4f  val loss %.4f  train mAP %.2f%%  val mAP %.2f%%  val mA %.2f%%  '
@@ -257,30 +256,31 @@ def end_epoch(run, epoch, totals, speed, tic):
     if 'train_mc_dis' in row:
         LOG.info('Epoch [%d]: MC-Loss terms (unweighted, not in the losses above): discriminality %.4f  '
                  'diversity %.4f', epoch, row['train_mc_dis'], row['train_mc_div'])
-    scaling = run.trainers.scaling
+    scaling = trainers.scaling
     if scaling.skipped:
         LOG.info('AMP: %d step(s) skipped for float16 overflow so far (loss scale %g)', scaling.skipped,
                  scaling.scale)
-    run.folder.save('last', run.net, meta(run, epoch + 1, 0), run.trainers.trainers, history)
+    meta = checkpoint_meta(cfg, data.names, schedule, epoch + 1, 0)
+    folder.save('last', net, meta, trainers.trainers, merged)
     if improved:
-        run.folder.save('best', run.net, meta(run, epoch + 1, 0))
-    run.folder.add_row(row)
+        folder.save('best', net, meta)
+    folder.add_row(row)
 
 
-def test(run):
+def test(cfg, net, data, schedule, ctx, folder):
     """The test split with the best checkpoint; writes test_metrics.json and prints the table."""
-    best = run.folder.checkpoint('best')
-    checkpoints.load_weights(best, run.net)
-    result = steps.evaluate(run.net, run.data.test_loader, run.ctx, run.data.names)
-    epoch = run.schedule.best_epoch
-    result.update(split=run.cfg['test_split'], checkpoint=best, best_epoch=epoch)
-    inference.report(result, os.path.join(run.folder.path, 'test_metrics.json'), os.path.join(
-        run.folder.path, 'test_ap.png'), 'Test split, best checkpoint (epoch %d of %s):' % (epoch, run.folder.path),
+    best = folder.checkpoint('best')
+    checkpoints.load_weights(best, net)
+    result = steps.evaluate(net, data.test_loader, ctx, data.names)
+    epoch = schedule.best_epoch
+    result.update(split=cfg['test_split'], checkpoint=best, best_epoch=epoch)
+    inference.report(result, os.path.join(folder.path, 'test_metrics.json'), os.path.join(
+        folder.path, 'test_ap.png'), 'Test split, best checkpoint (epoch %d of %s):' % (epoch, folder.path),
         'test (epoch %d)' % epoch, show=LOG.info)
     if steps.stage_line(result):
         LOG.info(steps.stage_line(result))
-    LOG.info('test mAP %.2f%% (chance level from the label priors: %.2f%%); run folder %s', 100 * result['mAP'],
-             100 * result['chance_mAP'], run.folder.path)
+    LOG.info('test mAP %.2f%% (chance level from the label priors: %.2f%%); run folder %s',
+             100 * result['mAP'], 100 * result['chance_mAP'], folder.path)
     return result
 
 
@@ -291,72 +291,79 @@ def train(cfg, explicit=()):
     the command that resumes the run.
     """
     with runfolder.StopSignals() as stop:       # (loader workers forked from here on ignore the signals)
-        run = setup(cfg, explicit)
-        if run.resumed:
-            earlier = finished(run)
+        cfg, place, resumed = setup(cfg, explicit)
+        if resumed:
+            earlier = finished(cfg, resumed[0]['state'])
             if earlier is not None:
                 return earlier
-        run.folder = runfolder.RunFolder.prepare(run.cfg, lead=run.rank == 0)      # only rank 0 writes
+        folder = runfolder.RunFolder.prepare(cfg, lead=place.rank == 0)      # only rank 0 writes
         try:
-            runfolder.setup_logging(run.folder, run.rank if run.num_workers > 1 else None)
-            LOG.info('run folder: %s; %s; devices: %s%s', run.folder.path, _OMP_NOTE, ', '.join(map(str, run.ctx)),
-                     '; worker %d of %d (%s)' % (run.rank, run.num_workers, run.cfg['kvstore'])
-                     if run.num_workers > 1 else '')
+            runfolder.setup_logging(folder, place.rank if place.workers > 1 else None)
+            LOG.info('run folder: %s; %s; devices: %s%s', folder.path, _OMP_NOTE,
+                     ', '.join(map(str, place.ctx)), '; worker %d of %d (%s)' % (
+                         place.rank, place.workers, cfg['kvstore']) if place.workers > 1 else '')
             LOG.info(machine.describe())
-            train_epochs(run, stop)
-            if run.cfg.get('save_all_ranks') and run.num_workers > 1:
-                checkpoints.save_training(os.path.join(run.folder.path, 'rank%d.params' % run.rank), run.net, {},
-                                          None, meta(run, run.cfg['epochs'], 0))
-            run.trainers.sync.barrier()
-            return test(run) if run.folder.lead else None
+            net, data, trainers, schedule = train_epochs(cfg, explicit, place, resumed, folder, stop)
+            if cfg['save_all_ranks'] and place.workers > 1:
+                checkpoints.save_training(os.path.join(folder.path, 'rank%d.params' % place.rank), net, {},
+                                          None, checkpoint_meta(cfg, data.names, schedule, cfg['epochs'], 0))
+            trainers.sync.barrier()
+            return test(cfg, net, data, schedule, place.ctx, folder) if folder.lead else None
         except BaseException:
-            run.folder.abandon()                # a run that failed before its first checkpoint leaves nothing
+            folder.abandon()                    # a run that failed before its first checkpoint leaves nothing
             raise
         finally:
-            run.folder.close()
+            folder.close()
 
 
-def finished(run):
-    """For a resumed run that has trained all its epochs and been tested: say so (and how to train it longer)
-    and return its test result, without testing again; otherwise None."""
-    state, path = run.resumed[0]['state'], run.cfg['resume']
+def finished(cfg, state):
+    """For a resumed run (``state``: its checkpoint's loop state) that has trained all its epochs and been
+    tested: say so (and how to train it longer) and return its test result, without testing again;
+    otherwise None."""
+    path = cfg['resume']
     result_file = os.path.join(path, 'test_metrics.json')
-    if state['epoch'] < run.cfg['epochs'] or state.get('batch') or not os.path.isfile(result_file):
+    if state['epoch'] < cfg['epochs'] or state.get('batch') or not os.path.isfile(result_file):
         return None
     runfolder.setup_logging()
     with open(result_file) as f:
         result = json.load(f)
     LOG.info('%s has finished its %s: nothing is left to train, nothing was changed. Its test result (mAP '
-             '%.2f%%, epoch %s) is in %s; to train it longer: %s --epochs %d', path, plural(state['epoch'], 'epoch'),
-             100 * result['mAP'], result.get('best_epoch', '?'), result_file, runfolder.resume_command(path),
-             state['epoch'] + 5)
+             '%.2f%%, epoch %s) is in %s; to train it longer: %s --epochs %d', path,
+             plural(state['epoch'], 'epoch'), 100 * result['mAP'], result.get('best_epoch', '?'), result_file,
+             runfolder.resume_command(path), state['epoch'] + 5)
     return result
 
 
-def train_epochs(run, stop):
-    """Data, network, losses, trainers; then the epochs, each: phase, training pass, validation."""
-    cfg, ctx = run.cfg, run.ctx
-    run.data = get_data(cfg, ctx, run.rank, run.num_workers)                  # data
-    run.net = get_net(cfg, ctx, run.data.train)                               # network
-    run.loss, run.history = get_losses(cfg, run.data.train, ctx)              # Eq. 7, history
-    run.trainers, run.schedule = get_trainers(cfg, run.net, ctx, run.kvstore)  # a Trainer per stage
-    saved = restore(run) if run.resumed else None
-    if not run.resumed:
-        phase_notes(cfg, run.explicit)
-        cpu_note(cfg, run.explicit, ctx)
-    run.folder.write_config(cfg)
+def train_epochs(cfg, explicit, place, resumed, folder, stop):
+    """Data, network, losses, trainers; then the epochs, each: phase, training pass, validation. Returns the
+    parts the test needs: (net, data, trainers, schedule)."""
+    ctx = place.ctx
+    data = get_data(cfg, ctx, place.rank, place.workers)                        # data
+    net = get_net(cfg, ctx, data.train)                                         # network
+    loss, history = get_losses(cfg, data.train, ctx)                            # Eq. 7, history
+    trainers, schedule = get_trainers(cfg, net, ctx, place.kvstore)             # a Trainer per stage
+    first, start, saved = 0, 0, None
+    if resumed:
+        first, start, saved = restore(resumed, folder.checkpoint('last'), net, trainers, history, schedule,
+                                      cfg['monitor'])
+    else:
+        phase_notes(cfg, explicit)
+        cpu_note(cfg, explicit, ctx)
+    folder.write_config(cfg)
     if cfg['hybridize']:
-        run.net.hybridize(static_alloc=True, static_shape=True)
-        run.loss.hybridize(static_alloc=True, static_shape=True)
-    for epoch in range(run.epoch, cfg['epochs']):
+        net.hybridize(static_alloc=True, static_shape=True)
+        loss.hybridize(static_alloc=True, static_shape=True)
+    for epoch in range(first, cfg['epochs']):
         tic = time.time()
-        run.trainers.set_phase(epoch, run.loss)                               # heads / end to end
-        totals, batch_no, speed = train_epoch(run, epoch, saved, stop)
-        saved = None
-        if batch_no < len(run.data.train_loader):                             # a stop signal came
-            save_interrupted(run, epoch, totals, batch_no)
-            stop.exit(epoch, batch_no, len(run.data.train_loader), run.folder)
-        end_epoch(run, epoch, totals, speed, tic)                             # validate, schedule
+        trainers.set_phase(epoch, loss)                                         # heads / end to end
+        totals, batch_no, speed = train_epoch(cfg, epoch, net, loss, trainers, history, data, place, folder,
+                                              stop, start, saved)
+        start, saved = 0, None
+        if batch_no < len(data.train_loader):                                   # a stop signal came
+            save_interrupted(cfg, folder, net, trainers, history, data, schedule, epoch, totals, batch_no)
+            stop.exit(epoch, batch_no, len(data.train_loader), folder)
+        end_epoch(cfg, epoch, net, loss, trainers, history, data, schedule, ctx, folder, totals, speed, tic)
+    return net, data, trainers, schedule
 
 
 def main(argv=None):

@@ -148,8 +148,8 @@ class DigitsCanvas(AttributeDataset):
         return self.images[index]
 
 
-# What train.py uses unless told otherwise: a small backbone at the canvas resolution, a gentle
-# crop (the attributes depend on where digits are), Adam because the backbone starts from scratch.
-DEFAULTS = dict(backbone='resnet18_v1', input_size=48, resize=52, crop_range=(44, 52), epochs=8,
-                batch_size=32, optimizer='adam', lr=1e-3, num_workers=0, monitor='mAP', pretrained=False,
-                freeze_epochs=0, preset='demo')
+# What train.py uses unless told otherwise: the demo preset (its schedule: presets.SCHEDULES), a small
+# backbone at the canvas resolution, a gentle crop (the attributes depend on where digits are), random
+# initial weights, the images in memory.
+DEFAULTS = dict(backbone='resnet18_v1', input_size=48, resize=52, crop_range=(44, 52), num_workers=0,
+                monitor='mAP', pretrained=False, preset='demo')

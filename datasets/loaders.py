@@ -8,7 +8,7 @@ from errors import UserError
 def transform(cfg, train=False):
     """The image transform of a config: random crops and mirrors for training, the centre crop else."""
     return Transform(cfg['input_size'], cfg['resize'], cfg['crop_range'], train=train,
-                     normalisation=cfg['normalisation'], seed=cfg.get('seed', 0))
+                     normalisation=cfg['normalisation'], seed=cfg.get('seed', 0))   # (model cards: no seed)
 
 
 def train_loader(cfg, data, num_devices=1, rank=0, num_workers=1):
@@ -19,7 +19,7 @@ def train_loader(cfg, data, num_devices=1, rank=0, num_workers=1):
                         % (cfg['batch_size'], shard, ' per worker' if num_workers > 1 else ''))
     remainder = shard % cfg['batch_size']
     last_batch = 'discard' if 0 < remainder < max(2, num_devices) else 'keep'      # BN needs 2+ samples
-    return make_loader(data, transform(cfg, train=True), cfg['batch_size'], shuffle=cfg.get('shuffle', True),
+    return make_loader(data, transform(cfg, train=True), cfg['batch_size'], shuffle=cfg['shuffle'],
                        num_workers=cfg['num_workers'], last_batch=last_batch, seed=cfg['seed'], shard=rank,
                        num_shards=num_workers)
 
@@ -31,5 +31,5 @@ def eval_loader(cfg, data):
 
 def data_options(cfg):
     """Keyword arguments of ``datasets.load_split`` from a config."""
-    return dict(limit=cfg.get('limit'), skip_bad=cfg.get('skip_bad_samples'), partition=cfg.get('partition'),
-                all_attributes=cfg.get('all_attributes'), cache_dir=cfg.get('cache_dir'))
+    return dict(limit=cfg['limit'], skip_bad=cfg['skip_bad_samples'], partition=cfg['partition'],
+                all_attributes=cfg['all_attributes'], cache_dir=cfg['cache_dir'])
