@@ -9,7 +9,7 @@ For a feature map k_i taken from the backbone at tap i:
   authors' code) to give the tap's attribute logits y_ai.
 
 The blocks keep the authors' module boundaries (``fatt``, ``fconv``, ``fsr``): the network lists them in
-``VAANet.stage_modules()``, every module gets its own ``gluon.Trainer`` (``trainers.py``) and its own
+``model.VAANet.stage_modules()``, every module gets its own ``gluon.Trainer`` (``trainers.py``) and its own
 ``saved_models/*_stage_N.params`` file in the authors' layout (``checkpoints.py``).
 """
 import mxnet as mx

@@ -57,9 +57,9 @@ def load_pretrained(zoo_net, name, root=None):
                 model_store.get_model_file(name, root=os.path.dirname(path))
         except Exception as err:  # pylint: disable=broad-except  (requests, OSError, hash mismatch...)
             raise UserError(
-                'ImageNet weights for %s are not in the model-zoo cache: place %s in %s (downloading %s failed: '
-                '%s; fetch and unzip it there by hand, or set MXNET_HOME to the folder that holds models/), or '
-                'pass --no-pretrained to start from random weights' % (
+                'ImageNet weights for %s are not in the model-zoo cache: place %s in %s (downloading %s '
+                'failed: %s; fetch and unzip it there by hand, or set MXNET_HOME to the folder that holds '
+                'models/), or pass --no-pretrained to start from random weights' % (
                     name, os.path.basename(path), os.path.dirname(path), url,
                     str(err).splitlines()[0][:160] if str(err) else type(err).__name__))
     try:
@@ -263,7 +263,8 @@ class Backbone(gluon.HybridBlock):
             self.head = nn.HybridSequential(prefix='')
             self.head.add(*units[start:])
             self.head.add(*tail)
-            self.pool = None if pool is None else nn.GlobalAvgPool2D() if pool == 'avg' else nn.GlobalMaxPool2D()
+            self.pool = (None if pool is None else nn.GlobalAvgPool2D() if pool == 'avg' else
+                         nn.GlobalMaxPool2D())
         self.output = None
         if output:
             with zoo.name_scope():
@@ -283,8 +284,11 @@ class Backbone(gluon.HybridBlock):
 
     def zoo_params(self, with_output=True):
         """The model-zoo layers' parameters (and the new output layer's, unless ``with_output`` is False)."""
-        output = set(self.output.collect_params().keys()) if self.output is not None and not with_output else set()
-        return [p for name, p in self.collect_params().items() if name.startswith(self.zoo_prefix) and name not in output]
+        output = set()
+        if self.output is not None and not with_output:
+            output = set(self.output.collect_params().keys())
+        return [p for name, p in self.collect_params().items()
+                if name.startswith(self.zoo_prefix) and name not in output]
 
     def feature_params(self):
         """The model-zoo layers' parameters (everything of the zoo but the new output layer)."""
@@ -307,7 +311,8 @@ class Backbone(gluon.HybridBlock):
             param.grad_req = 'null' if frozen else 'write'     # (BN running statistics stay 'null')
         for block in all_blocks(self):
             if isinstance(block, nn.BatchNorm) and block.prefix.startswith(self.zoo_prefix):
-                block._kwargs['use_global_stats'] = bool(frozen and fix_statistics)  # pylint: disable=protected-access
+                # pylint: disable=protected-access
+                block._kwargs['use_global_stats'] = bool(frozen and fix_statistics)
         self._clear_cached_op()
 
     def hybrid_forward(self, F, x):

@@ -7,7 +7,7 @@ the data pipeline.
     python benchmark.py --only data                      # just the data pipeline
     python benchmark.py --only inference --backbone resnet50_v1 --preset paper     # CPU inference paths
     python benchmark.py --only inference --accuracy runs/RUN   # + test mAP of each path on a run's data
-    python benchmark.py --only systems --backbone resnet18_v1 --input-size 64 --preset demo   # related systems
+    python benchmark.py --only systems --backbone resnet18_v1 --input-size 64 --preset demo   # systems
 
 Rows (images/sec, higher is better):
 
@@ -114,7 +114,8 @@ def bench_ours(args, ctx, x, y, m, **system):
 
 # The related systems, each against plain VAA on the same backbone, preset and input (--only systems).
 SYSTEMS = (('VAA', {}), ('VAA + RGA-SC at 2,3,4', dict(rga='sc', rga_stages='2,3,4')),
-           ('VAA + RGA-SC at 1,2,3,4', dict(rga='sc', rga_stages='1,2,3,4')), ('ML-GCN head', dict(head='gcn')),
+           ('VAA + RGA-SC at 1,2,3,4', dict(rga='sc', rga_stages='1,2,3,4')),
+           ('ML-GCN head', dict(head='gcn')),
            ('VAA + MC-Loss', dict(mc_loss=True)), ('AP-CNN', dict(head='apcnn')))
 
 
@@ -126,9 +127,9 @@ def bench_systems(args, ctx):
     x = nd.random.normal(shape=(args.batch, 3, args.input_size, args.input_size), ctx=ctx)
     y = nd.array(np.random.randint(0, 2, (args.batch, args.classes)), ctx=ctx)
     m = nd.ones_like(y)
-    print('systems: %s, preset %s, input %d, batch %d, %s, OMP_NUM_THREADS=%s, median of %d rounds of %d steps' % (
-        args.backbone, args.preset, args.input_size, args.batch, ctx, os.environ.get('OMP_NUM_THREADS'),
-        args.rounds, args.iters))
+    print('systems: %s, preset %s, input %d, batch %d, %s, OMP_NUM_THREADS=%s, median of %d rounds of %d '
+          'steps' % (args.backbone, args.preset, args.input_size, args.batch, ctx,
+                     os.environ.get('OMP_NUM_THREADS'), args.rounds, args.iters))
     built = []
     for name, system in SYSTEMS:
         try:
@@ -287,7 +288,8 @@ def bench_inference(args, ctx):
             cfg = config.defaults(backbone=args.backbone, preset=args.preset, input_size=args.input_size,
                                   num_classes=args.classes, dataset=None)
             net = build_net(cfg, [ctx], pretrained=False)
-            calibration = [np.random.normal(size=(1, 3, cfg['input_size'], cfg['input_size'])).astype(np.float32)
+            calibration = [np.random.normal(size=(1, 3, cfg['input_size'],
+                                                  cfg['input_size'])).astype(np.float32)
                            for _ in range(64)]
         paths = inference_paths(net, cfg, calibration, ctx, folder)
         for batch in (1, 32):
@@ -312,7 +314,8 @@ def bench_inference(args, ctx):
 def main(argv=None):
     p = flags.benchmark_parser()
     args = p.parse_args(argv)
-    for flag, least in (('batch', 1), ('iters', 1), ('rounds', 1), ('data_images', 1), ('warmup', 0), ('workers', 0)):
+    for flag, least in (('batch', 1), ('iters', 1), ('rounds', 1), ('data_images', 1), ('warmup', 0),
+                        ('workers', 0)):
         if getattr(args, flag) < least:
             p.error('--%s must be at least %d, got %d' % (flag.replace('_', '-'), least, getattr(args, flag)))
     ctx = mx.gpu(int(args.gpus)) if args.gpus else mx.cpu()
@@ -331,7 +334,8 @@ def main(argv=None):
         if args.backbone.startswith('resnet'):
             rows['reference train'], rows['reference eval'] = bench_reference(args, ctx, x, y, m)
         else:
-            print("reference rows: skipped, the authors' code builds ResNet backbones only (not %s)" % args.backbone)
+            print("reference rows: skipped, the authors' code builds ResNet backbones only (not %s)"
+                  % args.backbone)
         rows['bare backbone train'] = bench_backbone(args, ctx, x, y)
     if args.only != 'model':
         for name, value in bench_data(args).items():
@@ -340,10 +344,11 @@ def main(argv=None):
     for name, value in rows.items():
         print('%-40s %12.2f' % (name, value))
     if 'reference train' in rows:
-        print('ours / reference: train %.2fx, eval %.2fx' % (rows['ours train'] / rows['reference train'],
-                                                             rows['ours eval'] / rows['reference eval']))
+        print('ours / reference: train %.2fx, eval %.2fx' % (rows['ours train'] / rows[
+            'reference train'], rows['ours eval'] / rows['reference eval']))
     if 'ours train' in rows:
-        print('ours train / bare backbone train: %.0f%%' % (100 * rows['ours train'] / rows['bare backbone train']))
+        print('ours train / bare backbone train: %.0f%%' % (
+            100 * rows['ours train'] / rows['bare backbone train']))
         if args.only is None:
             for name in rows:
                 if name.startswith('data'):

@@ -74,13 +74,13 @@ def atomic_write(path, write):
         except OSError:      # some filesystems cannot fsync a directory; the rename is still atomic
             pass
     except mx.base.MXNetError as err:
-        raise UserError('could not write %s (%s); %s is as it was before. Free some space (or fix the folder) and '
-                        'run again' % (path, mxnet_message(err), os.path.basename(path)))
+        raise UserError('could not write %s (%s); %s is as it was before. Free some space (or fix the '
+                        'folder) and run again' % (path, mxnet_message(err), os.path.basename(path)))
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
             raise
-        raise UserError('could not write %s (%s); %s is as it was before. Free some space (or fix the folder) and '
-                        'run again' % (path, err.strerror, os.path.basename(path)))
+        raise UserError('could not write %s (%s); %s is as it was before. Free some space (or fix the '
+                        'folder) and run again' % (path, err.strerror, os.path.basename(path)))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -96,7 +96,8 @@ def save_upstream(net, folder):
     os.makedirs(folder, exist_ok=True)
     written = []
     for file_name, (params, prefix) in sorted(upstream_files(net).items()):
-        arrays = {key: param._reduce() for key, param in _strip(params, prefix).items()}  # pylint: disable=protected-access
+        # pylint: disable=protected-access
+        arrays = {key: param._reduce() for key, param in _strip(params, prefix).items()}
         path = os.path.join(folder, file_name)
         atomic_save_ndarrays(path, arrays)
         written.append(path)
@@ -196,7 +197,8 @@ def _optimizer_arrays(net, name, trainer, arrays, counts):
     opt = trainer._optimizer  # pylint: disable=protected-access
     counts[name] = dict(num_update=int(opt.num_update), lr=float(trainer.learning_rate),
                         index_update_count={index_to_name[i]: int(c) for i, c in
-                                            opt._index_update_count.items()})  # pylint: disable=protected-access
+                                            # pylint: disable=protected-access
+                                            opt._index_update_count.items()})
 
 
 def save_training(path, net, trainers, history, meta, extra=None):
@@ -206,7 +208,8 @@ def save_training(path, net, trainers, history, meta, extra=None):
     (``PredictionHistory.state_dict()``, or every worker's merged) or None; ``extra``: more named
     NDArrays (a partial epoch's accumulators), stored under ``extra/<name>``.
     """
-    arrays = {'param/' + k: p._reduce() for k, p in _param_names(net).items()}  # pylint: disable=protected-access
+    # pylint: disable=protected-access
+    arrays = {'param/' + k: p._reduce() for k, p in _param_names(net).items()}
     for name, value in (extra or {}).items():
         arrays['extra/' + name] = value if isinstance(value, nd.NDArray) else nd.array(value)
     counts = {}
@@ -270,7 +273,8 @@ def load_training(path, net, trainers, history, arrays=None):
         names = _trainer_param_names(net, trainer)
         unknown = {param for module, param, _ in stored if module == name} - set(names.values())
         if unknown:
-            raise UserError('%s: optimizer states for parameters this model lacks: %s' % (path, _short(sorted(unknown))))
+            raise UserError('%s: optimizer states for parameters this model lacks: %s'
+                            % (path, _short(sorted(unknown))))
         for index, param in enumerate(trainer._params):  # pylint: disable=protected-access
             prefix = 'opt/%s/%s/' % (name, names[index])
             parts = sorted((int(k[len(prefix):]), v) for k, v in arrays.items() if k.startswith(prefix))
@@ -287,11 +291,13 @@ def load_training(path, net, trainers, history, arrays=None):
                         if n in name_to_index}
             # The optimizer keeps one update count per device (Adam's bias correction reads it).
             per_device = opt._all_index_update_counts  # pylint: disable=protected-access
-            for device in set(per_device) | {c.device_id for c in trainer._contexts}:  # pylint: disable=protected-access
+            # pylint: disable=protected-access
+            for device in set(per_device) | {c.device_id for c in trainer._contexts}:
                 per_device[device] = dict(restored)
-            opt._index_update_count = per_device[trainer._contexts[0].device_id]  # pylint: disable=protected-access
+            # pylint: disable=protected-access
+            opt._index_update_count = per_device[trainer._contexts[0].device_id]
             trainer.set_learning_rate(counts[name]['lr'])
     if history is not None and 'history/buffer' in arrays:
-        history.load_state_dict({k[len('history/'):]: v for k, v in arrays.items() if k.startswith('history/')},
-                                path)
+        saved = {k[len('history/'):]: v for k, v in arrays.items() if k.startswith('history/')}
+        history.load_state_dict(saved, path)
     return meta, {k[len('extra/'):]: v for k, v in arrays.items() if k.startswith('extra/')}

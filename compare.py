@@ -62,7 +62,8 @@ def evaluate_source(source, args, ctx, common):
     kind = inference.resolve_source(source)[0]
     upstream = dict(preset=args.preset, backbone=args.backbone, input_size=args.input_size,
                     dataset=common.get('dataset'), data_path=common.get('data_path'), split=args.split)
-    net, cfg, names = inference.load_source(source, ctx, upstream=upstream, overrides=dict(common, limit=args.limit))
+    net, cfg, names = inference.load_source(source, ctx, upstream=upstream,
+                                            overrides=dict(common, limit=args.limit))
     net.hybridize(static_alloc=True, static_shape=True)
     data = datasets.load_split(cfg['dataset'], cfg['data_path'], args.split, **loaders.data_options(cfg))
     loader = loaders.eval_loader(cfg, data)
@@ -71,7 +72,8 @@ def evaluate_source(source, args, ctx, common):
     result = steps.evaluate(net, loader, ctx, names)
     speed = len(data) / (time.time() - start)
     params = sum(int(np.prod(p.shape)) for n, p in net.collect_params().items()
-                 if p.grad_req != 'null' or not n.endswith(('running_mean', 'running_var', 'adjacency', 'embeddings')))
+                 if p.grad_req != 'null' or not n.endswith(
+                     ('running_mean', 'running_var', 'adjacency', 'embeddings')))
     metrics_file = os.path.join(cfg.get('run_dir', ''), 'metrics.json')
     train_speed, epochs = None, None
     if kind == 'ours' and os.path.isfile(metrics_file):
@@ -82,7 +84,8 @@ def evaluate_source(source, args, ctx, common):
     if kind == 'ours':
         settings['epochs'] = epochs if epochs is not None else cfg['epochs']
     return dict(source=source, system=describe(cfg, kind), result=result, params=params, eval_speed=speed,
-                train_speed=train_speed, frequency=(data.labels * data.mask).sum(0) / np.maximum(data.mask.sum(0), 1),
+                train_speed=train_speed,
+                frequency=(data.labels * data.mask).sum(0) / np.maximum(data.mask.sum(0), 1),
                 names=list(names), dataset=cfg['dataset'], data_path=cfg['data_path'], settings=settings)
 
 
@@ -104,8 +107,8 @@ def differences(rows):
     for key, name in PROTOCOL:
         values = [r['settings'].get(key) for _, r in ours]
         if any(v != values[0] for v in values):
-            differ.append('%s (%s)' % (name, ', '.join('#%d %s' % (i + 1, _show(r['settings'].get(key)))
-                                                        for i, r in ours)))
+            each = ', '.join('#%d %s' % (i + 1, _show(r['settings'].get(key))) for i, r in ours)
+            differ.append('%s (%s)' % (name, each))
     if not differ:
         return 'the runs were trained alike (%s)' % ', '.join(
             '%s %s' % (name, _show(ours[0][1]['settings'].get(key))) for key, name in PROTOCOL[:5])
@@ -122,13 +125,15 @@ def table(rows):
     width = max(len(r['source']) for r in rows)
     system = max(len('system'), max(len(r['system']) for r in rows))
     lines = ['%-*s  %-*s %6s %6s %6s %6s %6s %6s %6s %5s %-11s %4s %9s %8s %8s' % (
-        width, 'source', system, 'system', 'mAP', 'mA', 'Acc', 'Prec', 'Rec', 'F1', 'epochs', 'input', 'train split',
+        width, 'source', system, 'system', 'mAP', 'mA', 'Acc', 'Prec', 'Rec', 'F1', 'epochs', 'input',
+            'train split',
         'seed', 'params', 'train/s', 'eval/s')]
     for r in rows:
         m, st = r['result'], r['settings']
         lines.append('%-*s  %-*s %s %s %s %s %s %s %6s %5s %-11s %4s %8.1fM %8s %8.1f' % (
             width, r['source'], system, r['system'], pct(m['mAP']), pct(m['mA']), pct(m['accuracy']),
-            pct(m['precision']), pct(m['recall']), pct(m['f1']), _show(st.get('epochs')), _show(st.get('input_size')),
+            pct(m['precision']), pct(m['recall']), pct(m['f1']), _show(st.get('epochs')),
+                _show(st.get('input_size')),
             _show(st.get('train_split')), _show(st.get('seed')), r['params'] / 1e6,
             '%.1f' % r['train_speed'] if r['train_speed'] else '-', r['eval_speed']))
     note = differences(rows)
@@ -137,7 +142,8 @@ def table(rows):
     order = np.argsort(-rows[0]['frequency'], kind='stable')
     lines.append('')
     lines.append('per-attribute AP (%), most to least frequent positive label:')
-    lines.append('%-18s %6s ' % ('attribute', 'pos %') + ' '.join('%9s' % ('#%d' % (i + 1)) for i in range(len(rows))))
+    lines.append('%-18s %6s ' % ('attribute',
+                                 'pos %') + ' '.join('%9s' % ('#%d' % (i + 1)) for i in range(len(rows))))
     for c in order:
         aps = [r['result']['per_attribute'][c]['ap'] for r in rows]
         lines.append('%-18s %6.1f ' % (rows[0]['names'][c][:18], 100 * rows[0]['frequency'][c]) +
@@ -154,8 +160,8 @@ def main(argv=None):
     config.check_ranges(vars(args), [r for r in config.RANGES if r[0] in ('limit', 'input_size')])
     inference.check_output_file(args.out, '--out')
     if not args.out.lower().endswith(('.png', '.pdf', '.svg', '.jpg')):
-        raise UserError('--out %s: give the figure a .png (or .pdf, .svg, .jpg) name; the numbers go to a .json '
-                        'beside it' % args.out)
+        raise UserError('--out %s: give the figure a .png (or .pdf, .svg, .jpg) name; the numbers go to a '
+                        '.json beside it' % args.out)
     ctx = parse_contexts(args.gpus)
     common = {k: v for k, v in (('dataset', args.dataset), ('data_path', args.data_path)) if v is not None}
     rows = []
@@ -164,13 +170,15 @@ def main(argv=None):
         common.setdefault('dataset', rows[0]['dataset'])             # every source on the first one's data
         common.setdefault('data_path', rows[0]['data_path'])
         if rows[-1]['names'] != rows[0]['names']:
-            raise UserError('%s predicts %d attributes, %s %d: compare systems trained for the same attributes'
+            raise UserError('%s predicts %d attributes, %s %d: compare systems trained for the same '
+                            'attributes'
                             % (source, len(rows[-1]['names']), args.sources[0], len(rows[0]['names'])))
     text = table(rows)
     print('%s split of %s (%s):\n%s' % (args.split, rows[0]['dataset'], plural(len(rows), 'source'), text))
     order = list(np.argsort(-rows[0]['frequency'], kind='stable'))
     checkpoints.atomic_write(args.out, lambda tmp: plots.compare_bars(
-        [rows[0]['names'][c] for c in order], [[r['result']['per_attribute'][c]['ap'] for c in order] for r in rows],
+        [rows[0]['names'][c] for c in order],
+            [[r['result']['per_attribute'][c]['ap'] for c in order] for r in rows],
         ['#%d %s (mAP %.2f): %s' % (i + 1, r['source'], 100 * r['result']['mAP'], r['system'])
          for i, r in enumerate(rows)], [rows[0]['frequency'][c] for c in order], tmp))
     summary = [dict(source=r['source'], system=r['system'], params=r['params'], eval_speed=r['eval_speed'],

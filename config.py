@@ -78,10 +78,11 @@ def resolve_config(args):
 def check_combinations(cfg, freeze_given=True):
     """UserError for settings that cannot work together (the first phase, freezing, the related systems)."""
     if cfg['freeze_epochs'] >= cfg['epochs'] > 0 and not freeze_given:
-        raise UserError('--epochs %d ends inside the first phase of --preset %s (--freeze-epochs %d: backbone and '
-                        'primary classifier frozen in epochs 0-%d), so they would never train: give --epochs %d or '
-                        'more, or a smaller --freeze-epochs' % (cfg['epochs'], cfg['preset'], cfg['freeze_epochs'],
-                                                                 cfg['freeze_epochs'] - 1, cfg['freeze_epochs'] + 1))
+        raise UserError('--epochs %d ends inside the first phase of --preset %s (--freeze-epochs %d: '
+                        'backbone and primary classifier frozen in epochs 0-%d), so they would never train: '
+                        'give --epochs %d or more, or a smaller --freeze-epochs' % (
+                            cfg['epochs'], cfg['preset'], cfg['freeze_epochs'], cfg['freeze_epochs'] - 1,
+                            cfg['freeze_epochs'] + 1))
     if cfg['finetune'] and cfg['freeze_epochs']:
         raise UserError('--finetune freezes the backbone for the whole run; drop --freeze-epochs')
     if (cfg.get('taps') or '').strip().lower() == 'none' and (cfg['finetune'] or cfg['freeze_epochs']):
@@ -121,11 +122,12 @@ def merge_resume(cfg, saved, explicit, state=None):
         raise UserError('--resume %s: the run has finished %s, so --epochs %d would train nothing; give '
                         '--epochs above %d to train more (eval.py %s evaluates it as it is)'
                         % (cfg['resume'], plural(done, 'epoch'), cfg['epochs'], done, cfg['resume']))
-    conflicts = ['--%s %s (the run has %s)' % (k.replace('_', '-') if k != 'num_classes' else k, cfg[k], saved.get(k))
+    conflicts = ['--%s %s (the run has %s)' % (k.replace('_', '-') if k != 'num_classes' else k, cfg[k],
+                                               saved.get(k))
                  for k in RESUME_FIXED if k in explicit and cfg[k] != saved.get(k)]
     if conflicts:
-        raise UserError('--resume %s continues that run as it was configured; %s. Drop those flags or start a '
-                        'new run with --out' % (cfg['resume'], ', '.join(conflicts)))
+        raise UserError('--resume %s continues that run as it was configured; %s. Drop those flags or start '
+                        'a new run with --out' % (cfg['resume'], ', '.join(conflicts)))
     merged = dict(saved)
     for key in RESUME_OVERRIDES:
         if key in explicit:

@@ -21,7 +21,8 @@ from errors import UserError
 
 
 def parse_contexts(gpus, cpus=1):
-    """The devices of ``--gpus``/``--cpus``: None -> [cpu()] (or ``cpus`` CPU contexts), '0,1' -> [gpu(0), gpu(1)]."""
+    """The devices of ``--gpus``/``--cpus``: None -> [cpu()] (or ``cpus`` CPU contexts),
+    '0,1' -> [gpu(0), gpu(1)]."""
     gpus = (gpus or '').strip()
     if not gpus:
         if cpus < 1:

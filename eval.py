@@ -47,9 +47,10 @@ def read_image(path, source='RUN'):
     if os.path.isdir(path):
         out = os.path.join(source, 'predictions.csv') if os.path.isfile(os.path.join(source, 'config.json')) \
             else 'predictions.csv'
-        raise UserError('--image %s is a folder; give image files (--image %s), or predict every image in it with: '
-                        '%s predict.py %s %s --out %s' % (
-                            path, os.path.join(path, '*.jpg'), runfolder.python_command(), shlex.quote(source),
+        raise UserError('--image %s is a folder; give image files (--image %s), or predict every image in it '
+                        'with: %s predict.py %s %s --out %s' % (
+                            path, os.path.join(path, '*.jpg'), runfolder.python_command(),
+                                shlex.quote(source),
                             shlex.quote(path), shlex.quote(out)))
     if not os.path.isfile(path):
         raise UserError('--image %s: no such file' % path)
@@ -81,8 +82,9 @@ def explain_images(net, cfg, names, paths, out_dir, ctx, source='RUN', shared_sc
         crop = transform.eval_view(image)      # show the maps over the crop the network saw
         for i, (figure, what) in enumerate(net.overlays(crop, x, maps, names, probs, out, top)):
             written.append(figure)
-            print('  %s: %s%s' % (what, figure, ' (colour scale shared by the %d images: 0 to %.1f x uniform)' % (
-                len(paths), top) if top is not None and i == 0 else ''))
+            shared = ('' if top is None or i else
+                      ' (colour scale shared by the %d images: 0 to %.1f x uniform)' % (len(paths), top))
+            print('  %s: %s%s' % (what, figure, shared))
     return written
 
 
@@ -110,15 +112,16 @@ def export_upstream(net, cfg, names, folder):
         print("the authors' main.py --test loads them (place them in its saved_models/; --num_classes %d)"
               % len(names))
     else:
-        print("the authors' code builds only --preset upstream with resnet101_v1 at 224x224, so it cannot load "
-              'these; evaluate them with:\n  %s' % upstream_command(cfg, folder))
+        print("the authors' code builds only --preset upstream with resnet101_v1 at 224x224, so it cannot "
+              "load these; evaluate them with:\n  %s" % upstream_command(cfg, folder))
     return written
 
 
 def upstream_command(cfg, folder):
     """The eval.py command that evaluates exported saved_models/ files of ``cfg``'s network on its data, its
     result going to the run folder."""
-    words = [runfolder.python_command(), 'eval.py', folder, '--preset', cfg['preset'], '--backbone', cfg['backbone'],
+    words = [runfolder.python_command(), 'eval.py', folder, '--preset', cfg['preset'], '--backbone',
+             cfg['backbone'],
              '--input-size', str(cfg['input_size']), '--dataset', cfg['dataset']]
     if cfg.get('data_path'):
         words += ['--data_path', cfg['data_path']]
@@ -130,19 +133,20 @@ def upstream_command(cfg, folder):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    config.check_ranges(vars(args), [r for r in config.RANGES if r[0] in ('batch_size', 'limit', 'num_workers',
-                                                                          'input_size', 'partition')])
+    config.check_ranges(vars(args), [r for r in config.RANGES if r[0] in flags.SCRIPT_RANGES['eval']])
     if args.out:
         inference.check_output_file(args.out, '--out')
     ctx = parse_contexts(args.gpus)
-    upstream = dict(preset=args.preset, backbone=args.backbone, input_size=args.input_size, dataset=args.dataset,
+    upstream = dict(preset=args.preset, backbone=args.backbone, input_size=args.input_size,
+                    dataset=args.dataset,
                     data_path=args.data_path, num_classes=args.num_classes, split=args.split)
     net, cfg, names = inference.load_source(args.source, ctx, args.checkpoint, upstream, overrides=vars(args))
     net.hybridize(static_alloc=True, static_shape=True)
     if args.export_upstream:
         return export_upstream(net, cfg, names, args.export_upstream)
     if args.shared_scale and not args.image:
-        raise UserError('--shared-scale goes with --image FILE ... (one colour scale for their attention maps)')
+        raise UserError('--shared-scale goes with --image FILE ... (one colour scale for their attention '
+                        'maps)')
     if args.int8 is not None and (not args.export or args.int8 < 1):
         raise UserError('--int8 N goes with --export DIR and N >= 1 calibration images (it writes '
                         'DIR/model-int8.onnx)')

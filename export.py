@@ -64,7 +64,8 @@ def model_card(cfg, names, int8_images=0, onnx=True):
         files['onnx'] = FILES[2]
     return {
         'format': 'vaa-attributes export 1',
-        'files': dict(files, **({'onnx_int8': INT8_FILE, 'int8_calibration_images': int8_images} if int8_images else {})),
+        'files': dict(files, **({'onnx_int8': INT8_FILE, 'int8_calibration_images': int8_images}
+                                if int8_images else {})),
         'attributes': list(names),
         'input': {'name': INPUT_NAME, 'shape': ['N', 3, size, size], 'dtype': 'float32', 'layout': 'NCHW'},
         'output': {'name': OUTPUT_NAME, 'shape': ['N', len(names)], 'index': 0,
@@ -78,7 +79,8 @@ def model_card(cfg, names, int8_images=0, onnx=True):
             'mean': [round(float(v), 4) for v in mean], 'std': [round(float(v), 4) for v in std],
             'formula': 'x = (centre_crop(resize(rgb_uint8)) - mean) / std, HWC -> CHW, add the batch axis',
         },
-        'model': {k: cfg[k] for k in ('backbone', 'preset', 'input_size', 'resize', 'normalisation', 'taps', 'rga',
+        'model': {k: cfg[k] for k in ('backbone', 'preset', 'input_size', 'resize', 'normalisation', 'taps',
+                                      'rga',
                                       'head', 'dataset') if cfg.get(k) is not None},
     }
 
@@ -102,7 +104,8 @@ def _onnx_opset(version):
     saved = onnx.defs.onnx_opset_version, onnx.checker.check_graph, logging.getLogger().level
     onnx.defs.onnx_opset_version = lambda: version
     onnx.checker.check_graph = lambda *args, **kwargs: None
-    logging.getLogger().setLevel(logging.ERROR)    # its per-operator notes (e.g. on 2-D dot) are not for users
+    # its per-operator notes (e.g. on 2-D dot) are not for users
+    logging.getLogger().setLevel(logging.ERROR)
     try:
         yield
     finally:
@@ -151,7 +154,8 @@ def export_onnx(symbol_file, params_file, input_size, out):
     for node in graph.node:
         node.output[:] = [OUTPUT_NAME if o == old else o for o in node.output]
     graph.output[0].name = OUTPUT_NAME
-    model.ir_version = ONNX_IR_VERSION             # not the installed onnx's newest: older runtimes load it too
+    # not the installed onnx's newest: older runtimes load it too
+    model.ir_version = ONNX_IR_VERSION
     onnx.checker.check_model(model)
     onnx.save(model, out)
     return out
@@ -192,7 +196,8 @@ def quantize_onnx(src, out, images):
     prepared = out + '.prep.onnx'
     try:
         quant_pre_process(src, prepared, skip_symbolic_shape=True)
-        quantize_static(prepared, out, Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+        quantize_static(prepared, out, Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, per_channel=False)
     finally:
         if os.path.exists(prepared):
@@ -223,8 +228,8 @@ def export(net, cfg, names, folder, ctx, calibration=None):
             export_onnx(symbol_file, params_file, cfg['input_size'], os.path.join(tmp, FILES[2]))
         else:
             files.remove(FILES[2])
-            print('MXNet symbol files only (%s); run them with mx.gluon.SymbolBlock.imports or predict.py on the '
-                  'run folder' % net.onnx_reason)
+            print('MXNet symbol files only (%s); run them with mx.gluon.SymbolBlock.imports or predict.py on '
+                  'the run folder' % net.onnx_reason)
         if calibration:
             quantize_onnx(os.path.join(tmp, FILES[2]), os.path.join(tmp, INT8_FILE), calibration)
             files.insert(3, INT8_FILE)

@@ -38,7 +38,8 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ''
-        if 'default' in text or action.default in (None, True, False, argparse.SUPPRESS) or not action.option_strings:
+        no_default = action.default in (None, True, False, argparse.SUPPRESS)
+        if 'default' in text or no_default or not action.option_strings:
             return text
         return text + ' (default: %(default)s)'
 
@@ -80,8 +81,8 @@ def _authors_flags(a):
 def _method_flags(a):
     a('--preset', choices=sorted(PRESETS),
       help="paper: the supplement's architecture and the paper's losses and schedule; upstream: the released "
-           "code; demo: the paper's heads, narrower, on taps s1 and s2 (12x12 and 6x6 maps on the 48-pixel demo) "
-           "(default: demo for the demo dataset, paper otherwise)")
+           "code; demo: the paper's heads, narrower, on taps s1 and s2 (12x12 and 6x6 maps on the 48-pixel "
+           "demo) (default: demo for the demo dataset, paper otherwise)")
     a('--backbone', choices=BACKBONES, help='backbone (default: resnet101_v1; resnet18_v1 for the demo)')
     a('--pretrained', dest='pretrained', action='store_true', default=None,
       help='start the backbone from ImageNet weights, downloaded into the model-zoo cache when missing '
@@ -107,8 +108,8 @@ def _method_flags(a):
 
 
 def _related_flags(a):
-    a('--taps', help="the attention taps, e.g. 's3,s4' (default: the preset's); 'none' for no attention branch "
-                     "(the primary classifier alone)")
+    a('--taps', help="the attention taps, e.g. 's3,s4' (default: the preset's); 'none' for no attention "
+                     "branch (the primary classifier alone)")
     heads = related.heads()
     a('--head', choices=[h for h, _ in heads], default='vaa',
       help='primary classifier: %s' % '; '.join('%s (%s)' % h for h in heads))
@@ -121,14 +122,15 @@ def _schedule_flags(a):
     a('--optimizer', choices=['sgd', 'adam'], help='optimizer (default: per preset and dataset)')
     a('--freeze-epochs', type=int,
       help="the paper's first phase: for this many epochs only the attention branches and their classifiers "
-           "train, with the attention loss alone (backbone and primary classifier frozen), then everything end "
-           "to end. The supplement says 'a few epochs'; we use 3 (default: 3 for --preset paper, 0 for upstream "
-           "and the demo): enough for the randomly initialised heads to stop sending random gradients into the "
-           "pretrained backbone, short next to the 40-epoch schedule")
+           "train, with the attention loss alone (backbone and primary classifier frozen), then everything "
+           "end to end. The supplement says 'a few epochs'; we use 3 (default: 3 for --preset paper, 0 for "
+           "upstream and the demo): enough for the randomly initialised heads to stop sending random "
+           "gradients into the pretrained backbone, short next to the 40-epoch schedule")
     a('--shuffle', dest='shuffle', action='store_true', default=None,
       help='shuffle the training samples every epoch (default: on; off for --preset upstream, whose '
            'ImageRecordIter never shuffled)')
-    a('--no-shuffle', dest='shuffle', action='store_false', default=None, help='keep the training samples in file order')
+    a('--no-shuffle', dest='shuffle', action='store_false', default=None,
+      help='keep the training samples in file order')
     a('--lr-patience', type=int, help='epochs without val improvement before the lr is divided by 10 '
                                       '(default: per preset and dataset)')
     a('--lr-drops', type=int, help='maximum number of learning-rate drops (default: per preset and dataset)')
@@ -146,12 +148,12 @@ def _data_flags(a):
     a('--partition', type=int, default=0, help='PETA partition (0-4)')
     a('--all-attributes', action='store_true', help='PETA: all 105 attributes instead of the usual 35')
     a('--cache-dir', help='WIDER: folder for the cached person crops (default: a per-user folder, '
-                          '$XDG_CACHE_HOME/vaa-attributes/wider-<hash of --data_path>-crop256, or ~/.cache/...; '
-                          'nothing is written into the dataset folder)')
+                          '$XDG_CACHE_HOME/vaa-attributes/wider-<hash of --data_path>-crop256, or '
+                          '~/.cache/...; nothing is written into the dataset folder)')
     a('--skip-bad-samples', action='store_true',
       help='skip (and count) missing or unreadable images and malformed labels instead of stopping')
-    a('--num-workers', type=int, help='data-loader threads that decode and augment images (default: 4; 0 for the '
-                                      'demo, which is in memory)')
+    a('--num-workers', type=int, help='data-loader threads that decode and augment images (default: 4; 0 for '
+                                      'the demo, which is in memory)')
     a('--limit', type=int, help='use only the first N samples of every split (quick checks)')
 
 
@@ -163,12 +165,13 @@ def _run_flags(a):
     a('--gpus', help="GPU ids, e.g. '0' or '0,1' (default: the CPU)")
     a('--cpus', type=int, default=1, help='without --gpus: split each batch over this many CPU contexts '
                                           '(exercises the multi-device path)')
-    a('--no-hybridize', dest='hybridize', action='store_false', help='run the network imperatively '
-                                                                     '(default: one hybridized graph)')
+    a('--no-hybridize', dest='hybridize', action='store_false',
+      help='run the network imperatively (default: one hybridized graph)')
     a('--kvstore', default='device', help='gradient exchange: device (one machine, several devices) or '
                                           'dist_sync (several machines; start with launch.py or the DMLC_* '
                                           'variables)')
-    a('--syncbn', action='store_true', help='batch-norm statistics over all devices of a machine (SyncBatchNorm)')
+    a('--syncbn', action='store_true', help='batch-norm statistics over all devices of a machine '
+                                            '(SyncBatchNorm)')
     a('--amp', action='store_true', help='float16 training with dynamic loss scaling (GPU only)')
     a('--save-all-ranks', action='store_true',
       help='distributed check: every worker writes its final weights to <out>/rank<k>.params')
@@ -218,7 +221,7 @@ def check_ranges(cfg, ranges):
                 'batch_size', 'num_classes') else key, what, value))
 
 
-# ---------------------------------------------------------------------------------------------- the other scripts
+# ------------------------------------------------------------------------------------ the other scripts
 
 def upstream_flags(p, dataset_help=None):
     """The flags that describe the authors' ``saved_models/`` (they carry no config), for eval, predict
@@ -232,9 +235,10 @@ def upstream_flags(p, dataset_help=None):
 
 def eval_parser():
     p = Parser(description="Evaluate a run folder, a checkpoint file, or the authors' saved_models/ folder; "
-                           'draw attention maps; export. Every flag takes both spellings, e.g. --batch_size or '
-                           '--batch-size.', formatter_class=HelpFormatter)
-    p.add_argument('source', help="run folder, checkpoint .params file, or a saved_models/ folder of the authors")
+                           "draw attention maps; export. Every flag takes both spellings, e.g. --batch_size "
+                           "or --batch-size.", formatter_class=HelpFormatter)
+    p.add_argument('source', help='run folder, checkpoint .params file, or a saved_models/ folder of the '
+                                  'authors')
     a = group_adder(p, 'what to evaluate')
     a('--split', default='test', help='split to evaluate (train, val, test, ...)')
     a('--checkpoint', default='best', choices=['best', 'last'], help='which checkpoint of a run folder')
@@ -246,8 +250,9 @@ def eval_parser():
     a('--shared-scale', action='store_true',
       help='with --image: one colour scale for the attention maps of all images of the call (default: each '
            "map scaled to its own maximum), so that maps can be compared")
-    a('--export-upstream', metavar='DIR', help="write the weights in the authors' saved_models/ layout into DIR "
-                                              "(their main.py --test loads --preset upstream, resnet101_v1, 224)")
+    a('--export-upstream', metavar='DIR', help="write the weights in the authors' saved_models/ layout into "
+                                              "DIR (their main.py --test loads --preset upstream, "
+                                              "resnet101_v1, 224)")
     a('--export', metavar='DIR', help='write model-symbol.json + model-0000.params (MXNet), model.onnx and '
                                       'model.json (attribute names, output, preprocessing) into DIR')
     a('--int8', type=int, nargs='?', const=256, metavar='N',
@@ -270,15 +275,17 @@ def eval_parser():
 
 
 def predict_parser():
-    p = Parser(description='Predict the attributes of many images with a trained model: one CSV row per image.',
+    p = Parser(description="Predict the attributes of many images with a trained model: one CSV row per "
+                           "image.",
                formatter_class=HelpFormatter)
-    p.add_argument('source', help="run folder, checkpoint .params file, the authors' saved_models/ folder, or an "
-                                  "eval.py --export folder (onnxruntime)")
-    p.add_argument('inputs', nargs='+', metavar='INPUT', help='image files, folders, or text files listing images')
+    p.add_argument('source', help="run folder, checkpoint .params file, the authors' saved_models/ folder, "
+                                  "or an eval.py --export folder (onnxruntime)")
+    p.add_argument('inputs', nargs='+', metavar='INPUT',
+                   help='image files, folders, or text files listing images')
     a = group_adder(p, 'output')
     a('--out', required=True, help='the CSV to write')
-    a('--threshold', help="add 0/1 columns: a number (e.g. 0.5), or 'val' for per-attribute thresholds chosen "
-                          "on the run's validation split")
+    a('--threshold', help="add 0/1 columns: a number (e.g. 0.5), or 'val' for per-attribute thresholds "
+                          "chosen on the run's validation split")
     a('--skip-bad-images', action='store_true', help='skip (and list) unreadable images instead of stopping')
     a('--int8', action='store_true', help='export folder: run model-int8.onnx (eval.py --export DIR --int8)')
     a = group_adder(p, 'speed')
@@ -286,7 +293,8 @@ def predict_parser():
     a('--batch_size', type=int, default=32, help='images per batch')
     a('--num-workers', type=int, default=2, help='decoding threads')
     a = upstream_flags(p)
-    a('--dataset', choices=datasets.names(), help="dataset whose attribute names (and validation split) to use")
+    a('--dataset', choices=datasets.names(),
+      help='dataset whose attribute names (and validation split) to use')
     a('--data_path', help="dataset root (default: the run's)")
     a('--num_classes', type=int, help="number of attributes of the authors' files (without --dataset)")
     a('--debug', action='store_true', help='show tracebacks')
@@ -294,8 +302,10 @@ def predict_parser():
 
 
 def compare_parser():
-    p = Parser(description='Compare trained systems side by side on the same split.', formatter_class=HelpFormatter)
-    p.add_argument('sources', nargs='+', metavar='SOURCE', help='run folders, checkpoints or saved_models/ folders')
+    p = Parser(description='Compare trained systems side by side on the same split.',
+               formatter_class=HelpFormatter)
+    p.add_argument('sources', nargs='+', metavar='SOURCE',
+                   help='run folders, checkpoints or saved_models/ folders')
     a = group_adder(p, 'what to compare on')
     a('--split', default='test', help='split to evaluate every source on')
     a('--dataset', choices=datasets.names(), help="dataset (default: the first run's)")
@@ -310,11 +320,12 @@ def compare_parser():
 
 
 def benchmark_parser():
-    p = Parser(description="Speed figures (images/sec): our training and evaluation step against the authors' "
-                           'execution style and the bare backbone, the data pipeline, the CPU inference paths, and '
-                           'the related systems.', formatter_class=HelpFormatter)
+    p = Parser(description="Speed figures (images/sec): our training and evaluation step against the "
+                           "authors' execution style and the bare backbone, the data pipeline, the CPU "
+                           "inference paths, and the related systems.", formatter_class=HelpFormatter)
     a = group_adder(p, 'network and batch')
-    a('--backbone', default='resnet101_v1', choices=BACKBONES, help='backbone (the reference rows: ResNet only)')
+    a('--backbone', default='resnet101_v1', choices=BACKBONES,
+      help='backbone (the reference rows: ResNet only)')
     a('--preset', default='upstream', choices=sorted(PRESETS), help='head architecture')
     a('--input-size', type=int, default=224, help='square input side')
     a('--batch', type=int, default=8, help='batch size')
@@ -328,10 +339,10 @@ def benchmark_parser():
     a('--data-images', type=int, default=256, help='images for the data-pipeline rows')
     a = group_adder(p, 'what to time')
     a('--only', choices=['model', 'data', 'inference', 'systems'],
-      help='one part only: model (ours, the reference and the bare backbone), data (the loaders), inference (the '
-           'CPU inference paths) or systems (VAA and each related system); default: model and data')
-    a('--accuracy', metavar='RUN', help='--only inference: also the test mAP of each path, with the trained network '
-                                        'of RUN')
+      help='one part only: model (ours, the reference and the bare backbone), data (the loaders), inference '
+           '(the CPU inference paths) or systems (VAA and each related system); default: model and data')
+    a('--accuracy', metavar='RUN', help='--only inference: also the test mAP of each path, with the trained '
+                                        'network of RUN')
     a('--debug', action='store_true', help='show tracebacks')
     return p
 
@@ -344,8 +355,8 @@ SCRIPT_RANGES = {'eval': ('batch_size', 'limit', 'num_workers', 'input_size', 'p
 
 
 def preparse(script, argv=None):
-    """Parse ``script``'s command line before anything heavy is imported: ``--help`` prints and a wrong flag or
-    number stops (status 2) in well under a second; the script parses again for real afterwards."""
+    """Parse ``script``'s command line before anything heavy is imported: ``--help`` prints and a wrong
+    flag or number stops (status 2) in well under a second; the script parses again for real afterwards."""
     argv = sys.argv[1:] if argv is None else argv
     args = PARSERS[script]().parse_args(argv)
     names = [r[0] for r in RANGES] if script == 'train' else SCRIPT_RANGES.get(script, ())

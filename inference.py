@@ -38,11 +38,13 @@ def resolve_source(source, which='best'):
     if os.path.isdir(source):
         if os.path.isfile(checkpoint_path(source, which)):
             return 'ours', checkpoint_path(source, which), source
-        if any(os.path.isfile(os.path.join(source, 'backbone_%s.params' % f)) for f in ('resnet', 'densenet')):
+        if any(os.path.isfile(os.path.join(source, 'backbone_%s.params' % f)) for f in (
+                'resnet', 'densenet')):
             return 'upstream', source, None
         raise UserError('%s is neither a run folder (no %s/%s.params) nor an authors\' saved_models/ folder '
                         '(no backbone_resnet.params)' % (source, CHECKPOINT_DIR, which))
-    raise UserError('%s does not exist; give a run folder, a checkpoint file or a saved_models/ folder' % source)
+    raise UserError('%s does not exist; give a run folder, a checkpoint file or a saved_models/ folder'
+                    % source)
 
 
 def load_source(source, ctx, which='best', upstream=None, overrides=None):
@@ -73,7 +75,8 @@ def load_source(source, ctx, which='best', upstream=None, overrides=None):
             names = list(datasets.load_split(cfg['dataset'], cfg['data_path'], split,
                                              **dict(loaders.data_options(cfg), limit=1)).attribute_names)
         else:
-            raise UserError("evaluating the authors' saved_models/ needs --dataset (or --num_classes with --image)")
+            raise UserError("evaluating the authors' saved_models/ needs --dataset (or --num_classes with "
+                            "--image)")
         # results go to runs/, not into the authors' folder (which holds only their files)
         cfg.update(num_classes=len(names), run_dir=os.path.join('runs', 'eval-%s' % os.path.basename(
             os.path.normpath(os.path.abspath(path)))))
@@ -86,7 +89,8 @@ def load_source(source, ctx, which='best', upstream=None, overrides=None):
 def check_output_file(path, flag):
     """Before any work: ``path`` must be a file name (not a folder) in a folder we can write."""
     if os.path.isdir(path):
-        raise UserError('%s %s is a folder; give a file name such as %s' % (flag, path, os.path.join(path, 'result.json')))
+        raise UserError('%s %s is a folder; give a file name such as %s'
+                        % (flag, path, os.path.join(path, 'result.json')))
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK) or (os.path.exists(path) and
                                                                        not os.access(path, os.W_OK)):
@@ -112,7 +116,8 @@ def report_split(net, cfg, names, split, ctx, source, out=None, compare=None):
         result['paper'] = paper_reference(cfg['dataset'], names)
     out = out or os.path.join(cfg['run_dir'], 'eval_%s.json' % split)
     per_attribute = (result.get('paper') or {}).get('per_attribute')
-    report(result, out, os.path.splitext(out)[0] + '_ap.png', '%s split of %s, %s:' % (split, cfg['dataset'], source),
+    report(result, out, os.path.splitext(out)[0] + '_ap.png',
+           '%s split of %s, %s:' % (split, cfg['dataset'], source),
            split, per_attribute)
     if compare == 'paper':
         print(paper_line(result, cfg['dataset']))
@@ -126,7 +131,8 @@ def paper_reference(dataset, names):
     """The paper's numbers that apply to an evaluation: WIDER-Attribute's (its 14 attributes, in
     order) or PETA's (the 35 usual attributes); None for anything the paper did not report."""
     if list(names) == list(WIDER_ATTRIBUTES):
-        return dict(dataset='WIDER-Attribute', mAP=metrics.PAPER_WIDER_MAP, per_attribute=metrics.PAPER_WIDER_AP,
+        return dict(dataset='WIDER-Attribute', mAP=metrics.PAPER_WIDER_MAP,
+                    per_attribute=metrics.PAPER_WIDER_AP,
                     resnet101_mAP=metrics.PAPER_WIDER_RESNET101_MAP)
     if dataset == 'peta' and len(names) == 35:
         return dict(metrics.PAPER_PETA, dataset='PETA')
@@ -150,16 +156,16 @@ def paper_line(result, dataset):
     """The paper's headline numbers next to ours, with the differences (points), where it has any."""
     ref = result.get('paper')
     if ref is None:
-        return ('paper: no numbers to compare with: the paper reports WIDER-Attribute (its 14 attributes) and '
-                'PETA (35 attributes), not %s' % dataset)
+        return ('paper: no numbers to compare with: the paper reports WIDER-Attribute (its 14 attributes) '
+                'and PETA (35 attributes), not %s' % dataset)
     ours = {k: 100 * (result[k] if result[k] is not None else float('nan'))
             for k in ('mAP', 'mA', 'accuracy', 'precision', 'recall', 'f1')}
     if ref['dataset'] == 'WIDER-Attribute':
         return 'paper (WIDER-Attribute, ResNet-101): mAP %.1f, ours %.2f (delta %+.2f); ResNet-101 without ' \
                'attention %.1f' % (ref['mAP'], ours['mAP'], ours['mAP'] - ref['mAP'], ref['resnet101_mAP'])
     keys = ('mA', 'accuracy', 'precision', 'recall', 'f1')
-    return 'paper (PETA): ' + ', '.join('%s %.2f, ours %.2f (delta %+.2f)' % (k, ref[k], ours[k], ours[k] - ref[k])
-                                        for k in keys)
+    return 'paper (PETA): ' + ', '.join(
+        '%s %.2f, ours %.2f (delta %+.2f)' % (k, ref[k], ours[k], ours[k] - ref[k]) for k in keys)
 
 
 def test_from_train_flags(cfg):
@@ -169,7 +175,9 @@ def test_from_train_flags(cfg):
     if not source:
         raise UserError('--test needs --resume RUN_DIR (our run) or --upstream-weights saved_models/')
     ctx = parse_contexts(cfg['gpus'])
-    upstream = {k: cfg[k] for k in ('preset', 'backbone', 'input_size', 'dataset', 'data_path', 'num_classes')}
-    net, run_cfg, names = load_source(source, ctx, upstream=upstream, overrides={'data_path': cfg['data_path']})
+    upstream = {k: cfg[k] for k in ('preset', 'backbone', 'input_size', 'dataset', 'data_path',
+                                    'num_classes')}
+    net, run_cfg, names = load_source(source, ctx, upstream=upstream,
+                                      overrides={'data_path': cfg['data_path']})
     net.hybridize(static_alloc=True, static_shape=True)
     return report_split(net, run_cfg, names, 'test', ctx, source)

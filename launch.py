@@ -42,7 +42,8 @@ def launch(command, num_workers, num_servers=1, host='127.0.0.1', port=None, thr
         base['OMP_NUM_THREADS'] = str(threads)
     helpers = []
     for role in ['scheduler'] + ['server'] * num_servers:
-        helpers.append(subprocess.Popen([sys.executable, '-c', 'import mxnet'], env=dict(base, DMLC_ROLE=role)))
+        helpers.append(subprocess.Popen([sys.executable, '-c', 'import mxnet'],
+                                        env=dict(base, DMLC_ROLE=role)))
     workers, pumps = [], []
     for rank in range(num_workers):
         proc = subprocess.Popen(command, env=dict(base, DMLC_ROLE='worker'), stdout=subprocess.PIPE,

@@ -106,7 +106,8 @@ class WeightedFocalLoss(_MaskedLoss):
         pos, neg = self._weights(pred.context, pred.dtype, pred.shape[-1])
         return super(WeightedFocalLoss, self).forward(pred, label, mask, pos, neg)
 
-    def hybrid_forward(self, F, pred, label, mask, pos_weight, neg_weight):  # pylint: disable=arguments-differ
+    # pylint: disable=arguments-differ
+    def hybrid_forward(self, F, pred, label, mask, pos_weight, neg_weight):
         log_p, log_1mp = _log_sigmoids(F, pred)
         # (1-p)^gamma = exp(gamma log(1-p)), p^gamma = exp(gamma log p): smooth, no p clipping. With
         # plain_bce the weights are ones and gamma 0, which is exactly BCE (and uses every input).

@@ -34,7 +34,8 @@ def cpu_model():
     if platform.system() == 'Darwin':
         try:
             return subprocess.run(['sysctl', '-n', 'machdep.cpu.brand_string'], stdout=subprocess.PIPE,
-                                  stderr=subprocess.DEVNULL, timeout=5).stdout.decode().strip() or platform.processor()
+                                  stderr=subprocess.DEVNULL,
+                                  timeout=5).stdout.decode().strip() or platform.processor()
         except (OSError, subprocess.SubprocessError):
             pass
     return platform.processor() or platform.machine() or 'unknown CPU'
@@ -44,7 +45,8 @@ def simd_level(flags=None):
     """'AVX-512 (avx512f, avx512_bf16, avx512_vnni) + AMX', 'AVX2', 'AVX', 'SSE4.1', ... or 'unknown'."""
     flags = cpu_flags() if flags is None else flags
     if flags is None:
-        return 'unknown (no /proc/cpuinfo)' if platform.machine() not in ('arm64', 'aarch64') else 'ARM (no x86 SIMD)'
+        return 'unknown (no /proc/cpuinfo)' if platform.machine() not in (
+            'arm64', 'aarch64') else 'ARM (no x86 SIMD)'
     if 'avx512f' in flags:
         extras = [f for f in ('avx512_bf16', 'avx512_vnni', 'avx512_fp16') if f in flags]
         level = 'AVX-512 (%s)' % ', '.join(['avx512f'] + extras)

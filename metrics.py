@@ -168,6 +168,7 @@ def format_table(result, compare=None, title=None):
     missing = result.get('no_positive') or []
     if missing:
         lines.append('mAP over %d of %d attributes: no positive label for %s (AP n/a; the official script '
-                     'would give NaN)' % (len(result['per_attribute']) - len(missing), len(result['per_attribute']),
+                     'would give NaN)' % (len(result['per_attribute']) - len(missing),
+                                          len(result['per_attribute']),
                                           ', '.join(missing)))
     return '\n'.join(lines)

@@ -113,7 +113,8 @@ class AttributeNet(ReturnsAttention, gluon.HybridBlock):
         # unused, and MXNet would warn about each of them.
         with warnings.catch_warnings():
             if self.aux_names:
-                warnings.filterwarnings('ignore', r'Parameter (%s\S+(, )?)+ is not used' % re.escape(self.prefix))
+                warnings.filterwarnings('ignore',
+                                        r'Parameter (%s\S+(, )?)+ is not used' % re.escape(self.prefix))
             return super(AttributeNet, self)._build_cache(*args)
 
 
@@ -149,7 +150,8 @@ class VAANet(AttributeNet):
         if num_classes < 1:
             raise UserError('num_classes must be at least 1, got %d' % num_classes)
         cfg, parts = PRESETS[preset], parts or Parts()
-        self.preset, self.backbone_name, self.num_classes, self.input_size = preset, backbone, num_classes, input_size
+        self.preset, self.backbone_name = preset, backbone
+        self.num_classes, self.input_size = num_classes, input_size
         self.taps = tuple(cfg['taps'] if taps is None else taps)
         self.parts, self.plugins = parts, parts.notes
         self.aux_names = parts.aux[1] if parts.aux else ()
@@ -169,8 +171,8 @@ class VAANet(AttributeNet):
                     raise UserError('tap %s has a %dx%d map; use a square input' % (self.taps[i], *shape[1:]))
                 self.branches.add(AttentionBranch(num_classes, cfg['att_channels'],
                                                   cfg['att_second_kernel'], prefix='branch%d_' % i))
-                self.classifiers.add(AttentionClassifier(num_classes, shape[1], cfg['cls_channels'],
-                                                         prefix='classifier%d_' % i))
+                self.classifiers.add(AttentionClassifier(num_classes, shape[1], cfg[
+                    'cls_channels'], prefix='classifier%d_' % i))
         # The authors number the per-tap modules stage_2, stage_3, stage_4 (last tap = 4).
         self.stage_numbers = [4 - (len(self.taps) - 1 - i) for i in range(len(self.taps))]
 
@@ -209,7 +211,8 @@ class VAANet(AttributeNet):
 
     def overlays(self, crop, x, maps, names, probs, path, top=None):
         import plots
-        plots.attention_overlay(crop, maps, names, probs, path, tap_names(self.backbone_name, self.taps), top=top)
+        plots.attention_overlay(crop, maps, names, probs, path, tap_names(self.backbone_name, self.taps),
+                                top=top)
         written = [(path, 'attention maps')]
         for draw in self.parts.overlays:
             written += draw(self, x, crop, path)
@@ -317,12 +320,14 @@ def build_net(cfg, ctx=None, pretrained=None, labels=None, mask=None):
         parts = Parts()
         for system in related.active(cfg):
             system.plug(cfg, parts, labels, mask)
-        net = get_vaa_net(cfg['backbone'], cfg['num_classes'], cfg['preset'], cfg['input_size'], pretrained, ctx,
+        net = get_vaa_net(cfg['backbone'], cfg['num_classes'], cfg['preset'], cfg['input_size'], pretrained,
+                          ctx,
                           parse_taps(cfg['taps']), parts=parts)
         for tap, shape in zip(tap_names(net.backbone_name, net.taps), net.tap_shapes):
             if shape[1] * shape[2] < 4:
-                LOG.warning('tap %s has a %dx%d map at --input-size %d: its spatial attention has next to nothing '
-                            'to choose from (use a larger --input-size)', tap, shape[1], shape[2], cfg['input_size'])
+                LOG.warning('tap %s has a %dx%d map at --input-size %d: its spatial attention has next to '
+                            'nothing to choose from (use a larger --input-size)', tap, shape[1], shape[2],
+                            cfg['input_size'])
     if cfg['backbone_lr_mult'] != 1.0:              # --backbone-lr-mult: the model-zoo layers' learning rate
         for param in net.backbone.zoo_params(with_output=False):
             param.lr_mult = cfg['backbone_lr_mult']

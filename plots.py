@@ -82,11 +82,12 @@ def ap_bars_figure(result, title='', compare=None):
         ax.plot(x, ref, '_', color='crimson', markersize=18, mew=2, label='paper')
     ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.0, 1.0))      # beside the axes: bars reach 100
     ax.set_xticks(x)
-    ax.set_xticklabels(['%s\n%.1f%% pos' % (n, r) for n, r in zip(names, rates)], rotation=50, ha='right', fontsize=7)
+    ax.set_xticklabels(['%s\n%.1f%% pos' % (n, r) for n, r in zip(names, rates)], rotation=50, ha='right',
+                       fontsize=7)
     ax.set_ylim(0, 100)
     ax.set_ylabel('AP (%)')
-    ax.set_title('%s mAP %.2f (attributes from the most to the least often positive)' % (title, 100 * result['mAP']),
-                 fontsize=9)
+    ax.set_title('%s mAP %.2f (attributes from the most to the least often positive)'
+                 % (title, 100 * result['mAP']), fontsize=9)
     ax.grid(axis='y', alpha=.3)
     fig.tight_layout()
     return fig
@@ -176,7 +177,8 @@ def rga_overlay(image, maps, path):
     axes[0, 0].set_title('input', fontsize=7)
     for ax, (name, m), tile in zip(axes[0, 1:], maps, scaled):
         ax.imshow(image)
-        shown = ax.imshow(np.clip(tile, low, top), cmap='jet', alpha=0.55, vmin=low, vmax=top, interpolation='nearest')
+        shown = ax.imshow(np.clip(tile, low, top), cmap='jet', alpha=0.55, vmin=low, vmax=top,
+                          interpolation='nearest')
         ax.set_title('%s spatial (%dx%d)' % (name, m.shape[0], m.shape[1]), fontsize=7)
     _save_tiles(fig, axes, shown, 'attention (x mean)', path)
 
@@ -196,7 +198,8 @@ def apcnn_overlay(image, gates, rois, valid, box, stride, path):
         if ok:
             axes[0, 0].add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=colour, lw=1))
     bx1, by1, bx2, by2 = [float(v) * stride for v in box]
-    axes[0, 0].add_patch(Rectangle((bx1, by1), bx2 - bx1, by2 - by1, fill=False, color='white', lw=1.5, ls='--'))
+    axes[0, 0].add_patch(Rectangle((bx1, by1), bx2 - bx1, by2 - by1, fill=False, color='white', lw=1.5,
+                                   ls='--'))
     axes[0, 0].set_title('ROIs (%d) and zoom box' % int(np.sum(valid)), fontsize=7)
     for ax, level, gate in zip(axes[0, 1:], (3, 4, 5), gates):
         ax.imshow(image)
@@ -214,9 +217,11 @@ def compare_bars(names, aps, labels, frequency, path):
     width = 0.8 / k
     x = np.arange(c)
     for i, (values, label) in enumerate(zip(aps, labels)):
-        ax.bar(x - 0.4 + width * (i + 0.5), [100 * v if v is not None else 0 for v in values], width, label=label)
+        ax.bar(x - 0.4 + width * (i + 0.5), [100 * v if v is not None else 0 for v in values], width,
+               label=label)
     ax.set_xticks(x)
-    ax.set_xticklabels(['%s\n%.0f%%' % (n, 100 * f) for n, f in zip(names, frequency)], rotation=60, ha='right',
+    ax.set_xticklabels(['%s\n%.0f%%' % (n, 100 * f) for n, f in zip(names, frequency)], rotation=60,
+                       ha='right',
                        fontsize=7)
     ax.set_ylim(0, 100)
     ax.set_ylabel('AP (%)')

@@ -3,7 +3,8 @@
 
     python predict.py runs/RUN photos/ --out predictions.csv
     python predict.py runs/RUN list.txt a.jpg b.png --out p.csv --threshold val --gpus 0
-    python predict.py saved_models/ crops/ --preset upstream --dataset wider --data_path /data/WIDER --out p.csv
+    python predict.py saved_models/ crops/ --preset upstream --dataset wider --data_path /data/WIDER \
+        --out p.csv
 
 SOURCE is a run folder (its best checkpoint), a checkpoint file, the authors' ``saved_models/``, or a
 folder written by ``eval.py --export`` (run with onnxruntime: ``model.onnx``, or ``model-int8.onnx``
@@ -63,15 +64,18 @@ def list_images(inputs, skip_bad=False):
         if os.path.isdir(item):
             for root, dirs, files in os.walk(item):
                 dirs.sort()
-                paths.extend(os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS))
+                paths.extend(os.path.join(root,
+                                          f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS))
         elif os.path.isfile(item) and item.lower().endswith(IMAGE_EXTENSIONS):
             paths.append(item)
         elif os.path.isfile(item):
             paths.extend(_read_list(item, skip_bad))
         else:
-            raise UserError('input %s does not exist (give image files, folders or text files listing images)' % item)
+            raise UserError('input %s does not exist (give image files, folders or text files listing images)'
+                            % item)
     if not paths:
-        raise UserError('no images found in %s (looked for %s)' % (' '.join(inputs), ', '.join(IMAGE_EXTENSIONS)))
+        raise UserError('no images found in %s (looked for %s)' % (' '.join(inputs), ', '.join(
+            IMAGE_EXTENSIONS)))
     return paths
 
 
@@ -115,7 +119,8 @@ class ImageList(gluon.data.Dataset):
         try:
             image = decode_image(self.paths[index])
         except UserError:
-            return np.zeros((3, self.transform.input_size, self.transform.input_size), np.float32), np.int64(-1 - index)
+            return np.zeros((3, self.transform.input_size, self.transform.input_size),
+                            np.float32), np.int64(-1 - index)
         return self.transform(image, index), np.int64(index)
 
 
@@ -134,15 +139,17 @@ def onnx_scorer(folder, int8):
     with open(os.path.join(folder, 'model.json')) as f:
         card = json.load(f)
     if 'onnx' not in card['files']:
-        raise UserError('%s holds no ONNX model (an AP-CNN export: MXNet symbol files only); predict from the run '
-                        'folder instead' % folder)
+        raise UserError('%s holds no ONNX model (an AP-CNN export: MXNet symbol files only); predict from '
+                        'the run folder instead' % folder)
     name = card['files'].get('onnx_int8') if int8 else card['files']['onnx']
     if name is None:
-        raise UserError('%s has no INT8 model; write it with eval.py RUN --export %s --int8' % (folder, folder))
+        raise UserError('%s has no INT8 model; write it with eval.py RUN --export %s --int8' % (
+            folder, folder))
     session = export.onnx_session(os.path.join(folder, name))
     cfg = dict(card['model'], crop_range=(card['model']['resize'],) * 2)
     names = card['attributes']
-    return (lambda data: session.run([export.OUTPUT_NAME], {export.INPUT_NAME: data.asnumpy()})[0]), cfg, names
+    return (lambda data: session.run([export.OUTPUT_NAME],
+                                     {export.INPUT_NAME: data.asnumpy()})[0]), cfg, names
 
 
 def predict_images(score, cfg, paths, batch_size, workers, skip_bad):
@@ -157,7 +164,8 @@ def predict_images(score, cfg, paths, batch_size, workers, skip_bad):
             bad.append(paths[-1 - i])
             LOG.warning('unreadable image: %s', paths[-1 - i])
         if bad and not skip_bad:
-            raise UserError('%s is not a readable image; fix or remove it, or pass --skip-bad-images' % bad[0])
+            raise UserError('%s is not a readable image; fix or remove it, or pass --skip-bad-images'
+                            % bad[0])
         probs.append(metrics.sigmoid(score(data))[index >= 0])
         kept.extend(paths[i] for i in index[index >= 0])
     return np.concatenate(probs), kept, bad
@@ -169,7 +177,8 @@ def validation_thresholds(net, cfg, names, ctx):
                                attribute_names=names, **loaders.data_options(cfg))
     logits, labels, masks, _ = steps.predict(net, loaders.eval_loader(cfg, data), ctx)
     probs = metrics.sigmoid(logits)
-    return [best_threshold(probs[masks[:, c] > 0, c], labels[masks[:, c] > 0, c] > 0.5) for c in range(len(names))]
+    return [best_threshold(probs[masks[:, c] > 0, c],
+                           labels[masks[:, c] > 0, c] > 0.5) for c in range(len(names))]
 
 
 def best_threshold(p, y):
@@ -178,7 +187,8 @@ def best_threshold(p, y):
     if not y.any() or y.all():
         return 0.5                                 # nothing to balance on: the default
     candidates = np.unique(np.r_[p, 0.5])
-    scores = np.array([((p >= t) & y).sum() / y.sum() + ((p < t) & ~y).sum() / (~y).sum() for t in candidates])
+    scores = np.array([((p >= t) & y).sum() / y.sum() + ((p < t) & ~y).sum() / (~y).sum()
+                       for t in candidates])
     best = candidates[scores >= scores.max() - 1e-12]
     return float(best[np.argmin(np.abs(best - 0.5))])      # of equally good ones, nearest 0.5
 
@@ -187,7 +197,8 @@ def write_csv(path, names, paths, probs, thresholds=None):
     def write(tmp):
         with open(tmp, 'w', newline='') as f:
             writer = csv.writer(f)
-            writer.writerow(['path'] + list(names) + (['%s_pred' % n for n in names] if thresholds is not None else []))
+            flags = ['%s_pred' % n for n in names] if thresholds is not None else []
+            writer.writerow(['path'] + list(names) + flags)
             for p, row in zip(paths, probs):
                 extra = [int(v >= t) for v, t in zip(row, thresholds)] if thresholds is not None else []
                 writer.writerow([p] + ['%.6f' % v for v in row] + extra)
@@ -196,13 +207,15 @@ def write_csv(path, names, paths, probs, thresholds=None):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    config.check_ranges(vars(args), [r for r in config.RANGES if r[0] in ('batch_size', 'num_workers', 'input_size')])
+    config.check_ranges(vars(args),
+                        [r for r in config.RANGES if r[0] in ('batch_size', 'num_workers', 'input_size')])
     if not LOG.handlers:
         logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
     inference.check_output_file(args.out, '--out')
     paths = list_images(args.inputs, args.skip_bad_images)
     ctx = parse_contexts(args.gpus)
-    upstream = dict(preset=args.preset, backbone=args.backbone, input_size=args.input_size, dataset=args.dataset,
+    upstream = dict(preset=args.preset, backbone=args.backbone, input_size=args.input_size,
+                    dataset=args.dataset,
                     data_path=args.data_path, num_classes=args.num_classes, split='val')
     if os.path.isfile(os.path.join(args.source, 'model.json')):
         if args.threshold == 'val':
@@ -213,21 +226,25 @@ def main(argv=None):
         if args.int8:
             raise UserError('--int8 runs an eval.py --export folder; give one as SOURCE')
         net, cfg, names = inference.load_source(args.source, ctx, upstream=upstream,
-                                                overrides=dict(dataset=args.dataset, data_path=args.data_path))
+                                                overrides=dict(dataset=args.dataset,
+                                                               data_path=args.data_path))
         net.hybridize(static_alloc=True, static_shape=True)
         score = gluon_scorer(net, ctx)
     thresholds = None
     if args.threshold == 'val':
         thresholds = validation_thresholds(net, cfg, names, ctx)
-        LOG.info('thresholds from the validation split: %s', ', '.join('%s %.3f' % t for t in zip(names, thresholds)))
+        LOG.info('thresholds from the validation split: %s',
+                 ', '.join('%s %.3f' % t for t in zip(names, thresholds)))
     elif args.threshold is not None:
         try:
             thresholds = [float(args.threshold)] * len(names)
         except ValueError:
             raise UserError("--threshold takes a number or 'val', got %r" % args.threshold)
-    probs, kept, bad = predict_images(score, cfg, paths, args.batch_size, args.num_workers, args.skip_bad_images)
+    probs, kept, bad = predict_images(score, cfg, paths, args.batch_size, args.num_workers,
+                                      args.skip_bad_images)
     write_csv(args.out, names, kept, probs, thresholds)
-    LOG.info('%s -> %s%s', plural(len(kept), 'image'), args.out, '; %d unreadable skipped' % len(bad) if bad else '')
+    LOG.info('%s -> %s%s', plural(len(kept), 'image'), args.out,
+             '; %d unreadable skipped' % len(bad) if bad else '')
     return dict(paths=kept, probabilities=probs, names=names, thresholds=thresholds, skipped=bad)
 
 

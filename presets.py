@@ -24,8 +24,9 @@ PRESETS = {
     'demo': dict(taps=('s1', 's2'), att_channels=(64, 64), att_second_kernel=1, cls_channels=(64, 128, 128)),
 }
 
-# The optimiser schedule per (preset, dataset family). Patience p means: divide the learning rate by 10 once the
-# monitored validation metric has not improved for more than p epochs, at most `lr_drops` times. Sources:
+# The optimiser schedule per (preset, dataset family). Patience p means: divide the learning rate by 10
+# once the monitored validation metric has not improved for more than p epochs, at most `lr_drops` times.
+# Sources:
 #   paper/wider: SGD momentum 0.9, weight decay 5e-4, lr 1e-3 divided by 10 on a validation plateau down to
 #     1e-5 (two drops), batch 32 (the paper, Sec. 4); patience 3 and 40 epochs are ours (not stated).
 #   upstream/wider: the authors' main.py: lr 1e-4, / 10 after more than 10 epochs without val-mAP gain, at
@@ -53,8 +54,10 @@ DATASET_FAMILY = {'wider': 'wider', 'csv': 'wider', 'lst': 'wider', 'rec': 'wide
 PRESET_SETTINGS = {
     'upstream': dict(plain_bce=True, history_zero_rows=True, normalisation='upstream', freeze_epochs=0,
                      shuffle=False),
-    'paper': dict(plain_bce=False, history_zero_rows=False, normalisation='paper', freeze_epochs=3, shuffle=True),
-    'demo': dict(plain_bce=False, history_zero_rows=False, normalisation='paper', freeze_epochs=0, shuffle=True),
+    'paper': dict(plain_bce=False, history_zero_rows=False, normalisation='paper', freeze_epochs=3,
+                  shuffle=True),
+    'demo': dict(plain_bce=False, history_zero_rows=False, normalisation='paper', freeze_epochs=0,
+                 shuffle=True),
 }
 # Used when neither the flags, the dataset nor the schedule say. Real datasets start from ImageNet weights as
 # in the paper (the demo's defaults say otherwise).

@@ -88,7 +88,8 @@ class RunFolder(object):
             with open(os.path.join(path, cls.MARKER), 'w') as f:
                 f.write('a run folder of vaa-attributes (train.py)\n')
         except OSError as err:
-            raise UserError('cannot write the run folder %s (%s); choose another --out' % (path, err.strerror))
+            raise UserError('cannot write the run folder %s (%s); choose another --out' % (
+                path, err.strerror))
         folder.lock()
         if os.path.isfile(checkpoint_path(path, 'last')):        # another process got there first
             folder.close()
@@ -105,8 +106,8 @@ class RunFolder(object):
         if os.path.exists(path) and not os.path.isdir(path):
             raise UserError('cannot write the run folder %s (Not a directory); choose another --out' % path)
         if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, cls.MARKER)):
-            raise UserError('--out %s already holds files that are not a run of ours (%s); choose a new or empty '
-                            'folder' % (path, ', '.join(sorted(os.listdir(path))[:3])))
+            raise UserError('--out %s already holds files that are not a run of ours (%s); choose a new or '
+                            'empty folder' % (path, ', '.join(sorted(os.listdir(path))[:3])))
 
     def lock(self):
         """Take the folder's lock, or stop naming the process that holds it; then clear the temporary
@@ -123,7 +124,8 @@ class RunFolder(object):
                             % (self.path, holder))
         handle.seek(0)
         handle.truncate()
-        handle.write('process %d on %s since %s' % (os.getpid(), socket.gethostname(), time.strftime('%Y-%m-%d %H:%M:%S')))
+        handle.write('process %d on %s since %s' % (os.getpid(), socket.gethostname(),
+                                                    time.strftime('%Y-%m-%d %H:%M:%S')))
         handle.flush()
         self._lock = handle
         for folder in (self.path, os.path.join(self.path, CHECKPOINT_DIR)):
@@ -215,7 +217,8 @@ def setup_logging(folder=None, rank=None):
     """Log to stdout and (the lead worker) ``<run>/train.log``; other workers prefix their rank."""
     LOG.setLevel(logging.INFO)
     LOG.handlers[:] = []
-    fmt = logging.Formatter('%(asctime)s ' + ('[worker %d] ' % rank if rank else '') + '%(message)s', '%H:%M:%S')
+    fmt = logging.Formatter('%(asctime)s ' + ('[worker %d] ' % rank if rank else '') + '%(message)s',
+                            '%H:%M:%S')
     handlers = [logging.StreamHandler(sys.stdout)]
     if folder is not None and folder.lead:
         handlers.append(logging.FileHandler(os.path.join(folder.path, 'train.log')))
@@ -244,7 +247,8 @@ def python_command():
     """How to name this interpreter in a printed command: ``python`` when that is what the PATH finds,
     else its full path."""
     on_path = shutil.which('python')
-    return 'python' if on_path and os.path.realpath(on_path) == os.path.realpath(sys.executable) else sys.executable
+    same = on_path and os.path.realpath(on_path) == os.path.realpath(sys.executable)
+    return 'python' if same else sys.executable
 
 
 class Progress(object):
@@ -308,7 +312,8 @@ class StopSignals(object):
         """Say how to resume (once: on stderr, and in train.log) and exit with status 128 + the signal."""
         name = signal.Signals(self.received[0]).name if self.received else 'a stop request'
         message = ('stopped by %s in epoch %d after batch %d of %d; checkpoint %s written. Resume with:\n  %s'
-                   % (name, epoch, batches_done, batches, folder.checkpoint('last'), resume_command(folder.path)))
+                   % (name, epoch, batches_done, batches, folder.checkpoint('last'),
+                      resume_command(folder.path)))
         log_to_file(message.replace('\n ', ''))
         sys.stderr.write(message + '\n')
         raise SystemExit(128 + (self.received[0] if self.received else 0))
@@ -329,6 +334,6 @@ class FiniteGuard(object):
     def check(self):
         bad = float(self.first_bad.asscalar())
         if np.isfinite(bad):
-            raise UserError('the training loss became inf/NaN in epoch %d at batch %d; stopped without saving. %s; '
-                            'or start a new run with a lower --lr, or check the data'
+            raise UserError('the training loss became inf/NaN in epoch %d at batch %d; stopped without '
+                            'saving. %s; or start a new run with a lower --lr, or check the data'
                             % (self.epoch, int(bad), self.folder.last_good()))

@@ -95,8 +95,8 @@ class EpochTotals(object):
 
     def arrays(self):
         """``{'logits', 'labels', 'masks'}`` as NumPy arrays (N x C)."""
-        return {k: np.concatenate([a.asnumpy() for a in v]) if v else np.zeros((0, self.num_classes), np.float32)
-                for k, v in self.outputs.items()}
+        empty = np.zeros((0, self.num_classes), np.float32)
+        return {k: np.concatenate([a.asnumpy() for a in v]) if v else empty for k, v in self.outputs.items()}
 
     def state(self):
         """Everything needed to continue the epoch: loss sum, samples seen and the NumPy outputs."""
@@ -127,7 +127,8 @@ def predict(net, loader, ctx, loss_fn=None, stages=None):
     to_np = lambda arrs: np.concatenate([a.asnumpy() for a in arrs]) if arrs else np.zeros((0, 0))
     if stages is not None:
         stages.update({name: to_np(v).astype(np.float64) for name, v in parts.items()})
-    return to_np(logits).astype(np.float64), to_np(labels), to_np(masks), (total / count if count else float('nan'))
+    mean_loss = total / count if count else float('nan')
+    return to_np(logits).astype(np.float64), to_np(labels), to_np(masks), mean_loss
 
 
 def evaluate(net, loader, ctx, names):
@@ -135,8 +136,9 @@ def evaluate(net, loader, ctx, names):
     stages = {}
     logits, labels, masks, _ = predict(net, loader, ctx, stages=stages)
     if not np.isfinite(logits).all():
-        raise UserError('the network gives inf/NaN outputs for %d of %d samples: its weights are broken (a diverged '
-                        'run?); evaluate another checkpoint' % ((~np.isfinite(logits)).any(1).sum(), len(logits)))
+        raise UserError('the network gives inf/NaN outputs for %d of %d samples: its weights are broken (a '
+                        'diverged run?); evaluate another checkpoint'
+                        % ((~np.isfinite(logits)).any(1).sum(), len(logits)))
     result = metrics.evaluate(logits, labels, masks, names)
     result['chance_mAP'] = metrics.chance_map(labels, masks)
     if stages:                                  # AP-CNN: each pass alone, beside the fused prediction
@@ -149,4 +151,5 @@ def stage_line(result):
     if not result.get('stage_mAP'):
         return None
     return 'each stage alone: %s (the prediction averages them: mAP %.2f)' % (
-        ', '.join('%s mAP %.2f' % (k, 100 * v) for k, v in sorted(result['stage_mAP'].items())), 100 * result['mAP'])
+        ', '.join('%s mAP %.2f' % (k, 100 * v) for k, v in sorted(result['stage_mAP'].items())),
+            100 * result['mAP'])

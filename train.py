@@ -99,7 +99,8 @@ def get_net(cfg, ctx, train):
         raise UserError("--syncbn needs GPUs: mxnet 1.9's SyncBatchNorm deadlocks across CPU contexts; "
                         'drop --syncbn or use --gpus 0,1')
     net = build_net(cfg, ctx, labels=train.labels, mask=train.mask)
-    LOG.info('model: %s, preset %s, taps %s, input %d%s', cfg['backbone'], cfg['preset'], '/'.join(net.taps) or 'none',
+    LOG.info('model: %s, preset %s, taps %s, input %d%s', cfg['backbone'], cfg['preset'],
+             '/'.join(net.taps) or 'none',
              cfg['input_size'], ''.join('; ' + p for p in net.plugins))
     if cfg['syncbn'] and len(ctx) > 1:
         LOG.info('SyncBatchNorm over %d devices: %d layers', len(ctx), use_sync_batchnorm(net, len(ctx)))
@@ -110,7 +111,8 @@ def get_losses(cfg, train, ctx):
     """Eq. 7 with the class priors of the training labels, and the training split's prediction history."""
     pos_weight, neg_weight = class_prior_weights(train.labels, train.mask, cfg['class_weights'])
     loss = VAALoss(pos_weight, neg_weight, gamma=cfg['gamma'], plain_bce=cfg['plain_bce'],
-                   primary=not cfg['finetune'], aux=related.aux_loss(cfg))   # (added to Eq. 7, never replacing it)
+                   # (added to Eq. 7, never replacing it)
+                   primary=not cfg['finetune'], aux=related.aux_loss(cfg))
     history = PredictionHistory(len(train), cfg['num_classes'], track=cfg['history_track'],
                                 start_epoch=cfg['history_start'], ctx=ctx[0],
                                 upstream_zero_rows=cfg['history_zero_rows'])
@@ -137,16 +139,16 @@ def phase_notes(cfg, explicit):
     preset_freeze = config.PRESET_SETTINGS[cfg['preset']]['freeze_epochs']
     given = 'freeze_epochs' in explicit
     if not given and preset_freeze and not cfg['pretrained'] and not cfg['finetune']:
-        LOG.info("no first phase: --preset %s's %s of training the heads on a frozen backbone are for ImageNet "
-                 'features, and this backbone starts from random weights (--no-pretrained); --freeze-epochs N asks '
-                 'for them anyway', cfg['preset'], plural(preset_freeze, 'epoch'))
+        LOG.info("no first phase: --preset %s's %s of training the heads on a frozen backbone are for "
+                 "ImageNet features, and this backbone starts from random weights (--no-pretrained); "
+                 "--freeze-epochs N asks for them anyway", cfg['preset'], plural(preset_freeze, 'epoch'))
     if given and cfg['freeze_epochs'] and not cfg['pretrained']:
-        LOG.warning('--freeze-epochs %d with random weights (--no-pretrained): for %s the attention heads learn '
-                    'from the features of a random backbone that does not train', cfg['freeze_epochs'],
+        LOG.warning('--freeze-epochs %d with random weights (--no-pretrained): for %s the attention heads '
+                    'learn from the features of a random backbone that does not train', cfg['freeze_epochs'],
                     plural(min(cfg['freeze_epochs'], cfg['epochs']), 'epoch'))
     if given and cfg['freeze_epochs'] >= cfg['epochs']:
-        LOG.warning('--freeze-epochs %d with --epochs %d: the backbone and the primary classifier stay frozen for the '
-                    'whole run', cfg['freeze_epochs'], cfg['epochs'])
+        LOG.warning('--freeze-epochs %d with --epochs %d: the backbone and the primary classifier stay '
+                    'frozen for the whole run', cfg['freeze_epochs'], cfg['epochs'])
 
 
 def cpu_note(cfg, explicit, ctx):
@@ -157,9 +159,10 @@ def cpu_note(cfg, explicit, ctx):
         return
     if cfg['backbone'] in ('resnet18_v1', 'resnet34_v1') and cfg['input_size'] <= 128:
         return
-    LOG.info('training %s at %dx%d on the CPU (the paper\'s network; about 8 GB and minutes per hundred images on '
-             '2 cores): for a first try on your data, add --backbone resnet18_v1 --input-size 128 (README, "Your own '
-             'data"); a GPU (--gpus 0) is what the full size needs', cfg['backbone'], cfg['input_size'],
+    LOG.info('training %s at %dx%d on the CPU (the paper\'s network; about 8 GB and minutes per hundred '
+             'images on 2 cores): for a first try on your data, add --backbone resnet18_v1 --input-size 128 '
+             '(README, "Your own data"); a GPU (--gpus 0) is what the full size needs', cfg['backbone'],
+             cfg['input_size'],
              cfg['input_size'])
 
 
@@ -243,9 +246,9 @@ def end_epoch(cfg, epoch, net, loss, trainers, history, data, schedule, ctx, fol
                              else (None, False, None))
     trainers.follow(schedule)
     if schedule.diverged:
-        raise UserError('the validation outputs became inf/NaN in epoch %d: the weights diverged although the '
-                        'training loss stayed finite. Nothing of this epoch was saved. %s; or start a new run '
-                        'with a lower --lr (this one: %g)' % (epoch, folder.last_good(), cfg['lr']))
+        raise UserError('the validation outputs became inf/NaN in epoch %d: the weights diverged although '
+                        'the training loss stayed finite. Nothing of this epoch was saved. %s; or start a '
+                        'new run with a lower --lr (this one: %g)' % (epoch, folder.last_good(), cfg['lr']))
     merged = trainers.sync.merged_history(history, data.sampler.indices)
     if not folder.lead:
         return

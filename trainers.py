@@ -40,7 +40,8 @@ class PlateauSchedule(object):
     """
 
     def __init__(self, lr, patience, max_drops, monitor='mAP'):
-        self.lr, self.patience, self.max_drops, self.monitor = float(lr), int(patience), int(max_drops), monitor
+        self.lr, self.patience, self.max_drops = float(lr), int(patience), int(max_drops)
+        self.monitor = monitor
         self.best, self.best_epoch, self.waited, self.drops = -1.0, -1, 0, 0
         self.diverged = False
 
@@ -63,7 +64,8 @@ class PlateauSchedule(object):
         return False
 
     def state_dict(self):
-        return dict(lr=self.lr, best=self.best, best_epoch=self.best_epoch, patience=self.waited, drops=self.drops)
+        return dict(lr=self.lr, best=self.best, best_epoch=self.best_epoch, patience=self.waited,
+                    drops=self.drops)
 
     def load_state_dict(self, state):
         self.lr, self.best, self.best_epoch = state['lr'], state['best'], state['best_epoch']
@@ -75,7 +77,7 @@ class StageTrainers(object):
 
     Parameters
     ----------
-    net : model.VAANet
+    net : model.AttributeNet
         Its ``stage_modules()`` give the modules.
     ctx : list of Context
         The devices holding the parameters.
@@ -120,9 +122,11 @@ class StageTrainers(object):
             return False
         if frozen:
             last = self.freeze_epochs if self.epochs is None else min(self.freeze_epochs, self.epochs)
-            LOG.info('%s: backbone and primary classifier frozen, training the attention heads with their loss%s',
+            LOG.info('%s: backbone and primary classifier frozen, training the attention heads with their '
+                     'loss%s',
                      'epoch 0' if last == 1 else 'epochs 0-%d' % (last - 1),
-                     ' (the whole run)' if self.epochs is not None and self.freeze_epochs >= self.epochs else '')
+                     ' (the whole run)' if self.epochs is not None and self.freeze_epochs >= self.epochs
+                     else '')
         elif self.frozen:
             LOG.info('epoch %d: training end to end', epoch)
         self.net.freeze(frozen, fix_statistics=True)
@@ -146,7 +150,8 @@ class StageTrainers(object):
     def follow(self, schedule):
         """Every worker takes rank 0's learning rate, drop count and verdict on divergence, and sets the
         rate on every Trainer."""
-        lr, drops, diverged = self.sync.broadcast_values('schedule', [schedule.lr, schedule.drops, schedule.diverged])
+        lr, drops, diverged = self.sync.broadcast_values('schedule', [
+            schedule.lr, schedule.drops, schedule.diverged])
         schedule.lr, schedule.drops, schedule.diverged = lr, int(drops), bool(diverged)
         self.set_learning_rate(lr)
 

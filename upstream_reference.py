@@ -29,7 +29,7 @@ STAGE_ACT = 'resnetv10_stage%d_activation%d_output'
 
 def _tap_nodes(depth, taps, net):
     """Symbol-graph node names of the taps, named as ``backbone.resolve_taps`` names them: ``sN`` (end of
-    stage N), ``sNbK`` (after block K of stage N), ``sN-M`` (M blocks before its end: the authors' ``s3-3``)."""
+    stage N), ``sNbK`` (after block K of stage N), ``sN-M`` (M blocks before its end: ``s3-3``)."""
     nodes = []
     for tap in taps:
         match = re.fullmatch(r's([1-4])(?:b(\d+)|-(\d+))?', tap)
@@ -47,7 +47,8 @@ def reference_backbone(depth, num_classes, taps, ctx):
     net = vision.get_resnet(1, depth, classes=num_classes, prefix='resnetv10_')
     net.initialize(INIT, ctx=ctx)
     with net.name_scope():
-        net.output = nn.Dense(num_classes, flatten=True, in_units=net.output._in_units)  # pylint: disable=protected-access
+        # pylint: disable=protected-access
+        net.output = nn.Dense(num_classes, flatten=True, in_units=net.output._in_units)
         net.output.initialize(INIT, ctx=ctx)
     data = mx.sym.var('data')
     internals = net(data).get_internals()

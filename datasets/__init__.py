@@ -67,8 +67,8 @@ def load_split(name, data_path, split, num_classes=None, attribute_names=None, *
     whose attributes are not ``attribute_names`` in that order (those of the training split)."""
     data = get_split(name, data_path, split, **options)
     if attribute_names is not None and list(data.attribute_names) != list(attribute_names):
-        raise UserError('the %s split of %s has the attributes %s, but the model is trained for %s: every split '
-                        'needs the same attributes in the same order' % (
+        raise UserError('the %s split of %s has the attributes %s, but the model is trained for %s: every '
+                        'split needs the same attributes in the same order' % (
                             split, name, _differ(data.attribute_names, attribute_names),
                             _differ(attribute_names, data.attribute_names)))
     if getattr(data, 'skipped', 0):
@@ -107,8 +107,10 @@ def detect(data_path):
             return name
     if any(f.startswith('digits-canvas-') and f.endswith('.npz') for f in os.listdir(data_path)):
         return 'demo'
-    raise UserError('cannot tell the dataset of --data_path %s from its layout (looked for %s); give --dataset'
-                    % (data_path, ', '.join('%s (%s)' % (' or '.join(marks), name) for name, marks in LAYOUTS)))
+    raise UserError('cannot tell the dataset of --data_path %s from its layout (looked for %s); give '
+                    '--dataset'
+                    % (data_path,
+                       ', '.join('%s (%s)' % (' or '.join(marks), name) for name, marks in LAYOUTS)))
 
 
 def _differ(names, other):

@@ -73,7 +73,8 @@ def decode_image(path):
     if image is None:
         raise UserError('%s is not a readable image (empty, truncated or not JPEG/PNG/BMP)' % path)
     if truncated(data):
-        raise UserError('%s is truncated (its end-of-image marker is missing): re-download or re-encode it' % path)
+        raise UserError('%s is truncated (its end-of-image marker is missing): re-download or re-encode it'
+                        % path)
     return image[:, :, ::-1]
 
 
@@ -264,8 +265,8 @@ class _Transformed(gluon.data.Dataset):
         try:
             image, index = self._dataset[index]
         except UserError as err:
-            raise UserError('%s (or pass --skip-bad-samples, which checks every image before the first epoch and '
-                            'skips the bad ones)' % err)
+            raise UserError('%s (or pass --skip-bad-samples, which checks every image before the first epoch '
+                            'and skips the bad ones)' % err)
         data = self._transform(image, index, epoch)
         return data, self._labels[index], self._mask[index], np.int64(index)
 

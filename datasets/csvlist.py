@@ -28,7 +28,8 @@ class CsvDataset(ImageFileDataset):
         require_dir(data_path, 'the CSV dataset')
         path = os.path.join(data_path, '%s.csv' % split)
         if not os.path.isfile(path):
-            raise UserError('CSV dataset: %s is missing (one CSV per split: train.csv, val.csv, test.csv)' % path)
+            raise UserError('CSV dataset: %s is missing (one CSV per split: train.csv, val.csv, test.csv)'
+                            % path)
         bad = BadSamples(skip_bad, 'CSV %s' % split)
         with open(path, newline='', encoding='utf-8-sig') as f:      # (Excel writes a BOM)
             reader = csv.reader(f)

@@ -26,7 +26,8 @@ def train_loader(cfg, data, num_devices=1, rank=0, num_workers=1):
 
 def eval_loader(cfg, data):
     """Batches of ``data`` in order, with the evaluation transform of ``cfg``."""
-    return make_loader(data, transform(cfg), cfg['batch_size'], shuffle=False, num_workers=cfg['num_workers'])[0]
+    return make_loader(data, transform(cfg), cfg['batch_size'], shuffle=False,
+                       num_workers=cfg['num_workers'])[0]
 
 
 def data_options(cfg):

@@ -38,7 +38,8 @@ class RecordDataset(AttributeDataset):
         self.rec = list_file(data_path, split, '.rec')
         self.idx = os.path.splitext(self.rec)[0] + '.idx'
         if not os.path.isfile(self.idx):
-            raise UserError('%s has no index file %s; pack it with im2rec.py (which writes both)' % (self.rec, self.idx))
+            raise UserError('%s has no index file %s; pack it with im2rec.py (which writes both)'
+                            % (self.rec, self.idx))
         self._record, self._pid = None, None
         keys = self._read_keys()
         lst = os.path.splitext(self.rec)[0] + '.lst'
@@ -128,7 +129,8 @@ def prepare(dataset, data_path, out, splits=('train', 'val', 'test'), quality=95
                 f.write('%d\t%s\t%s\n' % (i, '\t'.join(str(int(v)) for v in row), os.path.abspath(path)))
         cmd = [sys.executable, im2rec_script(), os.path.join(out, split), '/', '--pack-label',
                '--quality', str(quality), '--num-thread', str(threads or min(4, os.cpu_count() or 1))]
-        result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+        result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                universal_newlines=True)
         if result.returncode != 0 or not os.path.isfile(os.path.join(out, split + '.rec')):
             raise UserError('im2rec.py failed for %s:\n%s' % (lst, result.stdout[-2000:]))
         print('%s: packed %d images into %s.rec' % (split, len(data), os.path.join(out, split)))
@@ -140,7 +142,8 @@ def prepare(dataset, data_path, out, splits=('train', 'val', 'test'), quality=95
 def main(argv=None):
     import datasets
     p = argparse.ArgumentParser(description='Pack a dataset into RecordIO files for fast training.')
-    p.add_argument('--dataset', required=True, choices=[n for n in datasets.names() if n not in ('rec', 'demo')],
+    p.add_argument('--dataset', required=True,
+                   choices=[n for n in datasets.names() if n not in ('rec', 'demo')],
                    help='source dataset')
     p.add_argument('--data_path', required=True, help='source dataset root')
     p.add_argument('--out', required=True, help='folder for the .lst/.rec/.idx files')

@@ -81,7 +81,8 @@ def _crop_job(job):
             results.append('box %s has no area inside the %dx%d image' % (list(bbox), w, h))
             continue
         x0, y0, x1, y1 = box
-        crop = cv2.resize(np.ascontiguousarray(image[y0:y1, x0:x1]), (CROP, CROP), interpolation=cv2.INTER_AREA)
+        crop = cv2.resize(np.ascontiguousarray(image[y0:y1, x0:x1]), (CROP, CROP),
+                          interpolation=cv2.INTER_AREA)
         tmp = out + '.tmp.jpg'
         cv2.imwrite(tmp, crop[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
         os.replace(tmp, out)
@@ -128,7 +129,8 @@ class WiderAttribute(ImageFileDataset):
                 where = '%s: images[%d] (%s) targets[%d]' % (ann_path, i, file_name, t)
                 signed = target.get('attribute', [])
                 if len(signed) != len(names) or any(v not in (1, -1, 0) for v in signed):
-                    bad.report(where, 'attribute must be %d values in 1 / -1 / 0, got %s' % (len(names), signed))
+                    bad.report(where,
+                               'attribute must be %d values in 1 / -1 / 0, got %s' % (len(names), signed))
                     continue
                 bbox = target.get('bbox', [])
                 if len(bbox) != 4 or float(bbox[2]) <= 0 or float(bbox[3]) <= 0:

@@ -102,7 +102,8 @@ def _explain_crash(worker):
     name = what.split(':', 1)[1].strip()
     number = {'Segmentation fault': signal.SIGSEGV, 'Aborted': signal.SIGABRT, 'Bus error': signal.SIGBUS,
               'Floating point exception': signal.SIGFPE, 'Illegal instruction': signal.SIGILL}.get(name)
-    return 'crashed: %s%s in native code (MXNet/oneDNN)\n%s\nWhere the test was (most recent call first):\n%s' % (
+    return ('crashed: %s%s in native code (MXNet/oneDNN)\n%s\nWhere the test was (most recent call '
+            'first):\n%s') % (
         name, ' (%s)' % number.name if number else '', machine.describe(),
         '\n'.join(_test_stacks(lines[lines.index(what) + 1:])) or text[:4000])
 
@@ -122,7 +123,8 @@ def _test_stacks(lines):
     blocks.append(block)
     out = []
     for block in blocks:
-        ours = [i for i, line in enumerate(block) if os.sep + 'tests' + os.sep in line and 'conftest.py' not in line]
+        ours = [i for i, line in enumerate(block)
+                if os.sep + 'tests' + os.sep in line and 'conftest.py' not in line]
         if ours:
             out.extend(block[:ours[-1] + 1])
     return out
@@ -188,8 +190,9 @@ class _HangWatch(threading.Thread):
                 self._fail(now - self.since)
 
     def _fail(self, idle):
-        message = ('hang: %s used less than 1 s of CPU time (with its child processes) in %.0f s: a deadlock, '
-                   'not slowness (VAA_TEST_HANG_SECONDS=%g); the stacks of its threads:' % (self.test, idle, self.limit))
+        message = ('hang: %s used less than 1 s of CPU time (with its child processes) in %.0f s: a '
+                   'deadlock, not slowness (VAA_TEST_HANG_SECONDS=%g); the stacks of its threads:'
+                   % (self.test, idle, self.limit))
         for out in (self.log, sys.stderr):
             if out is not None:
                 out.write('\n' + message + '\n')

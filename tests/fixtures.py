@@ -68,7 +68,8 @@ def peta(root, n=20, seed=0):
     parts = np.empty((2, 1), object)
     orders = [np.arange(n), rng.permutation(n)]
     for p, order in enumerate(orders):
-        parts[p, 0] = {'train': order[:10, None] + 1, 'val': order[10:14, None] + 1, 'test': order[14:, None] + 1}
+        parts[p, 0] = {'train': order[:10, None] + 1, 'val': order[10:14, None] + 1,
+                       'test': order[14:, None] + 1}
     scipy.io.savemat(os.path.join(root, 'PETA.mat'), {'peta': {
         'peta_data': labels, 'attribute': names, 'selected_attribute': np.arange(1, 36)[:, None],
         'partion_attribute': parts}})
@@ -90,7 +91,8 @@ def pa100k(root, sizes=(8, 4, 4), seed=0):
         mat['%s_images_name' % split] = files
         mat['%s_label' % split] = (rng.rand(size, 26) < 0.3).astype(np.uint8)
         for i in range(size):
-            _write(os.path.join(root, 'data', '%06d.jpg' % (k + i + 1)), solid(COLOURS[(k + i) % len(COLOURS)]))
+            _write(os.path.join(root, 'data', '%06d.jpg' % (k + i + 1)),
+                   solid(COLOURS[(k + i) % len(COLOURS)]))
         k += size
     scipy.io.savemat(os.path.join(root, 'annotation.mat'), mat)
     return mat
@@ -146,7 +148,7 @@ def cli(args, env=None):
 
 
 def one_line_error(args, expected, env=None):
-    """The script stops with status 2 and exactly one ``error:`` line containing ``expected``, no traceback."""
+    """The script stops with status 2 and one ``error:`` line containing ``expected``, no traceback."""
     proc = cli(args, env)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     errors = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]

@@ -113,7 +113,8 @@ def evaluate(net, x, when, out):
     for mode in ('hybrid', 'imperative'):
         net.hybridize(active=mode == 'hybrid', static_alloc=True, static_shape=True)
         primary, taps, fused = net(x)[:3]
-        out['%s_%s_primary' % (when, mode)], out['%s_%s_fused' % (when, mode)] = primary.asnumpy(), fused.asnumpy()
+        out['%s_%s_primary' % (when, mode)], out['%s_%s_fused' % (when, mode)] = primary.asnumpy(
+            ), fused.asnumpy()
         for i, tap in enumerate(taps):
             out['%s_%s_tap%d' % (when, mode, i)] = tap.asnumpy()
     net.hybridize(static_alloc=True, static_shape=True)
@@ -173,7 +174,8 @@ def run_level(level, folder, names=None, timeout=900):
             how += ', after a segmentation fault (MXNet turns it into an abort)'
         tail = text.strip().splitlines()[-15:]
         if culprit is None:
-            raise RuntimeError('isa_probe at %s failed (%s) outside any system:\n%s' % (level, how, '\n'.join(tail)))
+            raise RuntimeError('isa_probe at %s failed (%s) outside any system:\n%s' % (level, how, '\n'.join(
+                tail)))
         failed[culprit] = '%s at DNNL_MAX_CPU_ISA=%s: %s; its last output:\n%s' % (
             culprit, level if level != NATIVE else '(unset)', how, '\n'.join(tail))
         todo = [n for n in todo if n not in done and n != culprit]
@@ -246,11 +248,12 @@ def print_matrix():
                 cells.append('ok (no reference)')
             else:
                 d = compare(os.path.join(root, level), os.path.join(root, NATIVE), name)
-                cells.append('%s: %.0e / %.0e / %.0e' % ('ok' if agrees(d) else 'DIFFERS', d['forward'], d['gradient'],
-                                                       d['layer']))
+                cells.append('%s: %.0e / %.0e / %.0e' % (
+                    'ok' if agrees(d) else 'DIFFERS', d['forward'], d['gradient'], d['layer']))
         print('| %s | %s |' % (name, ' | '.join(cells)))
-    print('(against the native level: forward / gradient / worst layer, tolerances %g / %g / %g (isa_probe.TOLERANCE); '
-          'arrays in %s)' % (TOLERANCE['forward'], TOLERANCE['gradient'], TOLERANCE['layer'], root))
+    print('(against the native level: forward / gradient / worst layer, tolerances %g / %g / %g '
+          '(isa_probe.TOLERANCE); arrays in %s)' % (TOLERANCE['forward'], TOLERANCE['gradient'],
+                                                    TOLERANCE['layer'], root))
     return 0
 
 

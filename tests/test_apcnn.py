@@ -128,7 +128,8 @@ def test_roi_pyramid_equals_the_released_get_att_roi(hybrid, size, border):
         for gate, s, a, k in zip(gates, sizes, anchors, roi.topk):
             expected = np_att_roi(gate[n, 0], size // s, a, size, 0.05, k, border)
             got = rois[n, start:start + k][valid[n, start:start + k] > 0]
-            assert valid[n, start:start + len(expected)].all() and not valid[n, start + len(expected):start + k].any()
+            assert valid[n, start:start + len(expected)].all()
+            assert not valid[n, start + len(expected):start + k].any()
             np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-4)
             fewer |= len(expected) < k
             start += k
@@ -182,7 +183,8 @@ def test_zoom_falls_back_to_the_whole_map_and_compensates_the_dropped_energy():
     rois[0, 0], valid[0, 0] = (8, 16, 32, 32), 1            # level 3: cells x 1..3, y 2..3
     rois[0, 8], valid[0, 8] = (0, 0, 64, 64), 1             # level 5: the whole map
     with autograd.train_mode():
-        out, _ = zoom(nd.ones((1, 2, 8, 8)), nd.array(rois), nd.array(valid), nd.array([0.1]), nd.array([0.0]))
+        out, _ = zoom(nd.ones((1, 2, 8, 8)), nd.array(rois), nd.array(valid), nd.array([0.1]),
+                      nd.array([0.0]))
     expected = np.full((1, 2, 8, 8), 64 / 58.0)
     expected[:, :, 2:4, 1:4] = 0
     np.testing.assert_allclose(out.asnumpy(), expected, rtol=1e-5, atol=1e-5)
@@ -191,7 +193,8 @@ def test_zoom_falls_back_to_the_whole_map_and_compensates_the_dropped_energy():
     rois[0, 8], valid[0, 8] = 0, 0
     rois[0, 0] = (0, 0, 64, 64)
     with autograd.train_mode():
-        out, _ = zoom(nd.ones((1, 2, 8, 8)), nd.array(rois), nd.array(valid), nd.array([0.1]), nd.array([0.0]))
+        out, _ = zoom(nd.ones((1, 2, 8, 8)), nd.array(rois), nd.array(valid), nd.array([0.1]),
+                      nd.array([0.0]))
     np.testing.assert_allclose(out.asnumpy(), 1.0, rtol=1e-5)
 
 
@@ -251,7 +254,8 @@ def _np_conv(x, w, b=None, pad=0):
 
 
 def _p(block):
-    return {name[len(block.prefix):]: p.data().asnumpy().astype(np.float64) for name, p in block.collect_params().items()}
+    return {name[len(block.prefix):]: p.data().asnumpy().astype(np.float64)
+            for name, p in block.collect_params().items()}
 
 
 def _sigmoid(v):
@@ -269,7 +273,8 @@ def test_pyramid_and_attention_gates_equal_numpy():
     got = fpn(*[nd.array(b) for b in (b3, b4, b5)])
     w = _p(fpn)
     bn = lambda v, name: (v / np.sqrt(1 + 1e-5) * w[name + 'gamma'].reshape(1, -1, 1, 1)  # noqa: E731
-                          + w[name + 'beta'].reshape(1, -1, 1, 1))                        # (stored mean 0, var 1)
+                          # (stored mean 0, var 1)
+                          + w[name + 'beta'].reshape(1, -1, 1, 1))
     master = np.maximum(bn(_np_conv(b5, w['P5_1_conv_master_conv_weight']), 'P5_1_conv_master_bn_'), 0)
     gpb = np.maximum(bn(_np_conv(b5.mean((2, 3), keepdims=True), w['P5_1_conv_gpb_conv_weight']),
                         'P5_1_conv_gpb_bn_'), 0)
@@ -277,7 +282,8 @@ def test_pyramid_and_attention_gates_equal_numpy():
     p5 = master + gpb
     p4 = _np_conv(b4, w['P4_1_weight'], w['P4_1_bias']) + up(p5)
     p3 = _np_conv(b3, w['P3_1_weight'], w['P3_1_bias']) + up(p4)
-    expected = [_np_conv(p, w['%s_2_weight' % k], w['%s_2_bias' % k], pad=1) for p, k in ((p3, 'P3'), (p4, 'P4'), (p5, 'P5'))]
+    expected = [_np_conv(p, w['%s_2_weight' % k], w['%s_2_bias' % k], pad=1)
+                for p, k in ((p3, 'P3'), (p4, 'P4'), (p5, 'P5'))]
     for a, b in zip(got, expected):
         np.testing.assert_allclose(a.asnumpy(), b, rtol=1e-4, atol=1e-4)
     out = [o.asnumpy() for o in apn(*got)]
@@ -300,7 +306,8 @@ def test_pyramid_and_attention_gates_equal_numpy():
 
 def _net(backbone='resnet18_v1', size=64, classes=4):
     from model import build_net
-    return build_net(dict(backbone=backbone, num_classes=classes, preset='demo', input_size=size, head='apcnn'))
+    return build_net(dict(backbone=backbone, num_classes=classes, preset='demo', input_size=size,
+                          head='apcnn'))
 
 
 @pytest.mark.parametrize('backbone,size', [('resnet18_v1', 64), ('resnet50_v1', 64), ('densenet121', 64),
@@ -311,14 +318,17 @@ def test_network_shapes_and_the_project_contract(backbone, size):
     x = nd.array(np.random.RandomState(0).randn(2, 3, size, size))
     primary, taps, fused = net(x)
     assert primary.shape == (2, 4) and len(taps) == 7 and all(t.shape == (2, 4) for t in taps)
-    np.testing.assert_allclose(fused.asnumpy(), (primary + nd.add_n(*taps)).asnumpy() / 8, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fused.asnumpy(), (primary + nd.add_n(*taps)).asnumpy() / 8, rtol=1e-5,
+                               atol=1e-6)
     stages = net.stage_logits(primary, taps)          # each pass's own prediction: stage II sees the zoom
     net.return_attention = True
     second = net(x)
     net.return_attention = False
-    np.testing.assert_allclose(stages['stage I'].asnumpy(), (second[0] + nd.add_n(*second[1][:3])).asnumpy() / 4,
+    np.testing.assert_allclose(stages['stage I'].asnumpy(),
+                               (second[0] + nd.add_n(*second[1][:3])).asnumpy() / 4,
                                rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose((stages['stage I'] + stages['stage II']).asnumpy() / 2, fused.asnumpy(), rtol=1e-5,
+    np.testing.assert_allclose((stages['stage I'] + stages['stage II']).asnumpy() / 2, fused.asnumpy(),
+                               rtol=1e-5,
                                atol=1e-6)
     modules = net.stage_modules()
     assert list(modules) == ['backbone', 'apcnn/fpn', 'apcnn/apn', 'apcnn/cls']
@@ -338,7 +348,8 @@ def test_input_size_must_be_divisible_by_32_and_plugins_are_refused():
     with pytest.raises(UserError, match='--apcnn-topk must be 3'):
         config.resolve_config(config.defaults(head='apcnn', input_size=64, dataset='demo', apcnn_topk='5,3'))
     with pytest.raises(UserError, match='add up to more than 1'):
-        config.resolve_config(config.defaults(head='apcnn', input_size=64, dataset='demo', apcnn_drop='0.6,0.6'))
+        config.resolve_config(config.defaults(head='apcnn', input_size=64, dataset='demo',
+                                              apcnn_drop='0.6,0.6'))
 
 
 def test_stage_two_trains_stages_one_and_two_through_the_zoom():

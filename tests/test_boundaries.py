@@ -26,8 +26,10 @@ def _rows(out):
     return [{k: v for k, v in r.items() if k not in ('samples_per_sec', 'seconds')} for r in rows]
 
 
-# 1. train.py hands its loss to the phase switch --------------------------------------------------------------
-def test_train_py_switches_the_primary_term_off_in_the_first_phase_and_on_after(demo_path, tmp_path, monkeypatch):
+# 1. train.py hands its loss to the phase switch
+# --------------------------------------------------------------
+def test_train_py_switches_the_primary_term_off_in_the_first_phase_and_on_after(
+        demo_path, tmp_path, monkeypatch):
     seen = []
     real = steps.train_step
 
@@ -35,13 +37,16 @@ def test_train_py_switches_the_primary_term_off_in_the_first_phase_and_on_after(
         seen.append((args[3], loss_fn.primary))          # (epoch, is the focal term on?)
         return real(net, loss_fn, *args, **kwargs)
     monkeypatch.setattr(steps, 'train_step', spy)
-    train.main(['--data_path', demo_path, '--out', str(tmp_path / 'run'), '--preset', 'paper', '--freeze-epochs', '1',
+    train.main(['--data_path', demo_path, '--out', str(tmp_path / 'run'), '--preset', 'paper',
+                '--freeze-epochs', '1',
                 '--epochs', '2', '--input-size', '64'] + TINY[:2] + TINY[4:])
     assert sorted(set(seen)) == [(0, False), (1, True)]
 
 
-# 2. the per-batch seed: other draws in every batch, the same ones after a resume ------------------------------
-def test_the_in_graph_draws_differ_between_batches_and_repeat_after_a_resume(demo_path, tmp_path, monkeypatch):
+# 2. the per-batch seed: other draws in every batch, the same ones after a resume
+# ------------------------------
+def test_the_in_graph_draws_differ_between_batches_and_repeat_after_a_resume(
+        demo_path, tmp_path, monkeypatch):
     from related.mcloss.head import MCHead
     masks = []
     real = MCHead.cwa_mask
@@ -64,12 +69,14 @@ def test_the_in_graph_draws_differ_between_batches_and_repeat_after_a_resume(dem
     for a, b in zip(first, masks):
         np.testing.assert_array_equal(a, b)
     epoch0 = first[:batches]
-    assert all(not np.array_equal(epoch0[i], epoch0[j]) for i in range(batches) for j in range(i + 1, batches))
+    assert all(not np.array_equal(epoch0[i], epoch0[j]) for i in range(batches) for j in range(
+        i + 1, batches))
     assert not np.array_equal(first[0], first[batches])          # and between epochs
 
 
-# 3. every schedule value the README states --------------------------------------------------------------------
-# (preset, dataset): optimizer, lr, patience, drops, batch, epochs, monitor, first phase (with ImageNet weights)
+# 3. every schedule value the README states
+# --------------------------------------------------------------------
+# (preset, dataset): optimizer, lr, patience, drops, batch, epochs, monitor, first phase (ImageNet weights)
 README_SCHEDULES = {
     ('paper', 'wider'): ('sgd', 1e-3, 3, 2, 32, 40, 'mAP', 3),
     ('paper', 'csv'): ('sgd', 1e-3, 3, 2, 32, 40, 'mAP', 3),
@@ -84,13 +91,15 @@ README_SCHEDULES = {
 @pytest.mark.parametrize('preset,dataset', sorted(README_SCHEDULES))
 def test_each_preset_and_dataset_gets_the_schedule_the_readme_states(preset, dataset):
     cfg = config.defaults(preset=preset, dataset=dataset, pretrained=dataset != 'demo')
-    got = tuple(cfg[k] for k in ('optimizer', 'lr', 'lr_patience', 'lr_drops', 'batch_size', 'epochs', 'monitor',
+    got = tuple(cfg[k] for k in ('optimizer', 'lr', 'lr_patience', 'lr_drops', 'batch_size', 'epochs',
+                                 'monitor',
                                  'freeze_epochs'))
     assert got == README_SCHEDULES[(preset, dataset)]
     assert cfg['shuffle'] == (preset != 'upstream') and cfg['pretrained'] == (dataset != 'demo')
 
 
-# 4. resume refuses every fixed setting by name ----------------------------------------------------------------
+# 4. resume refuses every fixed setting by name
+# ----------------------------------------------------------------
 # key -> (flag words, the value the message names); the tiny run below has the demo's settings
 CHANGES = {
     'dataset': (['--dataset', 'wider'], 'wider'), 'preset': (['--preset', 'upstream'], 'upstream'),
@@ -101,15 +110,18 @@ CHANGES = {
     'partition': (['--partition', '2'], '2'), 'all_attributes': (['--all-attributes'], 'True'),
     'freeze_epochs': (['--freeze-epochs', '1'], '1'), 'finetune': (['--finetune'], 'True'),
     'gamma': (['--gamma', '2'], '2.0'), 'shuffle': (['--no-shuffle'], 'False'),
-    'pretrained': (['--pretrained'], 'True'), 'taps': (['--taps', 's2'], 's2'), 'head': (['--head', 'gcn'], 'gcn'),
+    'pretrained': (['--pretrained'], 'True'), 'taps': (['--taps', 's2'], 's2'), 'head': ([
+        '--head', 'gcn'], 'gcn'),
     'rga': (['--rga', 's'], 's'), 'rga_stages': (['--rga-stages', '2,3'], '2,3'),
-    'rga_ratios': (['--rga-ratios', '4,4,4'], '4,4,4'), 'gcn_embeddings': (['--gcn-embeddings', 'cooc'], 'cooc'),
+    'rga_ratios': (['--rga-ratios', '4,4,4'], '4,4,4'), 'gcn_embeddings': ([
+        '--gcn-embeddings', 'cooc'], 'cooc'),
     'gcn_t': (['--gcn-t', '0.5'], '0.5'), 'gcn_p': (['--gcn-p', '0.2'], '0.2'),
     'gcn_reweight': (['--gcn-reweight', 'paper'], 'paper'), 'gcn_pool': (['--gcn-pool', 'avg'], 'avg'),
     'backbone_lr_mult': (['--backbone-lr-mult', '0.1'], '0.1'), 'mc_loss': (['--mc-loss'], 'True'),
     'mc_weights': (['--mc-weights', '1,2'], '1,2'), 'mc_drop': (['--mc-drop', '0.2'], '0.2'),
     'mc_xi': (['--mc-xi', '4'], '4'), 'apcnn_topk': (['--apcnn-topk', '3,2,1'], '3,2,1'),
-    'apcnn_anchors': (['--apcnn-anchors', '32,64,128'], '32,64,128'), 'apcnn_iou': (['--apcnn-iou', '0.1'], '0.1'),
+    'apcnn_anchors': (['--apcnn-anchors', '32,64,128'], '32,64,128'), 'apcnn_iou': ([
+        '--apcnn-iou', '0.1'], '0.1'),
     'apcnn_drop': (['--apcnn-drop', '0.2,0.2'], '0.2,0.2'),
 }
 
@@ -138,7 +150,8 @@ def test_resume_refuses_a_changed_fixed_setting_by_name(finished_run, key):
     assert named in message, message
 
 
-# 5, 6. the ML-GCN graph from the masked labels, in the form asked for -----------------------------------------
+# 5, 6. the ML-GCN graph from the masked labels, in the form asked for
+# -----------------------------------------
 def _graph_by_hand(labels, mask, t, p, reweight):
     """The label graph from scratch: loops over samples (only both-specified pairs count), then the
     released gen_A/gen_adj (code) or the paper's Eq. 8 with D^-1/2 A D^-1/2."""
@@ -169,18 +182,23 @@ def test_the_gcn_head_is_built_from_the_masked_labels_in_the_form_asked_for(rewe
     rng = np.random.RandomState(3)
     labels = (rng.rand(60, 5) < 0.5).astype(np.float32)
     mask = (rng.rand(60, 5) > 0.3).astype(np.float32)
-    labels[mask == 0] = 1                                    # unspecified entries hold a 1 that must not count
+    # unspecified entries hold a 1 that must not count
+    labels[mask == 0] = 1
     cfg = config.defaults(backbone='resnet18_v1', input_size=32, num_classes=5, dataset=None, head='gcn',
                           gcn_reweight=reweight, gcn_t=0.3, gcn_p=0.2)
     net = build_net(cfg, [mx.cpu()], labels=labels, mask=mask)
-    adjacency = [p for n, p in net.primary_head.collect_params().items() if n.endswith('_adjacency')][0].data().asnumpy()
-    np.testing.assert_allclose(adjacency, _graph_by_hand(labels, mask, 0.3, 0.2, reweight), rtol=1e-5, atol=1e-6)
+    adjacency = [p for n, p in net.primary_head.collect_params().items()
+                 if n.endswith('_adjacency')][0].data().asnumpy()
+    np.testing.assert_allclose(adjacency, _graph_by_hand(labels, mask, 0.3, 0.2, reweight), rtol=1e-5,
+                               atol=1e-6)
     other = 'paper' if reweight == 'code' else 'code'
     assert not np.allclose(adjacency, _graph_by_hand(labels, mask, 0.3, 0.2, other), atol=1e-3)
-    assert not np.allclose(adjacency, _graph_by_hand(labels, np.ones_like(mask), 0.3, 0.2, reweight), atol=1e-3)
+    assert not np.allclose(adjacency, _graph_by_hand(labels, np.ones_like(mask), 0.3, 0.2, reweight),
+                           atol=1e-3)
 
 
-# 7. --mc-weights are the weights used -------------------------------------------------------------------------
+# 7. --mc-weights are the weights used
+# -------------------------------------------------------------------------
 def test_the_mc_weights_given_are_the_weights_of_the_objective():
     class Split(object):
         labels = np.array([[1, 0], [0, 1], [1, 1]], np.float32)
@@ -192,10 +210,12 @@ def test_the_mc_weights_given_are_the_weights_of_the_objective():
     cfg['num_classes'] = 2                          # (train.get_data sets it from the dataset)
     loss, _ = train.get_losses(cfg, Split(), [mx.cpu()])
     dis, div = nd.array([2.0, 4.0]), nd.array([0.5, 0.25])
-    np.testing.assert_allclose(loss.aux.weigh(dis, div).asnumpy(), [0.3 * 2 + 7 * 0.5, 0.3 * 4 + 7 * 0.25], rtol=1e-6)
+    np.testing.assert_allclose(loss.aux.weigh(dis, div).asnumpy(), [0.3 * 2 + 7 * 0.5, 0.3 * 4 + 7 * 0.25],
+                               rtol=1e-6)
 
 
-# 8. AP-CNN's NMS exactly at the threshold ---------------------------------------------------------------------
+# 8. AP-CNN's NMS exactly at the threshold
+# ---------------------------------------------------------------------
 def test_apcnn_nms_suppresses_a_box_at_exactly_the_iou_threshold():
     """Two 21 x 21 boxes ("+1" sides) that overlap by 2 columns: IoU = 42 / (441 + 441 - 42) = 0.05 exactly.
     The released cpu_nms suppresses at IoU >= 0.05: only the higher score survives; one column less
@@ -212,7 +232,8 @@ def test_apcnn_nms_suppresses_a_box_at_exactly_the_iou_threshold():
             np.testing.assert_array_equal(out[0, 1:], [shift, 0, shift + 21, 21])     # the higher-scored box
 
 
-# 9. instance metrics ignore unspecified entries ---------------------------------------------------------------
+# 9. instance metrics ignore unspecified entries
+# ---------------------------------------------------------------
 def test_a_high_score_at_an_unspecified_entry_moves_no_instance_metric():
     rng = np.random.RandomState(5)
     probs = rng.rand(30, 6)
@@ -229,7 +250,8 @@ def test_a_high_score_at_an_unspecified_entry_moves_no_instance_metric():
         lowered, labels, np.ones_like(mask))              # (the same change does move them when specified)
 
 
-# 10. --threshold val: of equally good thresholds, the one nearest 0.5 -----------------------------------------
+# 10. --threshold val: of equally good thresholds, the one nearest 0.5
+# -----------------------------------------
 def test_of_equally_good_thresholds_the_one_nearest_one_half_wins():
     # scores 0.1 (neg), 0.2 (pos), 0.8 (neg), 0.9 (pos): t = 0.2 and t = 0.9 both give (TPR + TNR) / 2 = 0.75
     p, y = np.array([0.1, 0.2, 0.8, 0.9]), np.array([False, True, False, True])
@@ -237,10 +259,12 @@ def test_of_equally_good_thresholds_the_one_nearest_one_half_wins():
     # 0.35 (neg 0.3 below) and 0.6 tie at 0.75 again: 0.6 is the nearer
     assert predict.best_threshold(np.array([0.3, 0.35, 0.55, 0.6]), y) == pytest.approx(0.6)
     assert predict.best_threshold(np.array([0.3, 0.6]), np.array([False, True])) == pytest.approx(0.5)
-    assert predict.best_threshold(np.array([0.3, 0.6]), np.array([True, True])) == 0.5     # nothing to balance
+    # nothing to balance
+    assert predict.best_threshold(np.array([0.3, 0.6]), np.array([True, True])) == 0.5
 
 
-# 11. the prediction history restored on resume, when it holds predictions -------------------------------------
+# 11. the prediction history restored on resume, when it holds predictions
+# -------------------------------------
 def test_resume_restores_a_history_that_holds_predictions(demo_path, tmp_path):
     flags = TINY + ['--history-start', '0', '--history-track', '2']
     straight, part = str(tmp_path / 'straight'), str(tmp_path / 'part')
@@ -264,7 +288,8 @@ def test_the_restored_history_is_the_saved_one(demo_path, tmp_path):
     np.testing.assert_array_equal(history.buffer.asnumpy(), saved)
 
 
-# 12. the WIDER crop-cache key ---------------------------------------------------------------------------------
+# 12. the WIDER crop-cache key
+# ---------------------------------------------------------------------------------
 def _mean(image):
     return np.asarray(image, np.float64).reshape(-1, 3).mean(0)
 
@@ -285,18 +310,22 @@ def test_the_crop_cache_follows_a_replaced_scene_a_moved_box_and_a_renamed_file(
     assert wider.crop_name(scene, 'train/0--Parade/p0b.jpg', box) != key                     # the file name
     before = datasets.get_split('wider', root, 'trainval', cache_dir=cache)
     stat = os.stat(scene)
-    cv2.imencode('.bmp', np.ascontiguousarray(bgr[:, :, ::-1]))[1].tofile(scene)     # other colours, same size
+    # other colours, same size
+    cv2.imencode('.bmp', np.ascontiguousarray(bgr[:, :, ::-1]))[1].tofile(scene)
     os.utime(scene, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
     assert os.path.getsize(scene) == stat.st_size
     assert wider.crop_name(scene, 'train/0--Parade/p0.jpg', box) != key                      # the content
     after = datasets.get_split('wider', root, 'trainval', cache_dir=cache)
     got, was = _mean(after[0][0]), _mean(before[0][0])
     assert not np.allclose(got, was, atol=12), (got, was)
-    np.testing.assert_allclose(got, was[::-1], atol=12)            # the new scene's colours, not the cached crop
-    np.testing.assert_allclose(_mean(after[2][0]), _mean(before[2][0]), atol=1)     # other scenes: their crops
+    # the new scene's colours, not the cached crop
+    np.testing.assert_allclose(got, was[::-1], atol=12)
+    # other scenes: their crops
+    np.testing.assert_allclose(_mean(after[2][0]), _mean(before[2][0]), atol=1)
 
 
-# 13. the divergence guard names the first bad batch -----------------------------------------------------------
+# 13. the divergence guard names the first bad batch
+# -----------------------------------------------------------
 def test_the_guard_names_the_first_batch_whose_loss_is_not_finite():
     from runfolder import FiniteGuard
 

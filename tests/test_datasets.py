@@ -50,8 +50,10 @@ def test_wider_counts_splits_crops_and_labels(wider_root):
     np.testing.assert_array_equal(trainval.labels[:8], train_ds.labels)
     np.testing.assert_array_equal(trainval.labels[8:], val_ds.labels)
     cache = wider.default_cache_dir(root)                                 # cached crops, per user
-    assert len(os.listdir(os.path.join(cache, 'trainval'))) == 12 and len(os.listdir(os.path.join(cache, 'test'))) == 6
-    assert sorted(os.listdir(root)) == ['Annotations', 'Image']            # nothing written into the data folder
+    assert len(os.listdir(os.path.join(cache, 'trainval'))) == 12
+    assert len(os.listdir(os.path.join(cache, 'test'))) == 6
+    # nothing written into the data folder
+    assert sorted(os.listdir(root)) == ['Annotations', 'Image']
 
 
 def test_wider_crop_cache_follows_edits_of_the_annotations(tmp_path):
@@ -172,7 +174,8 @@ def test_peta_mat_partitions_attributes_and_images(tmp_path):
     assert len(ds) == 10 and len(ds.attribute_names) == 35 and ds.attribute_names[0] == 'peta_attr0'
     np.testing.assert_array_equal(ds.labels, labels[orders[0][:10], :35])
     assert ds.mask.all()
-    assert len(datasets.get_split('peta', root, 'val')) == 4 and len(datasets.get_split('peta', root, 'test')) == 6
+    assert len(datasets.get_split('peta', root, 'val')) == 4 and len(datasets.get_split(
+        'peta', root, 'test')) == 6
     assert len(datasets.get_split('peta', root, 'trainval')) == 14
     full = datasets.get_split('peta', root, 'test', partition=1, all_attributes=True)
     assert len(full.attribute_names) == 105
@@ -316,7 +319,8 @@ def test_loader_with_worker_processes_matches_in_process(tmp_path, processes):
     tf = Transform(32, 37, (18, 32), train=True, seed=3)
     batches = []
     for workers in (0, 2):
-        loader, sampler = make_loader(ds, tf, 5, shuffle=True, num_workers=workers, seed=3, processes=processes)
+        loader, sampler = make_loader(ds, tf, 5, shuffle=True, num_workers=workers, seed=3,
+                                      processes=processes)
         sampler.set_epoch(4)
         batches.append([[x.asnumpy() for x in b] for b in loader])
     assert len(batches[0]) == len(batches[1]) == 3                      # 12 samples, batches of 5
@@ -330,8 +334,10 @@ def test_loader_with_worker_processes_matches_in_process(tmp_path, processes):
 
 def _one_epoch(tmp_path, dataset, data_path, extra=(), name=None):
     out = str(tmp_path / (name or 'run-' + dataset))
-    argv = ['--dataset', dataset, '--data_path', data_path, '--out', out, '--epochs', '1', '--batch_size', '4',
-            '--backbone', 'resnet18_v1', '--input-size', '32', '--num-workers', '0', '--no-pretrained'] + list(extra)
+    argv = ['--dataset', dataset, '--data_path', data_path, '--out', out, '--epochs', '1', '--batch_size',
+            '4',
+            '--backbone', 'resnet18_v1', '--input-size', '32', '--num-workers', '0',
+            '--no-pretrained'] + list(extra)
     result = train.main(argv)
     again = evaluation.main([out, '--num-workers', '0'])
     assert np.isfinite(result['mAP']) and again['mAP'] == pytest.approx(result['mAP'], abs=1e-9)
@@ -367,7 +373,8 @@ def test_one_epoch_train_and_eval(tmp_path, dataset):
     # the scored test split is the dataset's own: its labels and masks, counted per attribute
     test = datasets.get_split(dataset, root, 'test')
     assert [r['name'] for r in result['per_attribute']] == list(test.attribute_names)
-    assert [r['positives'] for r in result['per_attribute']] == (test.labels * test.mask).sum(0).astype(int).tolist()
+    positives = (test.labels * test.mask).sum(0).astype(int).tolist()
+    assert [r['positives'] for r in result['per_attribute']] == positives
     assert [r['specified'] for r in result['per_attribute']] == test.mask.sum(0).astype(int).tolist()
 
 

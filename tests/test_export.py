@@ -40,7 +40,8 @@ def test_symbol_and_onnx_exports_give_the_fused_logits(settings, tmp_path):
                     normalisation='paper', dataset='demo'), **settings)
     ctx = [mx.cpu()]
     net = build_net(cfg, ctx, pretrained=False)
-    for name, param in net.collect_params('.*running_mean|.*running_var').items():   # non-trivial BN statistics
+    # non-trivial BN statistics
+    for name, param in net.collect_params('.*running_mean|.*running_var').items():
         param.set_data(nd.random.uniform(0.5, 1.5, shape=param.shape) if 'var' in name
                        else nd.random.normal(0, 0.1, shape=param.shape))
     names = ['a%d' % i for i in range(5)]
@@ -58,7 +59,8 @@ def test_symbol_and_onnx_exports_give_the_fused_logits(settings, tmp_path):
     _close(session.run(['fused_logits'], {'data': x.asnumpy()})[0], want)
     _close(session.run(None, {'data': x.asnumpy()[:1]})[0], want[:1])
     card = json.load(open(files[3]))
-    assert card['attributes'] == names and card['input']['shape'][1:] == [3, cfg['input_size'], cfg['input_size']]
+    assert card['attributes'] == names and card['input']['shape'][1:] == [3, cfg['input_size'], cfg[
+        'input_size']]
 
 
 def _from_card_alone(image, card):
@@ -74,7 +76,8 @@ def _from_card_alone(image, card):
 def test_eval_export_of_a_run_matches_predict_on_real_images(demo_path, tmp_path):
     import train
     run = str(tmp_path / 'run')
-    train.main(['--data_path', demo_path, '--out', run, '--epochs', '1', '--limit', '48', '--batch_size', '16'])
+    train.main(['--data_path', demo_path, '--out', run, '--epochs', '1', '--limit', '48', '--batch_size',
+                '16'])
     from datasets import digits
     ds = digits.DigitsCanvas(demo_path, 'test', limit=6)
     folder = tmp_path / 'images'
@@ -88,8 +91,8 @@ def test_eval_export_of_a_run_matches_predict_on_real_images(demo_path, tmp_path
     predicted = predict.main([run, str(folder), '--out', str(tmp_path / 'p.csv')])
     assert card['attributes'] == predicted['names']
     batch = np.stack([_from_card_alone(cv2.imread(p)[:, :, ::-1], card) for p in predicted['paths']])
-    logits = _session(os.path.join(out, card['files']['onnx'])).run([card['output']['name']],
-                                                                     {card['input']['name']: batch})[0]
+    logits = _session(os.path.join(out, card['files']['onnx'])).run([card['output']['name']], {card['input'][
+        'name']: batch})[0]
     np.testing.assert_allclose(1 / (1 + np.exp(-logits)), predicted['probabilities'], atol=2e-5)
     # predict.py runs the export folder itself: the same probabilities with model.onnx ...
     exported = predict.main([out, str(folder), '--out', str(tmp_path / 'q.csv'), '--batch_size', '4'])

@@ -39,7 +39,8 @@ def _printed(command):
     """Run a printed command line as the user would, in the project folder."""
     words = shlex.split(command)
     assert words[1].endswith('.py'), command
-    return subprocess.run([sys.executable] + words[1:], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return subprocess.run([sys.executable] + words[1:], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT,
                           universal_newlines=True, timeout=600)
 
 
@@ -49,11 +50,15 @@ def test_random_weights_get_no_first_phase_and_a_too_short_run_is_refused(tmp_pa
     fixtures.csv_dataset(root)
     cfg, _ = config.parse_args(['--data_path', root, '--no-pretrained', '--epochs', '2'])
     assert cfg['preset'] == 'paper' and cfg['freeze_epochs'] == 0
-    assert config.parse_args(['--data_path', root, '--epochs', '4'])[0]['freeze_epochs'] == 3   # ImageNet weights
-    with pytest.raises(UserError, match=r'--epochs 2 ends inside the first phase of --preset paper \(--freeze-epochs '
-                                        r'3: backbone and primary classifier frozen in epochs 0-2\).*--epochs 4 or more'):
+    # ImageNet weights
+    assert config.parse_args(['--data_path', root, '--epochs', '4'])[0]['freeze_epochs'] == 3
+    with pytest.raises(UserError, match=r'--epochs 2 ends inside the first phase of --preset paper '
+                                        r'\(--freeze-epochs '
+                                        r'3: backbone and primary classifier frozen in epochs '
+                                        r'0-2\).*--epochs 4 or more'):
         config.parse_args(['--data_path', root, '--epochs', '2'])
-    asked, _ = config.parse_args(['--data_path', root, '--no-pretrained', '--epochs', '2', '--freeze-epochs', '3'])
+    asked, _ = config.parse_args(['--data_path', root, '--no-pretrained', '--epochs', '2', '--freeze-epochs',
+                                  '3'])
     assert asked['freeze_epochs'] == 3                       # asked for: allowed, with warnings (below)
 
 
@@ -69,17 +74,21 @@ def test_train_log_says_why_there_is_no_first_phase_and_warns_about_one_that_can
     rows = json.load(open(os.path.join(out, 'metrics.json')))
     assert rows[0]['val_mAP'] != rows[1]['val_mAP'] or rows[0]['train_loss'] != rows[1]['train_loss']
     out2 = str(tmp_path / 'asked')
-    train.main(['--data_path', root, '--no-pretrained', '--epochs', '2', '--freeze-epochs', '3', '--out', out2] + SMALL)
+    train.main(['--data_path', root, '--no-pretrained', '--epochs', '2', '--freeze-epochs', '3', '--out',
+                out2] + SMALL)
     log = open(os.path.join(out2, 'train.log')).read()
-    assert '--freeze-epochs 3 with random weights (--no-pretrained): for 2 epochs the attention heads learn' in log
-    assert '--freeze-epochs 3 with --epochs 2: the backbone and the primary classifier stay frozen for the whole run' \
-        in log
-    assert 'epochs 0-1: backbone and primary classifier frozen, training the attention heads with their loss (the ' \
-           'whole run)' in log
+    for line in ('--freeze-epochs 3 with random weights (--no-pretrained): for 2 epochs the attention heads '
+                 'learn',
+                 '--freeze-epochs 3 with --epochs 2: the backbone and the primary classifier stay frozen for '
+                 'the whole run',
+                 'epochs 0-1: backbone and primary classifier frozen, training the attention heads with '
+                 'their loss (the whole run)'):
+        assert line in log, line
 
 
 # 2 ---------------------------------------------------------------------------------------------------------
-def test_resuming_a_finished_run_trains_and_tests_nothing_and_its_hint_trains_it_longer(two_runs, tmp_path, capsys):
+def test_resuming_a_finished_run_trains_and_tests_nothing_and_its_hint_trains_it_longer(
+        two_runs, tmp_path, capsys):
     run = str(tmp_path / 'copy')
     shutil.copytree(two_runs[0], run)
     before = {f: os.path.getmtime(os.path.join(run, f)) for f in ('test_metrics.json', 'metrics.json')}
@@ -97,8 +106,8 @@ def test_resuming_a_finished_run_trains_and_tests_nothing_and_its_hint_trains_it
 
 
 # 3 and 10 --------------------------------------------------------------------------------------------------
-def test_compare_shows_the_settings_and_names_every_one_in_which_the_runs_differ(two_runs, tmp_path, capsys,
-                                                                                monkeypatch):
+def test_compare_shows_the_settings_and_names_every_one_in_which_the_runs_differ(
+        two_runs, tmp_path, capsys, monkeypatch):
     a, b = two_runs
     labels = []
     real = plots.compare_bars
@@ -134,15 +143,18 @@ def test_the_export_upstream_hint_evaluates_the_files_as_printed(two_runs, tmp_p
     proc = _printed(hint)
     assert proc.returncode == 0, proc.stdout[-3000:]
     result = json.load(open(os.path.join(run, 'eval_upstream_files_test.json')))
-    assert result['mAP'] == pytest.approx(json.load(open(os.path.join(run, 'test_metrics.json')))['mAP'], abs=1e-6)
+    assert result['mAP'] == pytest.approx(json.load(open(os.path.join(run, 'test_metrics.json')))['mAP'],
+                                          abs=1e-6)
     assert sorted(os.listdir(folder)) == sorted(f for f in os.listdir(folder) if f.endswith('.params'))
 
 
-def test_the_authors_files_evaluated_directly_write_their_result_under_runs(two_runs, tmp_path, capsys, monkeypatch):
+def test_the_authors_files_evaluated_directly_write_their_result_under_runs(
+        two_runs, tmp_path, capsys, monkeypatch):
     folder = str(tmp_path / 'saved_models')
     evaluation.main([two_runs[0], '--export-upstream', folder])
     monkeypatch.chdir(tmp_path)
-    evaluation.main([folder, '--preset', 'demo', '--backbone', 'resnet18_v1', '--input-size', '32', '--dataset',
+    evaluation.main([folder, '--preset', 'demo', '--backbone', 'resnet18_v1', '--input-size', '32',
+                     '--dataset',
                      'demo', '--data_path', os.path.join(ROOT, 'data', 'demo'), '--limit', '16'])
     assert os.path.isfile(str(tmp_path / 'runs' / 'eval-saved_models' / 'eval_test.json'))
     assert all(f.endswith('.params') for f in os.listdir(folder))
@@ -177,14 +189,16 @@ def test_a_data_path_that_is_a_file_is_named_with_the_folder_to_give(tmp_path):
 def test_a_text_file_that_is_not_a_list_of_images_is_named_with_its_line(tmp_path):
     notes = tmp_path / 'notes.txt'
     notes.write_text('# my notes\n\nThe photos from Tuesday are the best.\n')
-    with pytest.raises(UserError, match=r"notes.txt line 3: 'The photos from Tuesday are the best.' is not an image "
+    with pytest.raises(UserError, match=r"notes.txt line 3: 'The photos from Tuesday are the best.' is not "
+                                        r"an image "
                                         r'file \(a text input is read as a list of image paths'):
         predict.list_images([str(notes)])
     image = tmp_path / 'a.jpg'
     fixtures._write(str(image), fixtures.solid(fixtures.COLOURS[0]))
     listing = tmp_path / 'list.txt'
     listing.write_text('a.jpg\nmissing.jpg\n')
-    with pytest.raises(UserError, match=r"list.txt line 2: 'missing.jpg' is not an image file \(no such file\)"):
+    with pytest.raises(UserError, match=r"list.txt line 2: 'missing.jpg' is not an image file \(no such "
+                                        r"file\)"):
         predict.list_images([str(listing)])
     assert predict.list_images([str(listing)], skip_bad=True) == [str(image)]
 
@@ -199,7 +213,8 @@ def test_offline_imagenet_weights_give_one_line_and_no_retries(tmp_path):
     assert 'download failed' not in proc.stdout + proc.stderr and 'retrying' not in proc.stdout + proc.stderr
     errors = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
     assert len(errors) == 1 and 'no network connection to 127.0.0.1:9' in errors[0]
-    assert [l for l in proc.stderr.strip().splitlines() if not l.startswith('[')] == errors   # (MXNet's engine line)
+    # (MXNet's engine line)
+    assert [l for l in proc.stderr.strip().splitlines() if not l.startswith('[')] == errors
 
 
 # 8 ---------------------------------------------------------------------------------------------------------
@@ -210,17 +225,21 @@ def test_offline_imagenet_weights_give_one_line_and_no_retries(tmp_path):
 def test_help_and_flag_errors_answer_before_mxnet_is_imported(script, args, status):
     code = ('import runpy, sys; sys.argv = [%r] + %r\n'
             'try:\n    runpy.run_path(%r, run_name="__main__")\n'
-            'except SystemExit as e:\n    print("EXIT", e.code, "mxnet" in sys.modules)\n') % (script, args, script)
-    proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            'except SystemExit as e:\n    print("EXIT", e.code, "mxnet" in sys.modules)\n') % (
+                script, args, script)
+    proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE,
                           universal_newlines=True, timeout=120)
-    assert proc.stdout.strip().splitlines()[-1] == 'EXIT %d False' % status, (proc.stdout[-500:], proc.stderr[-500:])
+    assert proc.stdout.strip().splitlines()[-1] == 'EXIT %d False' % status, (proc.stdout[-500:], proc.stderr[
+        -500:])
 
 
 def test_help_texts_say_what_the_code_does():
     import flags
     words = lambda p: ''.join(p.format_help().split())       # noqa: E731  (argparse wraps at hyphens too)
     assert '$XDG_CACHE_HOME/vaa-attributes/wider-<hashof--data_path>-crop256' in words(flags.build_parser())
-    assert 'crops256' not in words(flags.build_parser()) and 'workerprocesses' not in words(flags.build_parser())
+    assert 'crops256' not in words(flags.build_parser())
+    assert 'workerprocesses' not in words(flags.build_parser())
     bench = flags.benchmark_parser()
     assert bench.description.endswith('.')
     assert all(a.help for a in bench._actions if a.option_strings)  # pylint: disable=protected-access
@@ -250,7 +269,8 @@ def test_the_paper_network_on_a_cpu_gets_a_hint_for_a_first_try(caplog):
     import logging
     import mxnet as mx
     cfg = dict(dataset='csv', backbone='resnet101_v1', input_size=224)
-    with caplog.at_level(logging.INFO, logger='vaa'):     # (captures the 'vaa' logger, which does not propagate)
+    # (captures the 'vaa' logger, which does not propagate)
+    with caplog.at_level(logging.INFO, logger='vaa'):
         train.cpu_note(cfg, [], [mx.cpu()])
         train.cpu_note(cfg, ['backbone'], [mx.cpu()])            # the user chose: no hint
         train.cpu_note(dict(cfg, dataset='demo'), [], [mx.cpu()])
@@ -284,8 +304,8 @@ def test_curves_have_whole_epochs_the_first_phase_the_drops_and_the_tested_epoch
 
 # 14 --------------------------------------------------------------------------------------------------------
 def test_ap_bars_go_from_the_most_to_the_least_positive_with_their_rate_and_chance_level():
-    per = [dict(name='rare', ap=0.3, positives=5, specified=100), dict(name='common', ap=0.9, positives=60,
-                                                                         specified=100),
+    per = [dict(name='rare', ap=0.3, positives=5, specified=100),
+           dict(name='common', ap=0.9, positives=60, specified=100),
            dict(name='middle', ap=0.5, positives=20, specified=80)]
     fig = plots.ap_bars_figure(dict(mAP=0.57, per_attribute=per), 'test')
     ax = fig.axes[0]
@@ -323,8 +343,10 @@ def test_shared_scale_puts_every_image_of_a_call_on_one_colour_scale(two_runs, t
     monkeypatch.setattr(plots, 'attention_overlay', lambda *a, **k: tops.setdefault(
         'shared' if k.get('top') is not None else 'own', []).append(k.get('top')) or real(*a, **k))
     evaluation.main([two_runs[0], '--image'] + photos + ['--out-dir', str(tmp_path / 'own')])
-    evaluation.main([two_runs[0], '--image'] + photos + ['--shared-scale', '--out-dir', str(tmp_path / 'shared')])
-    assert tops['own'] == [None, None] and len(tops['shared']) == 2 and tops['shared'][0] == tops['shared'][1] >= 1
+    evaluation.main([two_runs[0], '--image'] + photos + ['--shared-scale', '--out-dir', str(
+        tmp_path / 'shared')])
+    assert tops['own'] == [None,
+                           None] and len(tops['shared']) == 2 and tops['shared'][0] == tops['shared'][1] >= 1
     with pytest.raises(UserError, match='--shared-scale goes with --image'):
         evaluation.main([two_runs[0], '--shared-scale'])
 
@@ -338,7 +360,8 @@ def test_setup_installs_every_module_of_the_project():
     modules = {os.path.basename(f)[:-3] for f in glob.glob(os.path.join(ROOT, '*.py'))} - {'setup'}
     assert listed == modules
     from setuptools import find_packages
-    packages = set(find_packages(ROOT, include=text.split('find_packages(include=')[1].split(')')[0].strip('[]')
+    packages = set(find_packages(ROOT,
+                                 include=text.split('find_packages(include=')[1].split(')')[0].strip('[]')
                                  .replace("'", '').replace(' ', '').split(',')))
     folders = {os.path.relpath(os.path.dirname(f), ROOT).replace(os.sep, '.')
                for f in glob.glob(os.path.join(ROOT, '*', '**', '__init__.py'), recursive=True)} - {'tests'}

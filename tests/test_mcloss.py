@@ -92,7 +92,8 @@ def test_diversity_is_bounded_and_reaches_both_ends(hybrid):
     rng = np.random.RandomState(2)
     _, div = head(nd.array(rng.randn(8, 12, 6, 6) * 3), keep)
     assert ((div.asnumpy() >= -1e-6) & (div.asnumpy() <= 1 - 1 / xi + 1e-6)).all()
-    same = np.repeat(rng.randn(2, num_classes, 1, 6, 6), xi, axis=2).reshape(2, 12, 6, 6)   # identical channels
+    # identical channels
+    same = np.repeat(rng.randn(2, num_classes, 1, 6, 6), xi, axis=2).reshape(2, 12, 6, 6)
     np.testing.assert_allclose(head(nd.array(same), keep)[1].asnumpy(), 1 - 1 / xi, atol=1e-6)
     peaks = np.zeros((2, 12, 6, 6))
     for channel in range(12):                                          # each channel peaks somewhere else
@@ -256,7 +257,8 @@ def test_the_training_step_adds_the_weighted_mc_terms_and_logs_them_unweighted()
     trainers = StageTrainers(net, [mx.cpu()], 'sgd', {'learning_rate': lr})
     bias = net.aux_head.bias.data().asnumpy().copy()
     loss = VAALoss(gamma=0.5, aux=MutualChannelLoss(w_dis, w_div))
-    step = steps.train_step(net, loss, trainers, PredictionHistory(4, 4), (x, y, m, nd.arange(4)), 0, [mx.cpu()])
+    step = steps.train_step(net, loss, trainers, PredictionHistory(4, 4), (x, y, m, nd.arange(4)), 0,
+                            [mx.cpu()])
     yy, mm = y.asnumpy(), m.asnumpy()
     bce = -(yy * -np.logaddexp(0, -logits) + (1 - yy) * -np.logaddexp(0, logits))
     assert step.loss.asscalar() == pytest.approx(expected_vaa, rel=1e-5)

@@ -117,7 +117,8 @@ def test_ranking_on_logits_avoids_the_ties_of_saturated_sigmoids():
     rng = np.random.RandomState(4)
     n = 400
     signed = rng.choice([1, -1], size=(n, 1), p=[.4, .6])
-    logits = np.where(signed == 1, rng.uniform(15, 30, (n, 1)), rng.uniform(-5, 20, (n, 1))).astype(np.float32)
+    logits = np.where(signed == 1, rng.uniform(15, 30, (n, 1)),
+                      rng.uniform(-5, 20, (n, 1))).astype(np.float32)
     probs32 = (1 / (1 + np.exp(-logits))).astype(np.float32)
     assert (probs32 == 1.0).mean() > 0.2                  # the saturation is real
     result = metrics.evaluate(logits, *_split(signed))

@@ -31,7 +31,8 @@ def test_correlation_matrix_hand_worked():
     np.testing.assert_allclose(mlgcn.normalize_adjacency(code), d @ code.T @ d, rtol=1e-12)
     np.testing.assert_allclose(mlgcn.normalize_adjacency(code, 'paper'), d @ code @ d, rtol=1e-12)
     sym = code + code.T
-    np.testing.assert_allclose(mlgcn.normalize_adjacency(sym), mlgcn.normalize_adjacency(sym, 'paper'), rtol=1e-12)
+    np.testing.assert_allclose(mlgcn.normalize_adjacency(sym), mlgcn.normalize_adjacency(sym, 'paper'),
+                               rtol=1e-12)
 
 
 def test_masked_cooccurrence_equals_brute_force():
@@ -96,7 +97,8 @@ def test_gcn_head_equals_numpy_and_its_gradients_finite_differences():
         assert (up - down) / 2e-6 == pytest.approx(analytic[pos], rel=1e-5, abs=1e-9)
     w1 = head.gc2.weight.data().asnumpy()
     h = adjacency @ embeddings @ head.gc1.weight.data().asnumpy()
-    np.testing.assert_allclose(feats.grad.asnumpy(), r @ (adjacency @ np.where(h > 0, h, 0.2 * h) @ w1), rtol=1e-6)
+    np.testing.assert_allclose(feats.grad.asnumpy(), r @ (adjacency @ np.where(h > 0, h, 0.2 * h) @ w1),
+                               rtol=1e-6)
     assert head.adjacency.grad_req == 'null' and head.embeddings.grad_req == 'null'
 
 

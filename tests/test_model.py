@@ -169,8 +169,7 @@ def test_pretrained_missing_cache_fails_at_once_with_the_file_to_place(tmp_path,
     assert capsys.readouterr().out == ''
 
 
-def test_a_failing_download_is_tried_for_the_right_url_and_its_retries_stay_off_the_console(tmp_path, monkeypatch,
-                                                                                             capsys):
+def test_a_failing_download_is_tried_and_its_retries_stay_off_the_console(tmp_path, monkeypatch, capsys):
     """The host answers but the download fails: MXNet's own download is used (it checks the SHA-1), its
     "download failed ... retrying" lines are not printed, and the error carries the reason."""
     import backbone
@@ -181,7 +180,8 @@ def test_a_failing_download_is_tried_for_the_right_url_and_its_retries_stay_off_
     def failing(url, path=None, **kwargs):
         tried.append(url)
         for left in (4, 3, 2):
-            print('download failed due to ConnectionError(MaxRetryError(...)), retrying, %d attempts left' % left)
+            print('download failed due to ConnectionError(MaxRetryError(...)), retrying, %d attempts left'
+                  % left)
         raise OSError('Network is unreachable')
     monkeypatch.setattr(model_store, 'download', failing)
     path, url = model_zoo_file('resnet18_v1')
@@ -199,7 +199,8 @@ def _zoo_weights(path):
     return zoo
 
 
-def test_pretrained_missing_file_is_downloaded_through_the_model_zoo_with_its_sha1_check(tmp_path, monkeypatch):
+def test_pretrained_missing_file_is_downloaded_through_the_model_zoo_with_its_sha1_check(
+        tmp_path, monkeypatch):
     """A model-zoo server on a loopback port (MXNET_GLUON_REPO): the zip is fetched over HTTP, checked
     against the zoo's SHA-1 and loaded; a file whose SHA-1 differs is refused."""
     import functools
@@ -228,7 +229,8 @@ def test_pretrained_missing_file_is_downloaded_through_the_model_zoo_with_its_sh
         assert os.path.isfile(path)
         ours = {n[len(net.backbone.zoo_prefix):]: p for n, p in net.backbone.collect_params().items()}
         for name, param in zoo.features.collect_params().items():
-            np.testing.assert_array_equal(ours[name[len(zoo.prefix):]].data().asnumpy(), param.data().asnumpy())
+            np.testing.assert_array_equal(ours[name[len(zoo.prefix):]].data().asnumpy(),
+                                          param.data().asnumpy())
         os.remove(path)
         monkeypatch.setitem(model_store._model_sha1, 'resnet18_v1', sha1[:8] + '0' * 32)   # same file name
         with pytest.raises(UserError, match='different hash'):

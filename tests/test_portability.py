@@ -40,7 +40,8 @@ def probed(tmp_path_factory):
 
 @pytest.mark.parametrize('level,skip', LEVELS, ids=[level for level, _ in LEVELS])
 @pytest.mark.parametrize('system', list(isa_probe.SYSTEMS))
-def test_every_system_trains_and_evaluates_at_every_isa_level_with_the_same_numbers(probed, system, level, skip):
+def test_every_system_trains_and_evaluates_at_every_isa_level_with_the_same_numbers(
+        probed, system, level, skip):
     if skip:
         pytest.skip('DNNL_MAX_CPU_ISA=%s cannot be tested here: %s' % (level, skip))
     folder, failures = probed[level]
@@ -114,9 +115,11 @@ def test_the_minimal_crash_pattern_runs_with_the_vector_batchnorm_at_every_level
     script = tmp_path / 'pattern.py'
     script.write_text(PATTERN)
     files = [str(tmp_path / n) for n in ('out.npy', 'z.npy', 'params.npy')]
-    proc = subprocess.run([sys.executable, str(script), 'BatchNorm1D'] + files, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.run([sys.executable, str(script), 'BatchNorm1D'] + files, env=env,
+                          stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, timeout=300)
-    assert proc.returncode == 0, 'exit status %d at %s:\n%s' % (proc.returncode, level, proc.stdout.decode()[-2000:])
+    assert proc.returncode == 0, 'exit status %d at %s:\n%s' % (proc.returncode, level, proc.stdout.decode()[
+        -2000:])
     out, z, params = (np.load(f) for f in files)
     gamma, beta, mean, var = params                   # collect_params order: gamma, beta, running mean, var
     expected = (z - mean) / np.sqrt(var + 1e-5) * gamma + beta
@@ -135,7 +138,8 @@ def test_no_network_applies_a_plain_batchnorm_to_vectors():
     labels = (rng.rand(16, isa_probe.CLASSES) < 0.4).astype(np.float32)
     x = mx.nd.array(rng.normal(size=(2, 3, isa_probe.SIZE, isa_probe.SIZE)))
     for name, settings in isa_probe.SYSTEMS.items():
-        cfg = config.defaults(backbone='resnet18_v1', input_size=isa_probe.SIZE, num_classes=isa_probe.CLASSES,
+        cfg = config.defaults(backbone='resnet18_v1', input_size=isa_probe.SIZE,
+                              num_classes=isa_probe.CLASSES,
                               dataset=None, pretrained=False, **settings)
         net = build_net(cfg, [mx.cpu()], labels=labels, mask=np.ones_like(labels))
         seen = []
@@ -143,7 +147,8 @@ def test_no_network_applies_a_plain_batchnorm_to_vectors():
             if isinstance(block, nn.BatchNorm):
                 block.register_forward_pre_hook(lambda b, args: seen.append((b, args[0].ndim)))
         net.return_aux = bool(settings.get('mc_loss'))
-        with autograd.train_mode():         # (inference mode would crash here on AVX-512 with the plain layer)
+        # (inference mode would crash here on AVX-512 with the plain layer)
+        with autograd.train_mode():
             net(x)
         assert seen, name
         plain_2d = [b.name for b, ndim in seen if ndim == 2 and not isinstance(b, BatchNorm1D)]
@@ -163,7 +168,8 @@ def test_batchnorm1d_keeps_the_parameter_names_and_the_numbers_of_batchnorm():
     import mxnet as mx
     from mxnet import autograd
     old, new = nn.BatchNorm(in_channels=6), BatchNorm1D(in_channels=6)
-    assert [k[len(old.prefix):] for k in old.collect_params()] == [k[len(new.prefix):] for k in new.collect_params()]
+    names = [[k[len(b.prefix):] for k in b.collect_params()] for b in (old, new)]
+    assert names[0] == names[1]
     assert new.prefix.startswith('batchnorm')
     for block in (old, new):
         block.initialize()
@@ -172,5 +178,6 @@ def test_batchnorm1d_keeps_the_parameter_names_and_the_numbers_of_batchnorm():
         a, b = old(x), new(x)
     np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-5, atol=1e-6)
     for p_old, p_new in zip(old.collect_params().values(), new.collect_params().values()):
-        np.testing.assert_allclose(p_old.data().asnumpy(), p_new.data().asnumpy(), rtol=1e-6)  # same stats moved
+        # same stats moved
+        np.testing.assert_allclose(p_old.data().asnumpy(), p_new.data().asnumpy(), rtol=1e-6)
     np.testing.assert_allclose(old(x).asnumpy(), new(x).asnumpy(), rtol=1e-5, atol=1e-6)

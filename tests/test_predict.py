@@ -8,7 +8,6 @@ import cv2
 
 import predict
 import steps
-import config
 from datasets import digits, loaders
 from errors import UserError
 from inference import load_source
@@ -19,7 +18,8 @@ import mxnet as mx
 def demo_run(demo_path, tmp_path_factory):
     import train
     out = str(tmp_path_factory.mktemp('runs') / 'p')
-    train.main(['--data_path', demo_path, '--out', out, '--epochs', '1', '--limit', '64', '--batch_size', '16'])
+    train.main(['--data_path', demo_path, '--out', out, '--epochs', '1', '--limit', '64', '--batch_size',
+                '16'])
     return out
 
 
@@ -44,7 +44,8 @@ def test_a_folder_and_a_list_give_the_probabilities_evaluation_computes(demo_run
     result = predict.main([demo_run, str(folder), str(listing), '--out', out, '--batch_size', '7'])
     header, rows = _read(out)
     assert header == ['path'] + list(ds.attribute_names)
-    expected_order = paths[:12] + paths[12:] + paths[:5]              # folder (sorted, recursive), then the list
+    # folder (sorted, recursive), then the list
+    expected_order = paths[:12] + paths[12:] + paths[:5]
     assert [r[0] for r in rows] == expected_order and len(rows) == 25
     net, cfg, names = load_source(demo_run, [mx.cpu()])
     net.hybridize()
@@ -85,6 +86,7 @@ def test_thresholds_and_unreadable_images(demo_run, demo_path, tmp_path):
         y = labels[m, c] > 0.5
         if y.all() or not y.any():
             continue
-        balanced = lambda t: ((p[m, c] >= t) & y).sum() / y.sum() + ((p[m, c] < t) & ~y).sum() / (~y).sum()  # noqa: E731
+        def balanced(t):
+            return ((p[m, c] >= t) & y).sum() / y.sum() + ((p[m, c] < t) & ~y).sum() / (~y).sum()
         best = max(balanced(t) for t in np.r_[p[m, c], 0.5, 1.1])
         assert balanced(result['thresholds'][c]) == pytest.approx(best, abs=1e-9)

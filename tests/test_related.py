@@ -31,7 +31,8 @@ def test_each_system_trains_and_its_run_folder_rebuilds_the_same_network(related
     for name, (out, result) in related_runs.items():
         cfg = json.load(open(os.path.join(out, 'config.json')))
         assert (cfg['rga'], cfg['head'], cfg['taps'], cfg['mc_loss']) == {
-            'vaa': ('none', 'vaa', None, False), 'rga': ('sc', 'vaa', None, False), 'gcn': ('none', 'gcn', None, False),
+            'vaa': ('none', 'vaa', None, False), 'rga': ('sc', 'vaa', None, False), 'gcn': (
+                'none', 'gcn', None, False),
             'gcn-alone': ('none', 'gcn', 'none', False), 'mc': ('none', 'vaa', None, True),
             'apcnn': ('none', 'apcnn', None, False)}[name]
         again = evaluation.main([out, '--limit', '96'])
@@ -79,14 +80,17 @@ def test_compare_puts_the_systems_side_by_side(related_runs, tmp_path, capsys):
     assert summary[1]['params'] > summary[0]['params']               # the RGA blocks add parameters
 
 
-@pytest.mark.parametrize('flags', [['--rga', 'sc', '--rga-stages', '2,3,4'], ['--head', 'gcn', '--gcn-embeddings', 'cooc'],
+@pytest.mark.parametrize('flags', [['--rga', 'sc', '--rga-stages', '2,3,4'],
+                                   ['--head', 'gcn', '--gcn-embeddings', 'cooc'],
                                    ['--mc-loss', '--mc-xi', '3'], ['--head', 'apcnn']])
 def test_related_systems_on_a_wider_layout(tmp_path, flags):
     root = str(tmp_path / 'W')
     fixtures.wider(root)
     out = str(tmp_path / 'run')
-    result = train.main(['--data_path', root, '--out', out, '--epochs', '1', '--batch_size', '4', '--backbone',
-                         'resnet18_v1', '--input-size', '64', '--no-pretrained', '--freeze-epochs', '0'] + flags)
+    result = train.main(['--data_path', root, '--out', out, '--epochs', '1', '--batch_size', '4',
+                         '--backbone',
+                         'resnet18_v1', '--input-size', '64', '--no-pretrained', '--freeze-epochs',
+                         '0'] + flags)
     cfg = json.load(open(os.path.join(out, 'config.json')))
     assert cfg['dataset'] == 'wider' and np.isfinite(result['mAP'])
     assert evaluation.main([out])['mAP'] == pytest.approx(result['mAP'], abs=1e-9)

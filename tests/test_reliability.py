@@ -165,12 +165,14 @@ _cli, _error = fixtures.cli, fixtures.one_line_error
 
 
 def test_error_unknown_data_path(tmp_path):
-    _error(['train.py', '--dataset', 'wider', '--data_path', str(tmp_path / 'nowhere'), '--out', str(tmp_path / 'r')],
+    _error(['train.py', '--dataset', 'wider', '--data_path', str(tmp_path / 'nowhere'), '--out',
+            str(tmp_path / 'r')],
            'does not exist (expected the WIDER-Attribute folder)')
 
 
 def test_error_missing_data_path(tmp_path):
-    _error(['train.py', '--dataset', 'peta', '--out', str(tmp_path / 'r')], '--data_path is required for PETA')
+    _error(['train.py', '--dataset', 'peta', '--out', str(tmp_path / 'r')],
+           '--data_path is required for PETA')
 
 
 def test_error_malformed_annotations(tmp_path):
@@ -195,7 +197,8 @@ def test_error_checkpoint_of_another_model(tmp_path, straight_run):
             '--dataset', 'demo', '--num_classes', '12'], 'this model (resnet18_v1, preset paper, 12 classes')
     _error(['train.py', '--resume', out, '--preset', 'upstream'],
            '--resume %s continues that run as it was configured; --preset upstream (the run has demo)' % out)
-    _error(['train.py', '--resume', out, '--backbone', 'resnet50_v1'], '--backbone resnet50_v1 (the run has resnet18_v1)')
+    _error(['train.py', '--resume', out, '--backbone', 'resnet50_v1'],
+           '--backbone resnet50_v1 (the run has resnet18_v1)')
 
 
 def test_error_missing_pretrained_cache(tmp_path, demo_path):
@@ -214,20 +217,23 @@ def test_error_empty_split(tmp_path):
 
 
 def test_error_batch_larger_than_dataset(tmp_path, demo_path):
-    _error(['train.py', '--data_path', demo_path, '--limit', '50', '--batch_size', '64', '--out', str(tmp_path / 'r')],
+    _error(['train.py', '--data_path', demo_path, '--limit', '50', '--batch_size', '64', '--out',
+            str(tmp_path / 'r')],
            '--batch_size 64 is larger than the training split (50 samples)')
 
 
 def test_error_unwritable_output_folder(tmp_path, demo_path):
     blocker = tmp_path / 'a_file'
     blocker.write_text('x')
-    _error(['train.py', '--data_path', demo_path, '--out', str(blocker / 'run')], 'cannot write the run folder')
+    _error(['train.py', '--data_path', demo_path, '--out', str(blocker / 'run')],
+           'cannot write the run folder')
 
 
 def test_error_existing_run_is_not_overwritten(straight_run, demo_path):
     out, _ = straight_run
     before = open(os.path.join(out, 'checkpoints', 'last.params'), 'rb').read()
-    _error(['train.py', '--data_path', demo_path, '--out', out], 'already holds a run; continue it with --resume')
+    _error(['train.py', '--data_path', demo_path, '--out', out],
+           'already holds a run; continue it with --resume')
     assert open(os.path.join(out, 'checkpoints', 'last.params'), 'rb').read() == before
 
 
@@ -239,7 +245,8 @@ def test_error_image_that_is_not_an_image(tmp_path, straight_run):
 
 
 def test_error_incompatible_flags(tmp_path, demo_path):
-    _error(['train.py', '--data_path', demo_path, '--finetune', '--freeze-epochs', '2', '--out', str(tmp_path / 'a')],
+    _error(['train.py', '--data_path', demo_path, '--finetune', '--freeze-epochs', '2', '--out',
+            str(tmp_path / 'a')],
            '--finetune freezes the backbone for the whole run; drop --freeze-epochs')
     _error(['train.py', '--test'], '--test needs --resume RUN_DIR')
     _error(['train.py', '--gpus', 'x'], "--gpus takes comma-separated GPU ids")

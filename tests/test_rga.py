@@ -12,7 +12,8 @@ from related.rga.modules import RGAModule
 
 
 def _params(block):
-    return {name[len(block.prefix):]: p.data().asnumpy().astype(np.float64) for name, p in block.collect_params().items()}
+    return {name[len(block.prefix):]: p.data().asnumpy().astype(np.float64)
+            for name, p in block.collect_params().items()}
 
 
 def _embed(p, name, x, train, relu=True):
@@ -23,7 +24,8 @@ def _embed(p, name, x, train, relu=True):
     else:
         mean, var = p[name + 'batchnorm0_running_mean'], p[name + 'batchnorm0_running_var']
     y = (y - mean[None, :, None, None]) / np.sqrt(var[None, :, None, None] + 1e-5)
-    y = y * p[name + 'batchnorm0_gamma'][None, :, None, None] + p[name + 'batchnorm0_beta'][None, :, None, None]
+    gamma, beta = p[name + 'batchnorm0_gamma'], p[name + 'batchnorm0_beta']
+    y = y * gamma[None, :, None, None] + beta[None, :, None, None]
     return np.maximum(y, 0) if relu else y
 
 
@@ -84,7 +86,8 @@ def test_rga_forward_equals_the_released_computation(mode, shape):
             with autograd.record(train_mode=train):
                 got = block(nd.array(x)).asnumpy()
             expected = numpy_rga(block, x, train, 's' in mode, 'c' in mode)
-            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5, err_msg='%s train=%s' % (hybrid, train))
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5,
+                                       err_msg='%s train=%s' % (hybrid, train))
 
 
 def test_spatial_weights_are_per_position_and_channel_weights_per_channel():
@@ -139,7 +142,8 @@ def test_rga_in_the_network_keeps_the_zoo_and_adds_a_trained_module(tmp_path):
     zoo = lambda n: sorted(k[len(n.prefix):] for k in n.collect_params() if 'resnetv10_' in k)  # noqa: E731
     assert zoo(net) == zoo(plain)                                   # the model-zoo part is unchanged
     rga = net.stage_modules()['rga']
-    assert sorted(rga.keys()) == sorted(k for k in net.collect_params() if '_rga3_' in k) and len(rga.keys()) > 20
+    assert sorted(rga.keys()) == sorted(k for k in net.collect_params() if '_rga3_' in k)
+    assert len(rga.keys()) > 20
     # the s3 tap is the zoo's stage 3 followed by the RGA block
     for name, p in plain.collect_params().items():
         p.set_data(net.collect_params()[net.prefix + name[len(plain.prefix):]].data())
@@ -148,7 +152,8 @@ def test_rga_in_the_network_keeps_the_zoo_and_adds_a_trained_module(tmp_path):
     np.testing.assert_allclose(net.backbone(x)[0].asnumpy(), block(plain.backbone(x)[0]).asnumpy(), rtol=1e-5,
                                atol=1e-6)
     net.freeze(True, fix_statistics=True)                 # the paper's first phase
-    assert all(p.grad_req == 'write' for n, p in rga.items() if not n.endswith(('running_mean', 'running_var')))
+    assert all(p.grad_req == 'write' for n, p in rga.items() if not n.endswith((
+        'running_mean', 'running_var')))
     assert all(p.grad_req == 'null' for p in net.backbone.feature_params())
     net.freeze(False)
     with pytest.raises(UserError, match="no place for rga sc"):
@@ -157,13 +162,15 @@ def test_rga_in_the_network_keeps_the_zoo_and_adds_a_trained_module(tmp_path):
     net.hybridize()
     expected = net(x)[2].asnumpy()
     net.export(str(tmp_path / 'rga'))
-    loaded = gluon.SymbolBlock.imports(str(tmp_path / 'rga-symbol.json'), ['data'], str(tmp_path / 'rga-0000.params'))
+    loaded = gluon.SymbolBlock.imports(str(tmp_path / 'rga-symbol.json'), ['data'],
+                                       str(tmp_path / 'rga-0000.params'))
     np.testing.assert_allclose(loaded(x)[-1].asnumpy(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_small_maps_and_densenet():
     net = build_net(dict(backbone='resnet18_v1', num_classes=3, preset='demo', input_size=48, rga='sc'))
-    assert 'rga' in net.stage_modules() and net(nd.zeros((2, 3, 48, 48)))[2].shape == (2, 3)     # stage 4 is 2x2: 4 // 8 -> 1 channel
+    # stage 4 is 2x2: 4 // 8 -> 1 channel
+    assert 'rga' in net.stage_modules() and net(nd.zeros((2, 3, 48, 48)))[2].shape == (2, 3)
     with pytest.raises(UserError, match='ResNet'):
         build_net(dict(backbone='densenet121', num_classes=3, preset='paper', input_size=64, rga='s'))
 
@@ -178,7 +185,8 @@ BACKWARD_CASES = ([('sc', (128, 8, 8)), ('sc', (256, 4, 4)), ('sc', (512, 2, 2))
                   + [('c', (c, 4, 4)) for c in (64, 68, 128, 256, 512, 640, 1024, 1664, 2048)])
 
 
-@pytest.mark.parametrize('mode,shape', BACKWARD_CASES, ids=['%s-%dx%dx%d' % ((m,) + s) for m, s in BACKWARD_CASES])
+@pytest.mark.parametrize('mode,shape', BACKWARD_CASES,
+                         ids=['%s-%dx%dx%d' % ((m,) + s) for m, s in BACKWARD_CASES])
 def test_hybridized_training_passes_through_every_map_size(mode, shape):
     block = _block(mode, *shape)
     block.hybridize(static_alloc=True, static_shape=True)

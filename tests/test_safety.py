@@ -40,7 +40,8 @@ def _csv(tmp_path, name='data'):
 
 def _one_epoch(root, out, extra=()):
     return train.main(['--dataset', 'csv', '--data_path', str(root), '--out', str(out), '--epochs', '1',
-                       '--batch_size', '4', '--backbone', 'resnet18_v1', '--input-size', '32', '--num-workers', '0',
+                       '--batch_size', '4', '--backbone', 'resnet18_v1', '--input-size', '32',
+                       '--num-workers', '0',
                        '--no-pretrained'] + list(extra))
 
 
@@ -88,10 +89,12 @@ def test_every_split_needs_the_training_attributes_in_order(tmp_path, change):
     else:
         rows = [r[:3] for r in rows]
     (root / 'val.csv').write_text('\n'.join(','.join(r) for r in rows) + '\n')
-    with pytest.raises(UserError, match=r'the val split of csv has the attributes \[.*\] \(\d\), but the model is '
+    with pytest.raises(UserError, match=r'the val split of csv has the attributes \[.*\] \(\d\), but the '
+                                        r'model is '
                                         r'trained for \[hat, bag, coat\] \(3\)'):
         _one_epoch(root, tmp_path / 'run')
-    assert not (tmp_path / 'run').exists()                   # failed before its first checkpoint: nothing kept
+    # failed before its first checkpoint: nothing kept
+    assert not (tmp_path / 'run').exists()
 
 
 def test_a_truncated_jpeg_is_refused_or_skipped(tmp_path):
@@ -138,7 +141,8 @@ def test_out_with_other_files_is_refused_and_left_alone(tmp_path, demo_path):
     mine.mkdir()
     (mine / 'config.json').write_text('{"mine": true}')
     (mine / 'notes.txt').write_text('keep me')
-    _error(['train.py', '--data_path', demo_path, '--out', str(mine)], 'already holds files that are not a run')
+    _error(['train.py', '--data_path', demo_path, '--out', str(mine)],
+           'already holds files that are not a run')
     assert sorted(os.listdir(mine)) == ['config.json', 'notes.txt']
     assert (mine / 'config.json').read_text() == '{"mine": true}'
 
@@ -166,8 +170,8 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_old_checkpoint(tmp_p
     def full(fname, data):
         open(fname, 'wb').write(b'part')
         raise mx.base.MXNetError('Traceback (most recent call last):\n  File "../src/io/local_filesys.cc", '
-                                 'line 40\nMXNetError: Check failed: nwrite == size (0 vs. 128) : FileStream.Write '
-                                 'incomplete')
+                                 'line 40\nMXNetError: Check failed: nwrite == size (0 vs. 128) : '
+                                 'FileStream.Write incomplete')
     monkeypatch.setattr(checkpoints.nd, 'save', full)
     with pytest.raises(UserError) as err:
         checkpoints.atomic_save_ndarrays(path, {'w': mx.nd.zeros((2,))})
@@ -182,7 +186,8 @@ def test_temporary_files_of_killed_writers_are_cleared_when_the_run_resumes(fini
     import shutil
     out = str(tmp_path / 'copy')
     shutil.copytree(finished_run[0], out)
-    stale = [os.path.join(out, 'checkpoints', 'last.tmp99999.params'), os.path.join(out, 'metrics.tmp4242.json'),
+    stale = [os.path.join(out, 'checkpoints', 'last.tmp99999.params'),
+             os.path.join(out, 'metrics.tmp4242.json'),
              os.path.join(out, 'checkpoints', 'best.params.tmp31337')]
     for path in stale:
         open(path, 'wb').write(b'x' * 100)
@@ -212,12 +217,13 @@ def test_images_of_the_same_name_get_their_own_overlays(finished_run, tmp_path):
     assert len(set(written)) == 2 and all(os.path.isfile(w) for w in written)
 
 
-# ---------------------------------------------------------------------------------------------- one-line errors
+# ------------------------------------------------------------------------------------- one-line errors
 
 def test_eval_out_is_checked_before_the_work(finished_run, tmp_path):
     out, _ = finished_run
     _error(['eval.py', out, '--out', str(tmp_path)], '--out %s is a folder' % tmp_path)
-    _error(['eval.py', out, '--out', str(tmp_path / 'no' / 'such' / 'r.json')], 'cannot be written (no folder')
+    _error(['eval.py', out, '--out', str(tmp_path / 'no' / 'such' / 'r.json')],
+           'cannot be written (no folder')
 
 
 def test_bad_numbers_are_refused_naming_the_flag(tmp_path, demo_path):
@@ -235,8 +241,8 @@ def test_bad_numbers_are_refused_naming_the_flag(tmp_path, demo_path):
 def test_eval_batch_size_zero_and_damaged_checkpoints_are_one_line(finished_run, tmp_path):
     out, _ = finished_run
     _error(['eval.py', out, '--batch_size', '0'], '--batch_size must be at least 1, got 0')
-    for name, data in (('empty.params', b''), ('cut.params', open(os.path.join(out, 'checkpoints', 'best.params'),
-                                                                   'rb').read()[:1000])):
+    cut = open(os.path.join(out, 'checkpoints', 'best.params'), 'rb').read()[:1000]
+    for name, data in (('empty.params', b''), ('cut.params', cut)):
         path = str(tmp_path / name)
         open(path, 'wb').write(data)
         line = _error(['eval.py', path, '--dataset', 'demo'], '%s is not an MXNet parameter file (' % path)

@@ -137,8 +137,10 @@ def _run(args, env=None, timeout=600):
 
 def test_dist_sync_two_workers_end_with_identical_parameters(tmp_path, demo_path):
     out = str(tmp_path / 'dist')
-    proc = _run(['launch.py', '-n', '2', '--threads', '1', '--', sys.executable, 'train.py', '--kvstore', 'dist_sync',
-                 '--data_path', demo_path, '--out', out, '--epochs', '1', '--limit', '96', '--batch_size', '8',
+    proc = _run(['launch.py', '-n', '2', '--threads', '1', '--', sys.executable, 'train.py', '--kvstore',
+                 'dist_sync',
+                 '--data_path', demo_path, '--out', out, '--epochs', '1', '--limit', '96', '--batch_size',
+                 '8',
                  '--input-size', '32', '--save-all-ranks'])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     a, b = nd.load(os.path.join(out, 'rank0.params')), nd.load(os.path.join(out, 'rank1.params'))
@@ -152,18 +154,21 @@ def test_dist_sync_two_workers_end_with_identical_parameters(tmp_path, demo_path
 
 
 def test_amp_on_cpu_is_a_clear_error(tmp_path, demo_path):
-    proc = _run(['train.py', '--amp', '--data_path', demo_path, '--out', str(tmp_path / 'amp'), '--epochs', '1'])
+    proc = _run(['train.py', '--amp', '--data_path', demo_path, '--out', str(tmp_path / 'amp'), '--epochs',
+                 '1'])
     assert proc.returncode == 2
     assert 'error: --amp trains in float16, which needs a GPU' in proc.stderr
     assert 'Traceback' not in proc.stderr
 
 
 def test_dist_sync_without_a_parameter_server_is_a_clear_error(tmp_path, demo_path):
-    proc = _run(['train.py', '--kvstore', 'dist_sync', '--data_path', demo_path, '--out', str(tmp_path / 'x')])
+    proc = _run(['train.py', '--kvstore', 'dist_sync', '--data_path', demo_path, '--out',
+                 str(tmp_path / 'x')])
     assert proc.returncode == 2 and 'needs a parameter server' in proc.stderr
 
 
 def test_syncbn_on_cpu_contexts_is_a_clear_error(tmp_path, demo_path):
-    proc = _run(['train.py', '--syncbn', '--cpus', '2', '--data_path', demo_path, '--out', str(tmp_path / 's'),
+    proc = _run(['train.py', '--syncbn', '--cpus', '2', '--data_path', demo_path, '--out',
+                 str(tmp_path / 's'),
                  '--epochs', '1'])
     assert proc.returncode == 2 and '--syncbn needs GPUs' in proc.stderr

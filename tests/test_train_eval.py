@@ -73,7 +73,8 @@ def test_short_run_learns_and_writes_the_run_folder(tiny_run):
     assert result['mAP'] > chance + 0.10
     log = open(os.path.join(out, 'train.log')).read()
     assert 'Speed:' in log and 'samples/sec' in log
-    assert 'Test split, best checkpoint' in log and 'many_digits' in log         # the final table, in the log too
+    # the final table, in the log too
+    assert 'Test split, best checkpoint' in log and 'many_digits' in log
     assert list(rows[0]['val_ap']) == list(digits.ATTRIBUTES)                     # per-attribute AP, named
 
 
@@ -82,7 +83,8 @@ def test_eval_reproduces_the_final_metrics(tiny_run, capsys):
     again = evaluation.main([out, '--limit', '480'])
     assert again['mAP'] == pytest.approx(result['mAP'], abs=1e-6)
     assert again['mA'] == pytest.approx(result['mA'], abs=1e-6)
-    assert [r['ap'] for r in again['per_attribute']] == pytest.approx([r['ap'] for r in result['per_attribute']])
+    aps = [r['ap'] for r in result['per_attribute']]
+    assert [r['ap'] for r in again['per_attribute']] == pytest.approx(aps)
     saved = json.load(open(os.path.join(out, 'eval_test.json')))
     assert saved['mAP'] == pytest.approx(result['mAP'], abs=1e-6)
     printed = capsys.readouterr().out
@@ -120,9 +122,11 @@ def test_export_to_the_authors_layout_and_evaluate_it_back(tiny_run, demo_path, 
     folder = str(tmp_path / 'saved_models')
     written = evaluation.main([out, '--export-upstream', folder])
     assert sorted(os.path.basename(p) for p in written) == sorted(
-        ['backbone_resnet.params'] + ['%s_stage_%d.params' % (m, n) for m in ('fconv', 'fatt', 'fsr') for n in (3, 4)])
+        ['backbone_resnet.params'] + ['%s_stage_%d.params' % (m, n)
+                                      for m in ('fconv', 'fatt', 'fsr') for n in (3, 4)])
     printed = capsys.readouterr().out
-    assert "cannot load these" in printed and '--preset demo --backbone resnet18_v1 --input-size 48' in printed
+    assert "cannot load these" in printed
+    assert '--preset demo --backbone resnet18_v1 --input-size 48' in printed
     again = evaluation.main([folder, '--preset', 'demo', '--backbone', 'resnet18_v1', '--input-size', '48',
                              '--dataset', 'demo', '--data_path', demo_path, '--limit', '480'])
     assert again['mAP'] == pytest.approx(result['mAP'], abs=1e-9)
@@ -130,11 +134,13 @@ def test_export_to_the_authors_layout_and_evaluate_it_back(tiny_run, demo_path, 
 
 def test_upstream_flag_names_parse_to_the_same_settings():
     args = config.build_parser().parse_args(
-        ['--dataset', 'wider', '--data_path', '/d', '--epochs', '7', '--lr', '0.01', '--wd', '0.0001', '--mom', '0.8',
+        ['--dataset', 'wider', '--data_path', '/d', '--epochs', '7', '--lr', '0.01', '--wd', '0.0001',
+         '--mom', '0.8',
          '--batch_size', '16', '--num_classes', '14', '--finetune', '--test'])
     cfg = config.resolve_config(args)
     assert (cfg['data_path'], cfg['epochs'], cfg['lr'], cfg['wd'], cfg['mom'], cfg['batch_size'],
-            cfg['num_classes'], cfg['finetune'], cfg['test']) == ('/d', 7, 0.01, 0.0001, 0.8, 16, 14, True, True)
+            cfg['num_classes'], cfg['finetune'], cfg['test']) == (
+                '/d', 7, 0.01, 0.0001, 0.8, 16, 14, True, True)
     # The authors' defaults where the flag is not given (preset upstream, WIDER schedule).
     up = config.resolve_config(config.build_parser().parse_args(['--preset', 'upstream']))
     assert up['wd'] == 5e-4 and up['mom'] == 0.9 and up['plain_bce'] and up['history_zero_rows']

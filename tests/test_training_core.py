@@ -82,7 +82,8 @@ def test_first_phase_trains_only_the_attention_heads_with_their_loss_then_everyt
     for epoch in (0, 1, 2):
         assert trainers.set_phase(epoch, loss_fn) == (epoch in (0, 2))
         assert loss_fn.primary == (epoch == 2) == trainers.trains_primary
-        with autograd.train_mode():          # phase 1: the frozen backbone normalises with its stored statistics
+        # phase 1: the frozen backbone normalises with its stored statistics
+        with autograd.train_mode():
             training = net(x)[0].asnumpy()
         inference = net(x)[0].asnumpy()
         # The same statistics, but oneDNN may run another kernel in training mode (it does on AVX-512), so the
@@ -122,9 +123,12 @@ def test_every_flag_takes_both_spellings_and_help_shows_each_default_once():
     for action in parser._actions:
         for flag in action.option_strings:
             if flag.startswith('--') and ('_' in flag or '-' in flag[2:]):
-                assert {flag.replace('_', '-'), '--' + flag[2:].replace('-', '_')} <= set(action.option_strings)
-    value = ['--batch_size', '16', '--input_size', '40', '--num-classes', '3', '--data-path', '/d', '--lr_drops', '1']
-    other = ['--batch-size', '16', '--input-size', '40', '--num_classes', '3', '--data_path', '/d', '--lr-drops', '1']
+                assert {flag.replace('_', '-'), '--' + flag[2:].replace('-', '_')} <= set(
+                    action.option_strings)
+    value = ['--batch_size', '16', '--input_size', '40', '--num-classes', '3', '--data-path', '/d',
+             '--lr_drops', '1']
+    other = ['--batch-size', '16', '--input-size', '40', '--num_classes', '3', '--data_path', '/d',
+             '--lr-drops', '1']
     assert vars(parser.parse_args(value)) == vars(parser.parse_args(other))
     assert parser.parse_args(['--batch', '8']).batch_size == 8          # abbreviations still work
     text = parser.format_help()
@@ -139,7 +143,8 @@ def _project_imports():
     modules = {os.path.splitext(f)[0] for f in os.listdir(ROOT) if f.endswith('.py')} | {'datasets'}
     graph = {}
     paths = [f for f in os.listdir(ROOT) if f.endswith('.py')]
-    paths += [os.path.join('datasets', f) for f in os.listdir(os.path.join(ROOT, 'datasets')) if f.endswith('.py')]
+    paths += [os.path.join('datasets',
+                           f) for f in os.listdir(os.path.join(ROOT, 'datasets')) if f.endswith('.py')]
     for path in paths:
         tree = ast.parse(open(os.path.join(ROOT, path)).read())
         name = path[:-3].replace(os.sep, '.').replace('.__init__', '')
@@ -178,13 +183,15 @@ def test_real_datasets_default_to_the_papers_protocol_and_the_demo_to_its_own():
     assert (upstream['pretrained'], upstream['freeze_epochs'], upstream['shuffle']) == (True, 0, False)
     assert config.defaults(dataset='peta')['freeze_epochs'] == 3
     demo = config.defaults()
-    assert (demo['dataset'], demo['pretrained'], demo['freeze_epochs'], demo['preset']) == ('demo', False, 0, 'demo')
+    assert (demo['dataset'], demo['pretrained'], demo['freeze_epochs'], demo['preset']) == (
+        'demo', False, 0, 'demo')
     assert config.defaults(preset='paper')['preset'] == 'paper'
     assert config.defaults(dataset='wider', pretrained=False)['pretrained'] is False     # --no-pretrained
     assert config.defaults(dataset='wider', finetune=True)['freeze_epochs'] == 0
     with pytest.raises(UserError, match='drop --freeze-epochs'):
         config.defaults(dataset='wider', finetune=True, freeze_epochs=2)
-    cfg, _ = config.parse_args(['--dataset', 'wider', '--no-pretrained', '--no-shuffle', '--freeze-epochs', '1'])
+    cfg, _ = config.parse_args(['--dataset', 'wider', '--no-pretrained', '--no-shuffle', '--freeze-epochs',
+                                '1'])
     assert (cfg['pretrained'], cfg['shuffle'], cfg['freeze_epochs']) == (False, False, 1)
 
 
@@ -212,7 +219,8 @@ def test_the_dataset_is_told_from_the_folder_layout_or_refused(tmp_path):
 
 def test_upstream_preset_reads_the_training_split_in_file_order(demo_path):
     import train
-    cfg, _ = config.parse_args(['--data_path', demo_path, '--preset', 'upstream', '--limit', '64', '--batch_size', '16'])
+    cfg, _ = config.parse_args(['--data_path', demo_path, '--preset', 'upstream', '--limit', '64',
+                                '--batch_size', '16'])
     data = train.get_data(cfg, [mx.cpu()])
     data.sampler.set_epoch(3)
     assert [int(i) for batch in data.train_loader for i in batch[3].asnumpy()] == list(range(64))

@@ -99,7 +99,8 @@ def test_the_schedules_rate_reaches_every_trainer():
     schedule.update(0, 0.5)
     schedule.update(1, 0.4)                        # no gain for more than 0 epochs: 0.1 -> 0.01
     trainers.follow(schedule)
-    assert [t.learning_rate for t in trainers.trainers.values()] == [pytest.approx(0.01)] * len(trainers.trainers)
+    rates = [t.learning_rate for t in trainers.trainers.values()]
+    assert rates == [pytest.approx(0.01)] * len(trainers.trainers)
 
 
 def test_module_style_arg_and_aux_keys_load_every_parameter(tmp_path):
@@ -143,7 +144,8 @@ def test_a_box_over_the_image_edge_is_clipped_exactly(tmp_path):
     scene = np.full((100, 120, 3), 128, np.uint8)
     scene[:, -1] = scene[-1, :] = (250, 20, 20)
     cv2.imwrite(str(root / 'Image' / 'train' / 's.png'), scene[:, :, ::-1])
-    ann = {'images': [{'file_name': 'train/s.png', 'targets': [{'attribute': [1] * 14, 'bbox': [112, 92, 20, 20]}]}]}
+    ann = {'images': [{'file_name': 'train/s.png', 'targets': [{'attribute': [1] * 14, 'bbox': [
+        112, 92, 20, 20]}]}]}
     for which in ('trainval', 'test'):
         (root / 'Annotations' / ('wider_attribute_%s.json' % which)).write_text(json.dumps(ann))
     crop = wider.WiderAttribute(str(root), 'train', cache_dir=str(tmp_path / 'crops'))[0][0].astype(int)

@@ -7,8 +7,8 @@ import collections
 from errors import UserError
 
 NAME = 'apcnn'
-HEAD = ('apcnn', 'AP-CNN: an attention pyramid on stages 2-4 and a second pass on the zoomed ROIs, instead of '
-                 'the VAA taps; --input-size divisible by 32')
+HEAD = ('apcnn', 'AP-CNN: an attention pyramid on stages 2-4 and a second pass on the zoomed ROIs, instead '
+                 'of the VAA taps; --input-size divisible by 32')
 FIXED = ('apcnn_topk', 'apcnn_anchors', 'apcnn_iou', 'apcnn_drop')
 RANGES = (('apcnn_iou', lambda v: v == v and 0 < v <= 1, 'in (0, 1]'),)
 Settings = collections.namedtuple('Settings', 'topk anchors iou drop')
@@ -50,12 +50,13 @@ def settings(cfg):
 
 def check(cfg):
     if cfg['input_size'] % 32:
-        raise UserError('--head apcnn needs an --input-size divisible by 32 (its pyramid adds maps upsampled x2 '
-                        'twice), got %d: use %d' % (cfg['input_size'], max(32, int(round(cfg['input_size'] / 32.0)) * 32)))
+        raise UserError('--head apcnn needs an --input-size divisible by 32 (its pyramid adds maps upsampled '
+                        'x2 twice), got %d: use %d' % (cfg['input_size'],
+                                                       max(32, int(round(cfg['input_size'] / 32.0)) * 32)))
     for flag, key in (('--taps', 'taps'), ('--rga', 'rga'), ('--mc-loss', 'mc_loss')):
         if cfg.get(key) not in (None, False, 'none'):
-            raise UserError('--head apcnn has its own attention pyramid instead of the VAA taps and takes no %s; '
-                            'drop it' % flag)
+            raise UserError('--head apcnn has its own attention pyramid instead of the VAA taps and takes no '
+                            '%s; drop it' % flag)
     settings(cfg)
 
 

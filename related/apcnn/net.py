@@ -70,7 +70,8 @@ class PyramidFeatures(gluon.HybridBlock):
         super().__init__(**kwargs)
         c3, c4, c5 = in_channels
         with self.name_scope():
-            self.P5_1, self.P5_2 = SimpleFPA(c5, width, prefix='P5_1_'), _conv(width, 3, width, prefix='P5_2_')
+            self.P5_1, self.P5_2 = SimpleFPA(c5, width, prefix='P5_1_'), _conv(
+                width, 3, width, prefix='P5_2_')
             self.P4_1, self.P4_2 = _conv(width, 1, c4, prefix='P4_1_'), _conv(width, 3, width, prefix='P4_2_')
             self.P3_1, self.P3_2 = _conv(width, 1, c3, prefix='P3_1_'), _conv(width, 3, width, prefix='P3_2_')
 
@@ -137,7 +138,7 @@ class PyramidAttentions(gluon.HybridBlock):
 
 
 class APClassifier(gluon.HybridBlock):
-    """[GAP] -> BN -> Dense(hidden) -> BN -> ELU -> Dense(C) (``pool=False``: the input is already a vector)."""
+    """[GAP] -> BN -> Dense(hidden) -> BN -> ELU -> Dense(C); ``pool=False``: the input is a vector."""
 
     def __init__(self, in_units, num_classes, hidden=256, pool=True, **kwargs):
         super().__init__(**kwargs)
@@ -173,20 +174,23 @@ class APCNNNet(AttributeNet):
         super().__init__(**kwargs)
         from related.apcnn.roi import ROIPyramid, ROIZoom
         if input_size % 32:
-            raise UserError('--head apcnn needs an --input-size divisible by 32 (its pyramid adds maps upsampled '
-                            'x2 twice), got %d: use %d or %d' % (input_size, input_size // 32 * 32,
+            raise UserError('--head apcnn needs an --input-size divisible by 32 (its pyramid adds maps '
+                            'upsampled x2 twice), got %d: use %d or %d' % (input_size, input_size // 32 * 32,
                                                                  input_size // 32 * 32 + 32))
-        self.backbone_name, self.num_classes, self.input_size, self.preset = backbone, num_classes, input_size, preset
+        self.backbone_name, self.num_classes = backbone, num_classes
+        self.input_size, self.preset = input_size, preset
         self.topk = tuple(int(k) for k in topk)
         with self.name_scope():
-            self.backbone = Backbone(backbone, num_classes, ('s2', 's3'), pretrained, root, input_size, pool=None,
+            self.backbone = Backbone(backbone, num_classes, ('s2', 's3'), pretrained, root, input_size,
+                                     pool=None,
                                      output=False, prefix='backbone_')
         shapes = self._infer_shapes(input_size)
         self.level_shapes = shapes
         with self.name_scope():
             self.fpn = PyramidFeatures([s[0] for s in shapes], width, prefix='fpn_')
             self.apn = PyramidAttentions(width, prefix='apn_')
-            self.cls3, self.cls4, self.cls5 = [APClassifier(width, num_classes, hidden, prefix='cls%d_' % level)
+            self.cls3, self.cls4, self.cls5 = [APClassifier(width, num_classes, hidden,
+                                                            prefix='cls%d_' % level)
                                                for level in (3, 4, 5)]
             self.cls_concate = APClassifier(3 * width, num_classes, hidden, pool=False, prefix='cls_concate_')
             self.roi = ROIPyramid(input_size, [s[1] for s in shapes], self.topk,
@@ -231,7 +235,8 @@ class APCNNNet(AttributeNet):
         are sigmoid values on one fixed scale)."""
         import plots
         s3, s4, s5, rois, valid, box = maps
-        plots.apcnn_overlay(crop, [s[0] for s in (s3, s4, s5)], rois, valid, box, self.input_size / float(s3.shape[-1]),
+        plots.apcnn_overlay(crop, [s[0] for s in (s3, s4, s5)], rois, valid, box,
+                            self.input_size / float(s3.shape[-1]),
                             path)
         return [(path, 'AP-CNN gates and ROIs')]
 

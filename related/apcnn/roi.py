@@ -37,7 +37,8 @@ class ROIPyramid(gluon.HybridBlock):
     """(S3, S4, S5) spatial gates (N, 1, h_l, h_l) -> (rois (N, R, 4) in input pixels, valid (N, R)), R =
     sum of ``topk`` (each capped by its map's cells); level 3's rows first. Invalid rows are zeros."""
 
-    def __init__(self, input_size, sizes, topk=(5, 3, 1), anchors=(64, 128, 256), iou=0.05, border=0.1, **kwargs):
+    def __init__(self, input_size, sizes, topk=(5, 3, 1), anchors=(64, 128, 256), iou=0.05, border=0.1,
+                 **kwargs):
         super().__init__(**kwargs)
         self.input_size, self.sizes = int(input_size), [int(s) for s in sizes]
         self.topk = [min(int(k), s * s) for k, s in zip(topk, self.sizes)]
@@ -50,7 +51,8 @@ class ROIPyramid(gluon.HybridBlock):
         idx = _ranks(F, size)
         lo, hi = int(self.border * size), int((1 - self.border) * size)
         inside = (idx >= lo) * (idx < hi)
-        inner = F.reshape(F.broadcast_mul(F.reshape(inside, (size, 1)), F.reshape(inside, (1, size))), (1, -1))
+        inner = F.reshape(F.broadcast_mul(F.reshape(inside, (size, 1)), F.reshape(inside, (1, size))),
+                          (1, -1))
         cx = F.reshape(F.broadcast_add(F.zeros((size, 1)), F.reshape(idx * stride, (1, size))), (-1,))
         cy = F.reshape(F.broadcast_add(F.reshape(idx * stride, (size, 1)), F.zeros((1, size))), (-1,))
         half = anchor / 2.0
@@ -61,22 +63,28 @@ class ROIPyramid(gluon.HybridBlock):
         above = F.broadcast_greater(score, F.mean(score, axis=1, keepdims=True))
         score = F.where(above, score, F.ones_like(score) * -1)
         data = F.concat(F.expand_dims(score, 2),
-                        F.broadcast_add(F.zeros_like(F.expand_dims(score, 2)), F.expand_dims(boxes, 0)), dim=2)
+                        F.broadcast_add(F.zeros_like(F.expand_dims(score, 2)), F.expand_dims(boxes, 0)),
+                        dim=2)
         kept = self.nms(F, data, k)                                                            # N, k, 5
         valid = F.reshape(F.slice_axis(kept, axis=2, begin=0, end=1), (0, -1)) >= 0
-        x1, y1, x2, y2 = [F.reshape(F.slice_axis(kept, axis=2, begin=i, end=i + 1), (0, -1)) for i in range(1, 5)]
+        x1, y1, x2, y2 = [F.reshape(F.slice_axis(kept, axis=2, begin=i, end=i + 1), (0, -1))
+                          for i in range(1, 5)]
         last = self.input_size - 1
-        rois = F.stack(F.maximum(x1, 0), F.maximum(y1, 0), F.minimum(x2 - 1, last), F.minimum(y2 - 1, last), axis=2)
+        rois = F.stack(F.maximum(x1, 0), F.maximum(y1, 0), F.minimum(x2 - 1, last), F.minimum(y2 - 1, last),
+                       axis=2)
         return F.broadcast_mul(rois, F.expand_dims(valid, 2)), valid
 
     def nms(self, F, data, k):
         """The first ``k`` rows of (N, M, 5) [score, x1, y1, x2 + 1, y2 + 1] after NMS at IoU >= ``iou``
         (suppressed and invalid rows: -1), in descending score."""
-        return F.slice_axis(F.contrib.box_nms(data, overlap_thresh=self.iou, valid_thresh=0, topk=-1, coord_start=1,
-                                              score_index=0, id_index=-1, force_suppress=True), axis=1, begin=0, end=k)
+        return F.slice_axis(F.contrib.box_nms(data, overlap_thresh=self.iou, valid_thresh=0, topk=-1,
+                                              coord_start=1,
+                                              score_index=0, id_index=-1, force_suppress=True), axis=1,
+                            begin=0, end=k)
 
     def hybrid_forward(self, F, s3, s4, s5):
-        levels = [self._level(F, g, s, a, k) for g, s, a, k in zip((s3, s4, s5), self.sizes, self.anchors, self.topk)]
+        levels = [self._level(F, g, s, a, k) for g, s, a, k in zip((
+            s3, s4, s5), self.sizes, self.anchors, self.topk)]
         return F.concat(*[r for r, _ in levels], dim=1), F.concat(*[v for _, v in levels], dim=1)
 
 
@@ -101,7 +109,8 @@ class ROIZoom(gluon.HybridBlock):
         n = F.sum(v, axis=1)
         index = F.minimum(F.floor(r * n), F.maximum(n - 1, 0))
         onehot = F.broadcast_equal(F.reshape(_ranks(F, k), (1, k)), F.reshape(index, (-1, 1))) * v
-        box = F.sum(F.broadcast_mul(F.slice_axis(rois, axis=1, begin=begin, end=begin + k), F.expand_dims(onehot, 2)),
+        box = F.sum(F.broadcast_mul(F.slice_axis(rois, axis=1, begin=begin, end=begin + k),
+                                    F.expand_dims(onehot, 2)),
                     axis=1)
         return box, n > 0
 
@@ -136,7 +145,8 @@ class ROIZoom(gluon.HybridBlock):
         at3, at4 = u < p3, (u >= p3) * (u < p3 + p4)
         dropping = training * (at3 * has3 + at4 * has4)
         box = F.broadcast_mul(box3, F.expand_dims(at3, 1)) + F.broadcast_mul(box4, F.expand_dims(at4, 1))
-        dx1, dy1, dx2, dy2 = [F.floor(F.reshape(F.slice_axis(box, axis=1, begin=i, end=i + 1), (-1,)) / self.stride)
+        dx1, dy1, dx2, dy2 = [F.floor(F.reshape(F.slice_axis(box, axis=1, begin=i, end=i + 1),
+                                                (-1,)) / self.stride)
                               for i in range(4)]
         area = (iy2 - iy1) * (ix2 - ix1)
         overlap = (F.relu(F.minimum(dx2, ix2) - F.maximum(dx1, ix1)) *
@@ -144,7 +154,8 @@ class ROIZoom(gluon.HybridBlock):
         dropping = dropping * (area - overlap > 0)                  # never drop the whole crop
         kept = area - dropping * overlap
         rows = F.broadcast_mul(self._inside(F, dy1, dy2, self.height), F.expand_dims(dropping, 1))
-        cells = F.broadcast_mul(F.expand_dims(rows, 2), F.expand_dims(self._inside(F, dx1, dx2, self.width), 1))
+        cells = F.broadcast_mul(F.expand_dims(rows, 2),
+                                F.expand_dims(self._inside(F, dx1, dx2, self.width), 1))
         scale = F.where(training, (fy2 - fy1) * (fx2 - fx1) / kept, ones)             # energy compensation
         mask = F.broadcast_mul(1 - F.expand_dims(cells, 1), F.reshape(scale, (-1, 1, 1, 1)))
         gx = self._axis(F, ix1, ix2, self.width)
@@ -158,4 +169,5 @@ class ROIZoom(gluon.HybridBlock):
     def _inside(F, start, stop, size):
         """(N, size): 1 where start <= index < stop."""
         idx = F.reshape(_ranks(F, size), (1, size))
-        return F.broadcast_greater_equal(idx, F.reshape(start, (-1, 1))) * F.broadcast_lesser(idx, F.reshape(stop, (-1, 1)))
+        return (F.broadcast_greater_equal(idx, F.reshape(start, (-1, 1))) *
+                F.broadcast_lesser(idx, F.reshape(stop, (-1, 1))))

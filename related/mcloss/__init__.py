@@ -15,13 +15,15 @@ Settings = collections.namedtuple('Settings', 'weights drop xi')
 
 def add_flags(a):
     a('--mc-loss', action='store_true',
-      help='add MC-Loss (mutual-channel loss) on the last feature map to the objective: one channel group per '
-           'attribute, a discriminality and a diversity term (training only; predictions are unchanged)')
+      help='add MC-Loss (mutual-channel loss) on the last feature map to the objective: one channel group '
+           'per attribute, a discriminality and a diversity term (training only; predictions are unchanged)')
     a('--mc-weights', default='1.5,20', help="MC-Loss weights of the discriminality and diversity terms (the "
                                              "authors' current code; their ResNet-50 release: 0.0005,0.005)")
-    a('--mc-drop', type=float, default=0.4, help='MC-Loss: share of each group that channel-wise attention masks')
-    a('--mc-xi', type=int, default=0, help="MC-Loss channels per attribute: 0 splits the backbone's own channels "
-                                           "(the paper's ResNet setting); K > 0 projects the map to C x K first")
+    a('--mc-drop', type=float, default=0.4, help='MC-Loss: share of each group that channel-wise attention '
+                                                 'masks')
+    a('--mc-xi', type=int, default=0, help="MC-Loss channels per attribute: 0 splits the backbone's own "
+                                           "channels (the paper's ResNet setting); K > 0 projects the map to "
+                                           "C x K first")
 
 
 def active(cfg):
@@ -29,7 +31,7 @@ def active(cfg):
 
 
 def settings(cfg):
-    """(weights (discriminality, diversity), drop rate, xi); UserError for weights that are not two numbers."""
+    """(weights (discriminality, diversity), drop rate, xi); UserError unless the weights are 2 numbers."""
     value = cfg['mc_weights']
     try:
         weights = tuple(float(v) for v in str(value).split(','))
@@ -43,8 +45,8 @@ def settings(cfg):
 def check(cfg):
     settings(cfg)
     if cfg['finetune']:
-        raise UserError('--mc-loss shapes the channels of the backbone, which --finetune freezes for the whole '
-                        'run (only its bias would train); drop one of them')
+        raise UserError('--mc-loss shapes the channels of the backbone, which --finetune freezes for the '
+                        'whole run (only its bias would train); drop one of them')
 
 
 def describe(cfg):

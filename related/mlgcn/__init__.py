@@ -13,7 +13,8 @@ def _finite(test):
     return lambda v: v == v and abs(v) != float('inf') and test(v)
 
 
-RANGES = (('gcn_t', _finite(lambda v: 0 < v <= 1), 'in (0, 1]'), ('gcn_p', _finite(lambda v: 0 <= v <= 1), 'in [0, 1]'))
+RANGES = (('gcn_t', _finite(lambda v: 0 < v <= 1), 'in (0, 1]'),
+          ('gcn_p', _finite(lambda v: 0 <= v <= 1), 'in [0, 1]'))
 
 
 def add_flags(a):

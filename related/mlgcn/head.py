@@ -167,5 +167,6 @@ def build_gcn(settings, num_classes, feat_dim, labels=None, mask=None, dim=None,
     LOG.info('ML-GCN head: %d label-graph edges (t %g, p %g, %s re-weighting, %.1f per attribute); label '
              'embeddings: %s%s', edges, settings.t, settings.p, settings.reweight, edges / float(num_classes),
              settings.embeddings,
-             '' if settings.embeddings not in EMBEDDINGS else ' (an offline fallback, not the paper\'s GloVe vectors)')
+             '' if settings.embeddings not in EMBEDDINGS else
+             " (an offline fallback, not the paper's GloVe vectors)")
     return GCNClassifier(adjacency, embeddings, feat_dim, prefix=prefix), int(embeddings.shape[1])

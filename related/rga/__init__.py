@@ -28,7 +28,8 @@ def active(cfg):
 
 def settings(cfg):
     """(mode, stages, ratios) from the flags."""
-    return Settings(cfg['rga'], _ints(cfg['rga_stages'], 'rga-stages', None), _ints(cfg['rga_ratios'], 'rga-ratios', 3))
+    return Settings(cfg['rga'], _ints(cfg['rga_stages'], 'rga-stages', None),
+                    _ints(cfg['rga_ratios'], 'rga-ratios', 3))
 
 
 def _ints(value, flag, count):
@@ -61,8 +62,9 @@ def plug(cfg, parts, labels=None, mask=None):
     parts.overlays.append(modules.overlay)
     if 1 in rga.stages and (cfg['input_size'] // 4) ** 2 >= 1024:
         n = (cfg['input_size'] // 4) ** 2
-        LOG.warning('RGA at stage 1 (a %dx%d map): its position graph has %d x %d entries and its compression '
-                    'costs about %.1f GMAC per image (ResNet-101 at 224: 7.8); --rga-stages 2,3,4 leaves it out',
+        LOG.warning('RGA at stage 1 (a %dx%d map): its position graph has %d x %d entries and its '
+                    'compression costs about %.1f GMAC per image (ResNet-101 at 224: 7.8); --rga-stages '
+                    '2,3,4 leaves it out',
                     cfg['input_size'] // 4, cfg['input_size'] // 4, n, n, n ** 3 / 4e9)
 
 

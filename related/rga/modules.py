@@ -45,7 +45,8 @@ def _embed(channels, out_channels, relu=True, prefix=''):
     """1x1 conv (no bias) + BatchNorm (+ ReLU)."""
     seq = nn.HybridSequential(prefix=prefix)
     with seq.name_scope():
-        seq.add(nn.Conv2D(out_channels, 1, use_bias=False, in_channels=channels, weight_initializer=CONV_INIT))
+        seq.add(nn.Conv2D(out_channels, 1, use_bias=False, in_channels=channels,
+                          weight_initializer=CONV_INIT))
         seq.add(nn.BatchNorm(in_channels=out_channels, gamma_initializer=_UnitUniform()))
         if relu:
             seq.add(nn.Activation('relu'))
@@ -68,7 +69,8 @@ class RGAModule(ReturnsAttention, gluon.HybridBlock):
     ``(out, spatial, channel)``, the weights a (N x 1 x H x W and N x C x 1 x 1; ones where a part is off).
     """
 
-    def __init__(self, in_channels, height, width, use_spatial=True, use_channel=True, cha_ratio=8, spa_ratio=8,
+    def __init__(self, in_channels, height, width, use_spatial=True, use_channel=True, cha_ratio=8,
+                 spa_ratio=8,
                  down_ratio=8, **kwargs):
         super(RGAModule, self).__init__(**kwargs)
         if not (use_spatial or use_channel):
@@ -141,8 +143,8 @@ def rga_blocks(mode, stage_shapes, stages=(1, 2, 3, 4), ratios=(8, 8, 8)):
         raise UserError("--rga takes s, c or sc (or none), got %r" % mode)
     unknown = [s for s in stages if s not in stage_shapes]
     if unknown:
-        raise UserError('--rga-stages %s: the backbone has stages %s' % (','.join(map(str, stages)),
-                                                                        ','.join(map(str, sorted(stage_shapes)))))
+        raise UserError('--rga-stages %s: the backbone has stages %s' % (
+            ','.join(map(str, stages)), ','.join(map(str, sorted(stage_shapes)))))
     return {s: RGAModule(stage_shapes[s][0], stage_shapes[s][1], stage_shapes[s][2], 's' in mode, 'c' in mode,
                          ratios[0], ratios[1], ratios[2], prefix='rga%d_' % s) for s in stages}
 
