@@ -116,6 +116,7 @@ def bench_ours(args, ctx, x, y, m, **system):
 SYSTEMS = (('VAA', {}), ('VAA + RGA-SC at 2,3,4', dict(rga='sc', rga_stages='2,3,4')),
            ('VAA + RGA-SC at 1,2,3,4', dict(rga='sc', rga_stages='1,2,3,4')),
            ('ML-GCN head', dict(head='gcn')),
+           ('HGAT-FC head', dict(head='hgat', hgat_groups='contiguous:4')),
            ('VAA + MC-Loss', dict(mc_loss=True)), ('AP-CNN', dict(head='apcnn')))
 
 

@@ -62,7 +62,7 @@ def load_source(source, ctx, which='best', upstream=None, overrides=None):
         cfg = dict(meta['config'])
         names = meta.get('attribute_names') or ['attr%d' % i for i in range(cfg['num_classes'])]
         cfg['num_classes'] = len(names)
-        net = build_net(cfg, ctx, pretrained=False)
+        net = build_net(cfg, ctx, pretrained=False, names=names)
         checkpoints.load_weights(path, net, arrays)
         cfg['run_dir'] = run_dir or os.path.dirname(os.path.abspath(path))
     else:
@@ -80,7 +80,7 @@ def load_source(source, ctx, which='best', upstream=None, overrides=None):
         # results go to runs/, not into the authors' folder (which holds only their files)
         cfg.update(num_classes=len(names), run_dir=os.path.join('runs', 'eval-%s' % os.path.basename(
             os.path.normpath(os.path.abspath(path)))))
-        net = build_net(cfg, ctx, pretrained=False)
+        net = build_net(cfg, ctx, pretrained=False, names=names)
         checkpoints.load_upstream(net, path)
     cfg.update({k: v for k, v in (overrides or {}).items() if k in EVAL_OVERRIDES and v is not None})
     return net, cfg, names

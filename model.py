@@ -300,7 +300,7 @@ def parse_taps(value):
     return () if value.strip().lower() == 'none' else tuple(t.strip() for t in value.split(',') if t.strip())
 
 
-def build_net(cfg, ctx=None, pretrained=None, labels=None, mask=None):
+def build_net(cfg, ctx=None, pretrained=None, labels=None, mask=None, names=None):
     """The network a run's config describes; training, evaluation, resume and the benchmark all build it
     here, so a saved ``config.json`` (or a checkpoint's config) rebuilds exactly the trained network.
 
@@ -309,7 +309,7 @@ def build_net(cfg, ctx=None, pretrained=None, labels=None, mask=None):
     the paper's network with the parts the systems plug in. ``pretrained=False`` overrides the config
     (weights about to be loaded from a checkpoint need no ImageNet cache). ``labels``/``mask``: the
     training labels, from which the ML-GCN head builds its label graph (without them it waits for a
-    checkpoint).
+    checkpoint); ``names``: the attribute names (HGAT-FC groups them).
     """
     config.complete(cfg)
     pretrained = cfg['pretrained'] if pretrained is None else pretrained
@@ -319,7 +319,7 @@ def build_net(cfg, ctx=None, pretrained=None, labels=None, mask=None):
     else:
         parts = Parts()
         for system in related.active(cfg):
-            system.plug(cfg, parts, labels, mask)
+            system.plug(cfg, parts, labels, mask, names)
         net = get_vaa_net(cfg['backbone'], cfg['num_classes'], cfg['preset'], cfg['input_size'], pretrained,
                           ctx,
                           parse_taps(cfg['taps']), parts=parts)

@@ -98,7 +98,7 @@ def get_net(cfg, ctx, train):
     if cfg['syncbn'] and len(ctx) > 1 and ctx[0].device_type == 'cpu':
         raise UserError("--syncbn needs GPUs: mxnet 1.9's SyncBatchNorm deadlocks across CPU contexts; "
                         'drop --syncbn or use --gpus 0,1')
-    net = build_net(cfg, ctx, labels=train.labels, mask=train.mask)
+    net = build_net(cfg, ctx, labels=train.labels, mask=train.mask, names=list(train.attribute_names))
     LOG.info('model: %s, preset %s, taps %s, input %d%s', cfg['backbone'], cfg['preset'],
              '/'.join(net.taps) or 'none',
              cfg['input_size'], ''.join('; ' + p for p in net.plugins))

@@ -9,15 +9,16 @@ and defines:
 * ``RANGES``, ``FIXED``: the bounds of its numeric flags, the settings a resumed run keeps;
 * ``add_flags(a)``, ``active(cfg)``, ``check(cfg)`` (its refusals, one line each), ``settings(cfg)`` (its
   flags parsed, once), ``describe(cfg)`` (a few words for tables);
-* ``plug(cfg, parts, labels, mask)``: adds its blocks to the paper's network (``model.Parts``), or, for a
-  system that is a network of its own, ``network(cfg, pretrained)``;
+* ``plug(cfg, parts, labels, mask, names)``: adds its blocks to the paper's network (``model.Parts``;
+  ``labels``/``mask``/``names``: the training split's, when known), or, for a system that is a network of
+  its own, ``network(cfg, pretrained)``;
 * ``loss(cfg)``: the term it adds to the objective (on the auxiliary outputs of its head), or None.
 
 The heavy code (the Gluon blocks) sits beside it in the same package and is imported when built.
 """
-from related import apcnn, mcloss, mlgcn, rga
+from related import apcnn, hgat, mcloss, mlgcn, rga
 
-SYSTEMS = (rga, mlgcn, mcloss, apcnn)
+SYSTEMS = (rga, mlgcn, hgat, mcloss, apcnn)
 
 
 def add_flags(a):

@@ -36,6 +36,7 @@ SYSTEMS = {
     'demo': dict(preset='demo'),
     'rga': dict(preset='paper', rga='sc', rga_stages='1,2,3,4'),
     'gcn': dict(preset='paper', head='gcn'),
+    'hgat': dict(preset='paper', head='hgat', hgat_groups='contiguous:2'),
     'mcloss': dict(preset='paper', mc_loss=True),
     'apcnn': dict(preset='paper', head='apcnn'),
 }

@@ -53,7 +53,7 @@ def describe(cfg):
     return 'MC-Loss %s' % cfg['mc_weights']
 
 
-def plug(cfg, parts, labels=None, mask=None):
+def plug(cfg, parts, labels=None, mask=None, names=None):
     """The MC head on the map that enters the global pooling, evaluated only while training."""
     from related.mcloss import head
     mc = settings(cfg)

@@ -45,7 +45,7 @@ def describe(cfg):
     return 'ML-GCN head'
 
 
-def plug(cfg, parts, labels=None, mask=None):
+def plug(cfg, parts, labels=None, mask=None, names=None):
     """The GCN head as the primary classifier on the globally pooled feature; without the training labels
     (rebuilding for evaluation) its graph and embeddings are placeholders that a checkpoint fills."""
     from related.mlgcn import head

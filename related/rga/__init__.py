@@ -53,7 +53,7 @@ def describe(cfg):
     return 'RGA-%s@%s' % (cfg['rga'].upper(), cfg['rga_stages'])
 
 
-def plug(cfg, parts, labels=None, mask=None):
+def plug(cfg, parts, labels=None, mask=None, names=None):
     """RGA modules after the chosen stages of the backbone (warned when stage 1 is costly)."""
     from related.rga import modules
     rga = settings(cfg)
