@@ -34,8 +34,8 @@ import flags  # noqa: E402
 import datasets  # noqa: E402
 from datasets import loaders  # noqa: E402
 import inference  # noqa: E402
+import metrics  # noqa: E402
 import plots  # noqa: E402
-import related  # noqa: E402
 import steps  # noqa: E402
 from distributed import parse_contexts  # noqa: E402
 from errors import UserError, plural, run_main  # noqa: E402
@@ -43,18 +43,6 @@ from errors import UserError, plural, run_main  # noqa: E402
 
 def build_parser():
     return flags.compare_parser()
-
-
-def describe(cfg, kind):
-    """The system and its flags, in a few words."""
-    if kind == 'upstream':
-        return "authors' saved_models (%s, %s, %d)" % (cfg['preset'], cfg['backbone'], cfg['input_size'])
-    systems = related.active(cfg)
-    parts = [s.describe(cfg) for s in systems if s.HEAD] or ['VAA']            # the head first
-    parts += [s.describe(cfg) for s in systems if not s.HEAD]
-    if related.network_of(cfg) is None:
-        parts.append('taps %s' % (cfg['taps'] if cfg['taps'] else 'of the preset'))
-    return '%s (%s, %s, %d)' % (' + '.join(parts), cfg['preset'], cfg['backbone'], cfg['input_size'])
 
 
 def evaluate_source(source, args, ctx, common):
@@ -69,7 +57,7 @@ def evaluate_source(source, args, ctx, common):
     loader = loaders.eval_loader(cfg, data)
     steps.predict(net, [next(iter(loader))], ctx)                      # warm up (graph, memory)
     start = time.time()
-    result = steps.evaluate(net, loader, ctx, names)
+    result = steps.evaluate(net, loader, ctx, names, args.metrics)
     speed = len(data) / (time.time() - start)
     params = sum(int(np.prod(p.shape)) for n, p in net.collect_params().items()
                  if p.grad_req != 'null' or not n.endswith(
@@ -83,7 +71,8 @@ def evaluate_source(source, args, ctx, common):
     settings = {key: cfg.get(key) for key, _ in PROTOCOL} if kind == 'ours' else {}
     if kind == 'ours':
         settings['epochs'] = epochs if epochs is not None else cfg['epochs']
-    return dict(source=source, system=describe(cfg, kind), result=result, params=params, eval_speed=speed,
+    return dict(source=source, system=inference.describe(cfg, kind), result=result, params=params,
+                eval_speed=speed,
                 train_speed=train_speed,
                 frequency=(data.labels * data.mask).sum(0) / np.maximum(data.mask.sum(0), 1),
                 names=list(names), dataset=cfg['dataset'], data_path=cfg['data_path'], settings=settings)
@@ -174,7 +163,9 @@ def main(argv=None):
                             'attributes'
                             % (source, len(rows[-1]['names']), args.sources[0], len(rows[0]['names'])))
     text = table(rows)
-    print('%s split of %s (%s):\n%s' % (args.split, rows[0]['dataset'], plural(len(rows), 'source'), text))
+    print('%s split of %s (%s; mA and the instance metrics in %s convention):\n%s' % (
+        args.split, rows[0]['dataset'], plural(len(rows), 'source'), metrics.CONVENTION_NAMES[args.metrics],
+            text))
     order = list(np.argsort(-rows[0]['frequency'], kind='stable'))
     checkpoints.atomic_write(args.out, lambda tmp: plots.compare_bars(
         [rows[0]['names'][c] for c in order],
@@ -182,6 +173,7 @@ def main(argv=None):
         ['#%d %s (mAP %.2f): %s' % (i + 1, r['source'], 100 * r['result']['mAP'], r['system'])
          for i, r in enumerate(rows)], [rows[0]['frequency'][c] for c in order], tmp))
     summary = [dict(source=r['source'], system=r['system'], params=r['params'], eval_speed=r['eval_speed'],
+                    metrics=args.metrics,
                     train_speed=r['train_speed'], settings=r['settings'],
                     **{k: r['result'][k] for k in ('mAP', 'mA', 'accuracy', 'precision', 'recall', 'f1',
                                                    'per_attribute')})

@@ -21,11 +21,13 @@ from flags import (RANGES, HelpFormatter, Parser, build_parser, check_ranges, gr
 from presets import BACKBONES, FALLBACKS, PRESETS, PRESET_SETTINGS, SCHEDULES, schedule_for  # noqa: F401
 
 # What a resumed run may change; everything else comes from the run's saved config.
-RESUME_OVERRIDES = ('epochs', 'data_path', 'gpus', 'cpus', 'num_workers', 'log_interval', 'debug', 'kvstore')
+RESUME_OVERRIDES = ('epochs', 'data_path', 'gpus', 'cpus', 'num_workers', 'log_interval', 'debug', 'kvstore',
+                    'metrics')
 # What a resumed run must not change (the weights and the schedule depend on them), the related systems'
 # settings included.
 RESUME_FIXED = ('dataset', 'preset', 'backbone', 'input_size', 'num_classes', 'lr', 'batch_size', 'optimizer',
-                'seed', 'train_split', 'partition', 'all_attributes', 'freeze_epochs', 'finetune', 'gamma',
+                'seed', 'train_split', 'partition', 'all_attributes', 'split_file', 'freeze_epochs',
+                'finetune', 'gamma',
                 'shuffle', 'pretrained', 'taps', 'head', 'backbone_lr_mult') + related.fixed()
 
 

@@ -3,6 +3,8 @@
 
     python eval.py runs/demo-resnet18_v1-paper-20261122-101500            # best checkpoint, test split
     python eval.py RUN --split val --checkpoint last --compare paper
+    python eval.py RUN --compare rethinking          # the community baseline's table, in its metric
+    convention
     python eval.py saved_models/ --preset upstream --dataset wider --data_path /data/WIDER   # authors' files
     python eval.py RUN --image photo1.jpg photo2.png                     # probabilities + attention maps
     python eval.py RUN --export-upstream saved_models/                   # the authors' file layout
@@ -11,7 +13,9 @@
 
 Reports the WIDER mAP protocol and the PETA metrics (``metrics.py``), prints a per-attribute
 table and writes the result as JSON (``--out``; default ``<run>/eval_<split>.json``). ``--compare paper``
-adds the paper's numbers and the deltas where the paper has any (WIDER-Attribute, PETA).
+adds the paper's numbers and the deltas where the paper has any (WIDER-Attribute, PETA); ``--compare
+rethinking`` the table of Rethinking_of_PAR's README (PETA, PETA-ZS, PA-100K, RAP, RAPv2, RAP-ZS), with
+mA and the instance metrics in its convention (``--metrics rethinking``; ``metrics.py``).
 """
 import os
 
@@ -160,6 +164,9 @@ def main(argv=None):
         return explain_images(net, cfg, names, args.image, out_dir, ctx, args.source, args.shared_scale)
     if not cfg.get('dataset'):
         raise UserError('give --dataset (and --data_path) to evaluate these weights on a split')
+    if args.compare == 'rethinking' and args.metrics == 'ours':
+        raise UserError("--compare rethinking shows the baseline's numbers in its own metric convention, and "
+                        'ours in the same one; drop --metrics ours (eval.py without --compare reports ours)')
     return inference.report_split(net, cfg, names, args.split, ctx, args.source, args.out, args.compare)
 
 

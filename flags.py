@@ -18,6 +18,11 @@ import related                    # (the systems' interfaces: they import nothin
 from errors import UserError
 from presets import BACKBONES, PRESETS
 
+METRIC_CONVENTIONS = ('ours', 'rethinking')
+METRICS_HELP = ('convention of mA and the instance metrics: ours (p >= 0.5; samples without a positive label '
+                "and attributes without positives left out) or rethinking (Rethinking_of_PAR's "
+                'get_pedestrian_metrics: p > 0.5, both kept, at 0); README, Metric conventions')
+
 
 def spellings(flag):
     """``--batch_size`` -> ``['--batch_size', '--batch-size']``: both work, the first is shown."""
@@ -73,6 +78,8 @@ def _authors_flags(a):
     a('--num_classes', type=int, help='number of attributes; checked against the dataset')
     a('--finetune', action='store_true',
       help="the authors' meaning: freeze the whole backbone and drop the primary-branch loss")
+    a('--metrics', choices=METRIC_CONVENTIONS, default='ours', help=METRICS_HELP + ', in the test report '
+      '(validation, which picks the best checkpoint, always uses ours)')
     a('--test', action='store_true',
       help='evaluate on the test split instead of training: the best checkpoint of --resume RUN_DIR, or '
            "the authors' saved_models/ folder given by --upstream-weights")
@@ -145,8 +152,13 @@ def _data_flags(a):
     a('--train-split', default='train', help="training split (WIDER: the paper used 'train'; 'trainval' too)")
     a('--val-split', default='val', help='validation split')
     a('--test-split', default='test', help='test split')
-    a('--partition', type=int, default=0, help='PETA partition (0-4)')
-    a('--all-attributes', action='store_true', help='PETA: all 105 attributes instead of the usual 35')
+    a('--partition', type=int, default=0, help="PETA partition (0-4); pedes: the file's numbered run (PETA, "
+                                               "RAP)")
+    a('--all-attributes', action='store_true',
+      help='PETA: all 105 attributes instead of the usual 35; pedes: every column of the file, not '
+           'label_idx.eval')
+    a('--split-file', help="pedes (Rethinking_of_PAR's annotation files): the file in --data_path, e.g. "
+                           'dataset_zs_run0.pkl for PETA-ZS and RAP-ZS (default: dataset_all.pkl)')
     a('--cache-dir', help='WIDER: folder for the cached person crops (default: a per-user folder, '
                           '$XDG_CACHE_HOME/vaa-attributes/wider-<hash of --data_path>-crop256, or '
                           '~/.cache/...; nothing is written into the dataset folder)')
@@ -242,7 +254,10 @@ def eval_parser():
     a = group_adder(p, 'what to evaluate')
     a('--split', default='test', help='split to evaluate (train, val, test, ...)')
     a('--checkpoint', default='best', choices=['best', 'last'], help='which checkpoint of a run folder')
-    a('--compare', choices=['paper'], help="add the paper's numbers and the differences")
+    a('--compare', choices=['paper', 'rethinking'],
+      help="add the paper's numbers, or (rethinking) the table of the community's baseline "
+           "(Rethinking_of_PAR's README, with its metric convention), and the differences")
+    a('--metrics', choices=METRIC_CONVENTIONS, help=METRICS_HELP + " (default: the run's, else ours)")
     a('--out', help="JSON file for the result (default: <run>/eval_<split>.json; for the authors' files "
                     'runs/eval-<their folder>/eval_<split>.json)')
     a('--image', nargs='+', metavar='FILE', help='predict these images and draw their attention maps')
@@ -265,6 +280,7 @@ def eval_parser():
     a('--num-workers', type=int, help="data-loader threads (default: the run's)")
     a('--limit', type=int, help='evaluate only the first N samples')
     a('--partition', type=int, help="PETA partition (default: the run's, else 0)")
+    a('--split-file', help="pedes: the annotation file in --data_path (default: the run's)")
     a('--cache-dir', help="WIDER: folder of the cached person crops (default: the run's, else the per-user "
                           'folder, $XDG_CACHE_HOME/vaa-attributes/wider-<hash of --data_path>-crop256)')
     a('--skip-bad-samples', action='store_true', default=None, help='skip unreadable or malformed samples')
@@ -311,6 +327,7 @@ def compare_parser():
     a('--dataset', choices=datasets.names(), help="dataset (default: the first run's)")
     a('--data_path', help="dataset root (default: the first run's)")
     a('--limit', type=int, help='evaluate only the first N samples')
+    a('--metrics', choices=METRIC_CONVENTIONS, default='ours', help=METRICS_HELP)
     a('--out', help='PNG of the per-attribute APs, with a .json of the numbers beside it (default: '
                     'runs/compare-<date>-<time>.png)')
     a('--gpus', help="GPU ids, e.g. '0' (default: the CPU)")

@@ -7,7 +7,9 @@ Shared by ``eval.py`` and by ``train.py`` (the test split at the end of training
   config: the preset, backbone, input size and dataset come from the caller).
 * :func:`evaluate_split`: one split of the dataset scored with every metric of ``metrics.py``.
 * :func:`report`: a result as JSON with its AP bars beside it, and the per-attribute table;
-  :func:`report_split` both (what ``eval.py`` and ``train.py --test`` print).
+  :func:`report_split` both (what ``eval.py`` and ``train.py --test`` print), with the paper's numbers
+  (``compare='paper'``) or the community baseline's table (``compare='rethinking'``) beside ours.
+* :func:`describe`: the system of a config in a few words (eval.py, compare.py).
 """
 import json
 import os
@@ -17,6 +19,7 @@ import config
 import datasets
 from datasets import loaders
 import metrics
+import related
 import plots
 import steps
 from errors import UserError
@@ -27,7 +30,7 @@ from runfolder import CHECKPOINT_DIR, checkpoint_path
 
 # Settings a caller may change when it evaluates one of our runs (the rest is the run's config).
 EVAL_OVERRIDES = ('dataset', 'data_path', 'batch_size', 'limit', 'partition', 'cache_dir', 'skip_bad_samples',
-                  'num_workers')
+                  'num_workers', 'split_file', 'metrics')
 
 
 def resolve_source(source, which='best'):
@@ -83,6 +86,7 @@ def load_source(source, ctx, which='best', upstream=None, overrides=None):
         net = build_net(cfg, ctx, pretrained=False, names=names)
         checkpoints.load_upstream(net, path)
     cfg.update({k: v for k, v in (overrides or {}).items() if k in EVAL_OVERRIDES and v is not None})
+    cfg['source_kind'] = kind
     return net, cfg, names
 
 
@@ -98,19 +102,49 @@ def check_output_file(path, flag):
             flag, path, 'no folder %s' % folder if not os.path.isdir(folder) else 'not writable'))
 
 
-def evaluate_split(net, cfg, names, split, ctx):
-    """Score ``split`` of the config's dataset; the split must have the model's attributes."""
+def describe(cfg, kind='ours'):
+    """The system and its flags, in a few words."""
+    if kind == 'upstream':
+        return "authors' saved_models (%s, %s, %d)" % (cfg['preset'], cfg['backbone'], cfg['input_size'])
+    systems = related.active(cfg)
+    parts = [s.describe(cfg) for s in systems if s.HEAD] or ['VAA']            # the head first
+    parts += [s.describe(cfg) for s in systems if not s.HEAD]
+    if related.network_of(cfg) is None:
+        parts.append('taps %s' % (cfg['taps'] if cfg['taps'] else 'of the preset'))
+    return '%s (%s, %s, %d)' % (' + '.join(parts), cfg['preset'], cfg['backbone'], cfg['input_size'])
+
+
+def community_dataset(dataset, data, names):
+    """The name of the evaluated data in the community's tables (PETA, PETAzs, PA100k, RAPv1, RAPv2,
+    RAPzs), or None: Rethinking_of_PAR's files name it; DeepMAR's PETA.mat (35 attributes) and PA-100K's
+    annotation.mat hold the same images, partitions and attributes."""
+    if dataset == 'pedes':
+        return getattr(data, 'community_name', None)
+    if dataset == 'peta' and len(names) == 35:
+        return 'PETA'
+    if dataset == 'pa100k':
+        return 'PA100k'
+    return None
+
+
+def evaluate_split(net, cfg, names, split, ctx, convention='ours'):
+    """Score ``split`` of the config's dataset (mA and the instance metrics in ``convention``); the split
+    must have the model's attributes."""
     data = datasets.load_split(cfg['dataset'], cfg['data_path'], split, attribute_names=names,
                                **loaders.data_options(cfg))
-    result = steps.evaluate(net, loaders.eval_loader(cfg, data), ctx, names)
+    result = steps.evaluate(net, loaders.eval_loader(cfg, data), ctx, names, convention)
     result['split'] = split
+    result['community_dataset'] = community_dataset(cfg['dataset'], data, names)
     return result
 
 
-def report_split(net, cfg, names, split, ctx, source, out=None, compare=None):
+def report_split(net, cfg, names, split, ctx, source, out=None, compare=None, convention=None):
     """Evaluate ``split`` and report it: ``out`` (default ``<run>/eval_<split>.json``) with its AP bars,
-    the table (and with ``compare='paper'`` the paper's numbers and the deltas), the chance level."""
-    result = evaluate_split(net, cfg, names, split, ctx)
+    the table (with ``compare='paper'`` the paper's numbers and the deltas; with ``'rethinking'`` the
+    community baseline's table, in its metric convention), the chance level. ``convention``: that of mA
+    and the instance metrics (default: the config's ``metrics``)."""
+    convention = 'rethinking' if compare == 'rethinking' else (convention or cfg.get('metrics') or 'ours')
+    result = evaluate_split(net, cfg, names, split, ctx, convention)
     result['source'] = os.path.abspath(source)
     if compare == 'paper':
         result['paper'] = paper_reference(cfg['dataset'], names)
@@ -121,6 +155,8 @@ def report_split(net, cfg, names, split, ctx, source, out=None, compare=None):
            split, per_attribute)
     if compare == 'paper':
         print(paper_line(result, cfg['dataset']))
+    if compare == 'rethinking':
+        print(rethinking_table(result, describe(cfg, cfg.get('source_kind', 'ours'))))
     if steps.stage_line(result):
         print(steps.stage_line(result))
     print('chance mAP from the label priors: %.2f; written %s' % (100 * result['chance_mAP'], out))
@@ -168,6 +204,30 @@ def paper_line(result, dataset):
         '%s %.2f, ours %.2f (delta %+.2f)' % (k, ref[k], ours[k], ours[k] - ref[k]) for k in keys)
 
 
+def rethinking_table(result, system):
+    """The community baseline's numbers (Rethinking_of_PAR's README) beside ours, in its convention."""
+    where = result.get('community_dataset')
+    rows = [r for r in metrics.RETHINKING_BASELINE if r[0] == where]
+    header = '%-8s %-16s %6s %6s %6s %6s %6s' % ('dataset', 'model', 'mA', 'Acc', 'Prec', 'Rec', 'F1')
+    lines = ["Rethinking_of_PAR's baseline (its README; mA and the instance metrics in its convention, "
+             'p > 0.5, both sides):', header, '-' * len(header)]
+    for row in rows or metrics.RETHINKING_BASELINE:
+        lines.append('%-8s %-16s %6.2f %6.2f %6.2f %6.2f %6.2f' % row)
+    keys = ('mA', 'accuracy', 'precision', 'recall', 'f1')
+    ours = [100 * result[k] for k in keys]
+    lines.append('%-8s %-16s %6.2f %6.2f %6.2f %6.2f %6.2f' % ((where or '-', 'ours') + tuple(ours)))
+    lines.append('-' * len(header))
+    if rows:
+        lines.append('%-25s %+6.2f %+6.2f %+6.2f %+6.2f %+6.2f' % ((
+            'ours - %s' % rows[0][1],) + tuple(o - b for o, b in zip(ours, rows[0][2:]))))
+        lines.append('ours: %s; theirs: %s, 256x192 input, trained on trainval, the checkpoint picked on test'
+                     % (system, rows[0][1]))
+    else:
+        lines.append('no baseline numbers for this data: they report %s (on their files, --dataset pedes)'
+                     % ', '.join(dict.fromkeys(r[0] for r in metrics.RETHINKING_BASELINE)))
+    return '\n'.join(lines)
+
+
 def test_from_train_flags(cfg):
     """``train.py --test`` (the authors' flag): the test split with the best checkpoint of --resume, or
     with the authors' files of --upstream-weights; writes ``eval_test.json`` where eval.py does."""
@@ -180,4 +240,4 @@ def test_from_train_flags(cfg):
     net, run_cfg, names = load_source(source, ctx, upstream=upstream,
                                       overrides={'data_path': cfg['data_path']})
     net.hybridize(static_alloc=True, static_shape=True)
-    return report_split(net, run_cfg, names, 'test', ctx, source)
+    return report_split(net, run_cfg, names, 'test', ctx, source, convention=cfg['metrics'])

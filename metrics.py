@@ -13,11 +13,24 @@ saturates at exactly 1.0 for logits above ~16.6 and would turn distinct scores i
   An attribute with no positive label has no AP (the official script and the authors' function give
   NaN there, and so a NaN mAP); we report its AP as n/a and average the others, and the table says
   which attributes were left out.
-* PETA / PA-100K / RAP metrics at threshold 0.5 (p = sigmoid(logit) >= 0.5): label-based mA = mean
-  over attributes of (TPR + TNR) / 2; instance-based accuracy |P n G| / |P u G|, precision |P n G| / |P|,
-  recall |P n G| / |G| averaged over samples, F1 = 2 P R / (P + R) from the mean P and R. Only
-  specified entries count. As in the usual pedestrian-attribute evaluation code, samples with no
-  positive label are left out of the instance metrics, and an empty prediction has precision 0.
+* PETA / PA-100K / RAP metrics at threshold 0.5 (p = sigmoid(logit) in float64), in one of two conventions
+  (``convention``; ``--metrics``):
+
+  - ``ours``, that of DeepMAR's evaluation code (``attribute_evaluate`` of
+    dangweili/pedestrian-attribute-recognition-pytorch), which the pedestrian-attribute papers of 2018
+    (this one among them) used: p >= 0.5 is positive; label-based mA = mean over attributes of
+    (TPR + TNR) / 2, an attribute without positive (or negative) labels is n/a and left out of the mean;
+    instance-based accuracy |P n G| / |P u G|, precision |P n G| / |P| (0 for an empty prediction),
+    recall |P n G| / |G| averaged over the samples that have a positive label (the others are left out),
+    F1 = 2 P R / (P + R) from the mean P and R.
+  - ``rethinking``, that of the community's current baseline, ``get_pedestrian_metrics`` of
+    valencebond/Rethinking_of_PAR (``metrics/pedestrian_metrics.py``): p > 0.5 is positive; every ratio
+    is x / (y + 1e-20), so an attribute without positives has TPR 0 and counts with TNR / 2, and a sample
+    without positives counts with accuracy, precision and recall 0; F1 = 2 P R / (P + R + 1e-20).
+
+  They agree except on those three cases (a score of exactly 0.5, samples without a positive label,
+  attributes without positives). Only specified entries count in either (the community's files have no
+  unspecified ones).
 """
 import numpy as np
 
@@ -29,6 +42,24 @@ PAPER_WIDER_AP = {
 PAPER_WIDER_MAP = 86.4
 PAPER_WIDER_RESNET101_MAP = 83.7
 PAPER_PETA = {'mA': 84.59, 'accuracy': 78.56, 'precision': 86.79, 'recall': 86.12, 'f1': 86.46}
+# The community baseline, for `eval.py --compare rethinking`: the "Pedestrian Attribute Recognition" table of
+# valencebond/Rethinking_of_PAR's README (256x192 input; trained on trainval, the model of the first lr drop,
+# picked on test; resnet50* with Tan et al.'s weighted loss). (dataset, model, mA, Acc, Prec, Rec, F1).
+RETHINKING_BASELINE = (
+    ('PA100k', 'resnet50', 80.21, 79.15, 87.79, 87.01, 87.40),
+    ('PA100k', 'resnet50*', 79.85, 79.13, 89.45, 85.40, 87.38),
+    ('PA100k', 'resnet50 + EMA', 81.97, 80.20, 88.06, 88.17, 88.11),
+    ('PA100k', 'bninception', 79.13, 78.19, 87.42, 86.21, 86.81),
+    ('PA100k', 'TresnetM', 74.46, 68.72, 79.82, 80.71, 80.26),
+    ('PA100k', 'swin_s', 82.19, 80.35, 87.85, 88.51, 88.18),
+    ('PA100k', 'vit_s', 79.40, 77.61, 86.41, 86.22, 86.32),
+    ('PA100k', 'vit_b', 81.01, 79.38, 87.60, 87.49, 87.55),
+    ('PETA', 'resnet50', 83.96, 78.65, 87.08, 85.62, 86.35),
+    ('PETAzs', 'resnet50', 71.43, 58.69, 74.41, 69.82, 72.04),
+    ('RAPv1', 'resnet50', 79.27, 67.98, 80.19, 79.71, 79.95),
+    ('RAPv2', 'resnet50', 78.52, 66.09, 77.20, 80.23, 78.68),
+    ('RAPzs', 'resnet50', 71.76, 64.83, 78.75, 76.60, 77.66),
+)
 
 
 def to_signed(labels, mask):
@@ -101,24 +132,62 @@ def instance_based(scores, labels, mask, threshold=0.5):
     return dict(accuracy=float(acc), precision=float(prec), recall=float(rec), f1=float(f1))
 
 
+RETHINKING_EPS = 1e-20
+
+
+def rethinking_label_based(scores, labels, mask, threshold=0.5):
+    """Per-attribute (TPR + TNR) / 2 and its mean, as ``get_pedestrian_metrics`` computes them."""
+    pred = np.asarray(scores) > threshold
+    gt = np.asarray(labels) > 0.5
+    m = np.asarray(mask) > 0
+    gt_pos, gt_neg = (gt & m).sum(0).astype(float), (~gt & m).sum(0).astype(float)
+    true_pos, true_neg = (gt & pred & m).sum(0).astype(float), (~gt & ~pred & m).sum(0).astype(float)
+    per_attr = (1.0 * true_pos / (gt_pos + RETHINKING_EPS) + 1.0 * true_neg / (gt_neg + RETHINKING_EPS)) / 2
+    return float(np.mean(per_attr)), per_attr
+
+
+def rethinking_instance_based(scores, labels, mask, threshold=0.5):
+    """Instance accuracy, precision, recall and F1 as ``get_pedestrian_metrics`` computes them."""
+    m = np.asarray(mask) > 0
+    pred = (np.asarray(scores) > threshold) & m
+    gt = (np.asarray(labels) > 0.5) & m
+    gt_pos, pred_pos = gt.sum(1).astype(float), pred.sum(1).astype(float)
+    inter, union = (gt & pred).sum(1).astype(float), (gt | pred).sum(1).astype(float)
+    acc = np.mean(inter / (union + RETHINKING_EPS))
+    prec = np.mean(inter / (pred_pos + RETHINKING_EPS))
+    rec = np.mean(inter / (gt_pos + RETHINKING_EPS))
+    f1 = 2 * prec * rec / (prec + rec + RETHINKING_EPS)
+    return dict(accuracy=float(acc), precision=float(prec), recall=float(rec), f1=float(f1))
+
+
+CONVENTION_NAMES = {'ours': 'our (DeepMAR)', 'rethinking': "Rethinking_of_PAR's"}
+CONVENTIONS = {'ours': (label_based, instance_based),
+               'rethinking': (rethinking_label_based, rethinking_instance_based)}
+
+
 def sigmoid(logits):
     """p = 1 / (1 + exp(-logit)) in float64."""
     with np.errstate(over='ignore'):
         return 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
 
 
-def evaluate(logits, labels, mask, names=None):
-    """Every metric at once from the fused logits, as a JSON-ready dict (fractions in [0, 1]).
+def evaluate(logits, labels, mask, names=None, convention='ours'):
+    """Every metric at once from the fused logits, as a JSON-ready dict (fractions in [0, 1]); mA and the
+    instance metrics in ``convention`` (``ours`` or ``rethinking``, see the module docstring), which the
+    dict names under ``metrics``.
 
     ``no_positive`` lists the attributes without a positive label (no AP; left out of the mAP).
     """
+    if convention not in CONVENTIONS:
+        raise ValueError('unknown metric convention %r (choose from %s)' % (convention, sorted(CONVENTIONS)))
+    label_fn, instance_fn = CONVENTIONS[convention]
     logits = np.asarray(logits, np.float64)
     names = list(names) if names is not None else ['attr%d' % i for i in range(logits.shape[1])]
     probs = sigmoid(logits)
     m_ap, aps = wider_map(logits, labels, mask)
-    m_a, per_ma = label_based(probs, labels, mask)
-    inst = instance_based(probs, labels, mask)
-    out = dict(mAP=m_ap, mA=m_a, **inst)
+    m_a, per_ma = label_fn(probs, labels, mask)
+    inst = instance_fn(probs, labels, mask)
+    out = dict(mAP=m_ap, mA=m_a, metrics=convention, **inst)
     out['per_attribute'] = [dict(name=n, ap=_num(a), ma=_num(b),
                                  positives=int(((labels[:, i] > 0.5) & (mask[:, i] > 0)).sum()),
                                  specified=int((mask[:, i] > 0).sum()))
@@ -164,7 +233,9 @@ def format_table(result, compare=None, title=None):
     lines.append('-' * len(header))
     lines.append('mAP %.2f   mA %.2f   instance acc %.2f  prec %.2f  rec %.2f  F1 %.2f' % tuple(
         100 * result[k] if result[k] is not None and not np.isnan(result[k]) else float('nan')
-        for k in ('mAP', 'mA', 'accuracy', 'precision', 'recall', 'f1')))
+        for k in ('mAP', 'mA', 'accuracy', 'precision', 'recall', 'f1'))
+        + ('   (mA and instance metrics: %s convention)' % CONVENTION_NAMES[result['metrics']]
+           if result.get('metrics', 'ours') != 'ours' else ''))
     missing = result.get('no_positive') or []
     if missing:
         lines.append('mAP over %d of %d attributes: no positive label for %s (AP n/a; the official script '

@@ -39,7 +39,8 @@ setup(
         'onnx': ['onnx>=1.16,<1.19', 'onnxruntime>=1.18,<1.20'],
         # pytest-xdist runs the suite in a worker process, so that a crash in native code fails one test
         'test': ['pytest>=7', 'pytest-timeout>=2.1', 'pytest-xdist>=3.5', 'onnx>=1.16,<1.19',
-                 'onnxruntime>=1.18,<1.20', 'ruff==0.17.6'],     # ruff: the lint of .ci/run (ruff.toml)
+                 'onnxruntime>=1.18,<1.20', 'ruff==0.17.6',      # ruff: the lint of .ci/run (ruff.toml)
+                 'easydict>=1.9'],      # the tests write Rethinking_of_PAR's annotation files with it
     },
     classifiers=['Programming Language :: Python :: 3'],
 )

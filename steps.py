@@ -131,15 +131,16 @@ def predict(net, loader, ctx, loss_fn=None, stages=None):
     return to_np(logits).astype(np.float64), to_np(labels), to_np(masks), mean_loss
 
 
-def evaluate(net, loader, ctx, names):
-    """Every metric of ``metrics.evaluate`` on a split, plus the chance-level mAP of its labels."""
+def evaluate(net, loader, ctx, names, convention='ours'):
+    """Every metric of ``metrics.evaluate`` on a split (mA and the instance metrics in ``convention``),
+    plus the chance-level mAP of its labels."""
     stages = {}
     logits, labels, masks, _ = predict(net, loader, ctx, stages=stages)
     if not np.isfinite(logits).all():
         raise UserError('the network gives inf/NaN outputs for %d of %d samples: its weights are broken (a '
                         'diverged run?); evaluate another checkpoint'
                         % ((~np.isfinite(logits)).any(1).sum(), len(logits)))
-    result = metrics.evaluate(logits, labels, masks, names)
+    result = metrics.evaluate(logits, labels, masks, names, convention)
     result['chance_mAP'] = metrics.chance_map(labels, masks)
     if stages:                                  # AP-CNN: each pass alone, beside the fused prediction
         result['stage_mAP'] = {k: metrics.evaluate(v, labels, masks, names)['mAP'] for k, v in stages.items()}

@@ -274,7 +274,7 @@ def test(cfg, net, data, schedule, ctx, folder):
     """The test split with the best checkpoint; writes test_metrics.json and prints the table."""
     best = folder.checkpoint('best')
     checkpoints.load_weights(best, net)
-    result = steps.evaluate(net, data.test_loader, ctx, data.names)
+    result = steps.evaluate(net, data.test_loader, ctx, data.names, cfg['metrics'])
     epoch = schedule.best_epoch
     result.update(split=cfg['test_split'], checkpoint=best, best_epoch=epoch)
     inference.report(result, os.path.join(folder.path, 'test_metrics.json'), os.path.join(

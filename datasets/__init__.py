@@ -7,6 +7,9 @@ demo      (built from scikit-learn's digits, cached)           ``datasets/digits
 wider     Annotations/wider_attribute_*.json + Image/          ``datasets/wider.py``
 peta      PETA.mat + images/00001.png ...                      ``datasets/peta.py``
 pa100k    annotation.mat + data/ (or images/)                  ``datasets/pa100k.py``
+pedes     dataset_all.pkl (or dataset_zs_run0.pkl) + images    ``datasets/pedes.py``
+          (Rethinking_of_PAR's files: PETA, PETA-ZS, PA-100K,
+          RAP, RAPv2, RAP-ZS; before PETA.mat when both are there)
 csv       train.csv, val.csv, test.csv                         ``datasets/csvlist.py``
 lst       train.lst, val.lst, test.lst (the authors' format)   ``datasets/lst.py``
 rec       train.rec/.idx, ... (packed by datasets.recordio)    ``datasets/recordio.py``
@@ -18,6 +21,7 @@ checks training and evaluation need (not empty, the expected attribute count). `
 gives the settings ``train.py`` uses for that dataset unless told otherwise; ``detect(data_path)`` tells
 the dataset from a folder's layout (``train.py --data_path`` without ``--dataset``).
 """
+import glob
 import importlib
 import inspect
 import logging
@@ -34,6 +38,7 @@ REGISTRY = {
     'wider': ('datasets.wider', 'WiderAttribute'),
     'peta': ('datasets.peta', 'Peta'),
     'pa100k': ('datasets.pa100k', 'PA100K'),
+    'pedes': ('datasets.pedes', 'PedesDataset'),
     'csv': ('datasets.csvlist', 'CsvDataset'),
     'lst': ('datasets.lst', 'LstDataset'),
     'rec': ('datasets.recordio', 'RecordDataset'),
@@ -81,9 +86,11 @@ def load_split(name, data_path, split, num_classes=None, attribute_names=None, *
     return data
 
 
-# What marks each dataset's folder, checked in this order (a folder of records also holds .lst files).
+# What marks each dataset's folder (file names or glob patterns), checked in this order: a folder of records
+# also holds .lst files; Rethinking_of_PAR's PETA folder also holds PETA.mat (--dataset peta reads that).
 LAYOUTS = (
     ('wider', ('Annotations/wider_attribute_trainval.json',)),
+    ('pedes', ('dataset_all.pkl', 'dataset_zs_run*.pkl')),
     ('peta', ('PETA.mat',)),
     ('pa100k', ('annotation.mat',)),
     ('rec', ('train.rec', 'training_list.rec', 'wider_records/training_list.rec')),
@@ -103,7 +110,8 @@ def detect(data_path):
     if not os.path.isdir(data_path):
         raise UserError('--data_path %s does not exist; give the dataset folder (and --dataset)' % data_path)
     for name, marks in LAYOUTS:
-        if any(os.path.isfile(os.path.join(data_path, mark)) for mark in marks):
+        found = (p for mark in marks for p in glob.glob(os.path.join(glob.escape(data_path), mark)))
+        if any(os.path.isfile(path) for path in found):
             return name
     if any(f.startswith('digits-canvas-') and f.endswith('.npz') for f in os.listdir(data_path)):
         return 'demo'

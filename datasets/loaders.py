@@ -33,4 +33,5 @@ def eval_loader(cfg, data):
 def data_options(cfg):
     """Keyword arguments of ``datasets.load_split`` from a config."""
     return dict(limit=cfg['limit'], skip_bad=cfg['skip_bad_samples'], partition=cfg['partition'],
-                all_attributes=cfg['all_attributes'], cache_dir=cfg['cache_dir'])
+                all_attributes=cfg['all_attributes'], cache_dir=cfg['cache_dir'],
+                split_file=cfg.get('split_file'))

@@ -57,16 +57,17 @@ def wider(root, seed=0):
     return made
 
 
-def peta(root, n=20, seed=0):
-    """PETA.mat (DeepMAR structure, 105 attributes) + images/00001.png ...; 2 partitions."""
+def peta(root, n=20, seed=0, partitions=2):
+    """PETA.mat (DeepMAR structure, 105 attributes) + images/00001.png ...; ``partitions`` partitions (the
+    first in file order, the others shuffled), each 10 train, 4 val, the rest test."""
     rng = np.random.RandomState(seed)
     labels = np.zeros((n, 4 + 105))
     labels[:, 0] = np.arange(1, n + 1)
     labels[:, 4:] = rng.rand(n, 105) < 0.3
     names = np.empty((105, 1), object)
     names[:, 0] = ['peta_attr%d' % i for i in range(105)]
-    parts = np.empty((2, 1), object)
-    orders = [np.arange(n), rng.permutation(n)]
+    parts = np.empty((partitions, 1), object)
+    orders = [np.arange(n)] + [rng.permutation(n) for _ in range(partitions - 1)]
     for p, order in enumerate(orders):
         parts[p, 0] = {'train': order[:10, None] + 1, 'val': order[10:14, None] + 1,
                        'test': order[14:, None] + 1}

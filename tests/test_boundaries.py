@@ -123,6 +123,11 @@ CHANGES = {
     'apcnn_anchors': (['--apcnn-anchors', '32,64,128'], '32,64,128'), 'apcnn_iou': ([
         '--apcnn-iou', '0.1'], '0.1'),
     'apcnn_drop': (['--apcnn-drop', '0.2,0.2'], '0.2,0.2'),
+    'hgat_layer': (['--hgat-layer', 'fc'], 'fc'), 'hgat_groups': (['--hgat-groups', 'contiguous:2'],
+                                                                  'contiguous:2'),
+    'hgat_group_channels': (['--hgat-group-channels', '64'], '64'),
+    'hgat_class_channels': (['--hgat-class-channels', '32'], '32'),
+    'split_file': (['--split-file', 'dataset_zs_run0.pkl'], 'dataset_zs_run0.pkl'),
 }
 
 

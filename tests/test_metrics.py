@@ -180,3 +180,130 @@ def test_signed_encoding_and_chance_level():
     lab = (rng.rand(20000, 3) < [.5, .2, .05]).astype(np.float32)
     m_ap, _ = metrics.wider_map(rng.rand(20000, 3), lab, np.ones_like(lab))
     assert m_ap == pytest.approx(metrics.chance_map(lab, np.ones_like(lab)), abs=0.02)
+
+
+# ---------------------------------------------------------------------------------------------- conventions
+
+def deepmar_attribute_evaluate(gt_result, pt_result):
+    """DeepMAR's attribute_evaluate_lidw (dangweili/pedestrian-attribute-recognition-pytorch,
+    baseline/utils/evaluate.py), in NumPy 3; ``pt_result`` is the 0/1 prediction (its callers set
+    score >= 0, i.e. p >= 0.5, to 1)."""
+    result = {}
+    gt_pos = np.sum((gt_result == 1).astype(float), axis=0)
+    gt_neg = np.sum((gt_result == 0).astype(float), axis=0)
+    pt_pos = np.sum((gt_result == 1).astype(float) * (pt_result == 1).astype(float), axis=0)
+    pt_neg = np.sum((gt_result == 0).astype(float) * (pt_result == 0).astype(float), axis=0)
+    label_pos_acc = 1.0 * pt_pos / gt_pos
+    label_neg_acc = 1.0 * pt_neg / gt_neg
+    result['label_acc'] = (label_pos_acc + label_neg_acc) / 2
+    gt_pos = np.sum((gt_result == 1).astype(float), axis=1)
+    pt_pos = np.sum((pt_result == 1).astype(float), axis=1)
+    floatersect_pos = np.sum((gt_result == 1).astype(float) * (pt_result == 1).astype(float), axis=1)
+    union_pos = np.sum(((gt_result == 1) + (pt_result == 1)).astype(float), axis=1)
+    cnt_eff = float(gt_result.shape[0])
+    for iter, key in enumerate(gt_pos):
+        if key == 0:
+            union_pos[iter] = 1
+            pt_pos[iter] = 1
+            gt_pos[iter] = 1
+            cnt_eff = cnt_eff - 1
+            continue
+        if pt_pos[iter] == 0:
+            pt_pos[iter] = 1
+    result['instance_acc'] = np.sum(floatersect_pos / union_pos) / cnt_eff
+    result['instance_precision'] = np.sum(floatersect_pos / pt_pos) / cnt_eff
+    result['instance_recall'] = np.sum(floatersect_pos / gt_pos) / cnt_eff
+    result['instance_F1'] = 2 * result['instance_precision'] * result['instance_recall'] / (
+        result['instance_precision'] + result['instance_recall'])
+    return result
+
+
+def _cases(seed=0, n=2000, c=35):
+    """Random scores, then the three inputs on which the conventions part: scores of exactly 0.5, samples
+    without a positive label, an attribute without positives."""
+    rng = np.random.RandomState(seed)
+    gt = (rng.rand(n, c) < rng.uniform(0.05, 0.6, c)).astype(np.float64)
+    gt[:, :2] = 0
+    gt[rng.rand(n) < 0.5, 0] = 1                       # every attribute has positives and negatives
+    gt[rng.rand(n) < 0.5, 1] = 1
+    probs = rng.rand(n, c)
+    tied = np.where(rng.rand(n, c) < 0.3, 0.5, probs)
+    empty = rng.rand(n) < 0.2
+    no_attr = gt.copy()
+    no_attr[:, 5] = 0
+    assert gt.sum(1).min() > 0
+    yield 'random', probs, gt
+    yield 'tied', tied, gt
+    yield 'no-positive samples', probs, np.where(empty[:, None], 0, gt)
+    yield 'no-positive attribute', probs, no_attr
+    yield 'all three', tied, np.where(empty[:, None], 0, no_attr)
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_the_rethinking_convention_is_get_pedestrian_metrics(seed):
+    from tests.rethinking_reference import get_pedestrian_metrics
+    for case, probs, gt in _cases(seed):
+        theirs = get_pedestrian_metrics(gt, probs)
+        ones = np.ones_like(gt)
+        m_a, per = metrics.rethinking_label_based(probs, gt, ones)
+        inst = metrics.rethinking_instance_based(probs, gt, ones)
+        np.testing.assert_allclose(per, theirs['label_ma'], rtol=0, atol=1e-12, err_msg=case)
+        assert abs(m_a - theirs['ma']) <= 1e-12, case
+        for ours, key in (('accuracy', 'instance_acc'), ('precision', 'instance_prec'),
+                          ('recall', 'instance_recall'), ('f1', 'instance_f1')):
+            assert abs(inst[ours] - theirs[key]) <= 1e-12, (case, ours)
+        # the same through evaluate(), which takes the logits: p = sigmoid(logit) in float64
+        logits = np.log(probs) - np.log1p(-probs)
+        got = metrics.evaluate(logits, gt, ones, convention='rethinking')
+        again = get_pedestrian_metrics(gt, metrics.sigmoid(logits))
+        assert got['metrics'] == 'rethinking'
+        assert abs(got['mA'] - again['ma']) <= 1e-12 and abs(got['f1'] - again['instance_f1']) <= 1e-12, case
+
+
+@pytest.mark.parametrize('seed', [0, 1])
+def test_our_convention_is_deepmars_and_differs_from_theirs_only_in_the_three_cases(seed):
+    from tests.rethinking_reference import get_pedestrian_metrics
+    for case, probs, gt in _cases(seed):
+        ones = np.ones_like(gt)
+        ours_ma, per = metrics.label_based(probs, gt, ones)
+        ours = metrics.instance_based(probs, gt, ones)
+        with np.errstate(invalid='ignore', divide='ignore'):
+            deepmar = deepmar_attribute_evaluate(gt, (probs >= 0.5).astype(float))
+        np.testing.assert_allclose(per, deepmar['label_acc'], rtol=0, atol=1e-12, err_msg=case)  # NaN = n/a
+        assert abs(ours_ma - np.nanmean(deepmar['label_acc'])) <= 1e-12
+        for k, key in (('accuracy', 'instance_acc'), ('precision', 'instance_precision'),
+                       ('recall', 'instance_recall'), ('f1', 'instance_F1')):
+            assert abs(ours[k] - deepmar[key]) <= 1e-12, (case, k)
+        theirs = get_pedestrian_metrics(gt, probs)
+        same = (abs(ours_ma - theirs['ma']) <= 1e-12
+                and abs(ours['accuracy'] - theirs['instance_acc']) <= 1e-12)
+        assert same == (case == 'random'), case
+
+
+def test_conventions_hand_worked():
+    """Three samples, two attributes (the second never positive): a tie at 0.5 and an empty sample."""
+    probs = np.array([[0.5, 0.2], [0.7, 0.6], [0.1, 0.3]])
+    gt = np.array([[1, 0], [1, 0], [0, 0]], np.float64)
+    ones = np.ones_like(gt)
+    # ours: 0.5 is positive; attribute 1 has no positives (n/a) -> mA = attribute 0 = (2/2 + 1/1) / 2 = 1;
+    # samples 0, 1 count: acc (1/1 + 1/2) / 2, prec (1 + 1/2) / 2, rec (1 + 1) / 2
+    assert metrics.label_based(probs, gt, ones)[0] == pytest.approx(1.0)
+    ours = metrics.instance_based(probs, gt, ones)
+    assert (ours['accuracy'], ours['precision'], ours['recall']) == pytest.approx((0.75, 0.75, 1.0))
+    # theirs: 0.5 is negative; attribute 0 TPR 1/2, TNR 1; attribute 1 TPR 0, TNR 2/3 -> mA (3/4 + 1/3) / 2;
+    # all three samples count: acc (0 + 1/2 + 0) / 3, prec (0 + 1/2 + 0) / 3, rec (0 + 1 + 0) / 3
+    assert metrics.rethinking_label_based(probs, gt, ones)[0] == pytest.approx((0.75 + 1 / 3) / 2)
+    theirs = metrics.rethinking_instance_based(probs, gt, ones)
+    assert (theirs['accuracy'], theirs['precision'], theirs['recall']) == pytest.approx((1 / 6, 1 / 6, 1 / 3))
+    assert theirs['f1'] == pytest.approx(2 * (1 / 6) * (1 / 3) / (1 / 6 + 1 / 3))
+
+
+def test_unspecified_entries_count_in_neither_convention():
+    rng = np.random.RandomState(5)
+    probs, gt = rng.rand(300, 6), (rng.rand(300, 6) < 0.4).astype(np.float64)
+    mask = (rng.rand(300, 6) < 0.8).astype(np.float64)
+    for label_fn, instance_fn in metrics.CONVENTIONS.values():
+        # an unspecified entry's label and score are irrelevant: flip both, nothing changes
+        flipped_gt, flipped_p = np.where(mask > 0, gt, 1 - gt), np.where(mask > 0, probs, 1 - probs)
+        assert label_fn(probs, gt, mask)[0] == label_fn(flipped_p, flipped_gt, mask)[0]
+        assert instance_fn(probs, gt, mask) == instance_fn(flipped_p, flipped_gt, mask)

@@ -83,7 +83,8 @@ def test_compare_puts_the_systems_side_by_side(related_runs, tmp_path, capsys):
 @pytest.mark.parametrize('flags', [['--rga', 'sc', '--rga-stages', '2,3,4'],
                                    ['--head', 'gcn', '--gcn-embeddings', 'cooc'],
                                    ['--mc-loss', '--mc-xi', '3'], ['--head', 'apcnn'],
-                                   ['--head', 'hgat', '--hgat-group-channels', '32', '--hgat-class-channels', '16']])
+                                   ['--head', 'hgat', '--hgat-group-channels', '32', '--hgat-class-channels',
+                                    '16']])
 def test_related_systems_on_a_wider_layout(tmp_path, flags):
     root = str(tmp_path / 'W')
     fixtures.wider(root)
