@@ -61,6 +61,7 @@ import flags  # noqa: E402
 import related  # noqa: E402
 import steps  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
+from distributed import parse_contexts  # noqa: E402
 from losses import PredictionHistory, VAALoss  # noqa: E402
 from model import build_net  # noqa: E402
 from trainers import StageTrainers  # noqa: E402
@@ -319,7 +320,7 @@ def main(argv=None):
                         ('workers', 0)):
         if getattr(args, flag) < least:
             p.error('--%s must be at least %d, got %d' % (flag.replace('_', '-'), least, getattr(args, flag)))
-    ctx = mx.gpu(int(args.gpus)) if args.gpus else mx.cpu()
+    ctx = parse_contexts(args.gpus)[0] if args.gpus else mx.cpu()
     if args.only == 'inference':
         return report_inference(*bench_inference(args, ctx))
     if args.only == 'systems':

@@ -12,17 +12,20 @@ update to the Trainers, which are built without a KVStore (``kvstore=None``) and
 Parameter values start identical everywhere: at start-up every worker pulls rank 0's weights.
 """
 import os
+import sys
 
 import numpy as np
 import mxnet as mx
 from mxnet import gluon, nd
 
+import gpu
 from errors import UserError
 
 
 def parse_contexts(gpus, cpus=1):
     """The devices of ``--gpus``/``--cpus``: None -> [cpu()] (or ``cpus`` CPU contexts),
-    '0,1' -> [gpu(0), gpu(1)]."""
+    '0,1' -> [gpu(0), gpu(1)], after the preflight (:func:`gpu.preflight`: the GPUs mxnet sees, and a
+    UserError for a CPU build or a GPU the build has no kernels for)."""
     gpus = (gpus or '').strip()
     if not gpus:
         if cpus < 1:
@@ -32,12 +35,7 @@ def parse_contexts(gpus, cpus=1):
         ids = [int(g) for g in gpus.split(',') if g.strip() != '']
     except ValueError:
         raise UserError("--gpus takes comma-separated GPU ids such as '0' or '0,1', got %r" % gpus)
-    available = mx.context.num_gpus()
-    missing = [i for i in ids if i >= available]
-    if missing:
-        raise UserError('--gpus %s: this machine has %d GPU(s) visible to mxnet%s' % (
-            gpus, available, '' if available else ' (is the CPU build of mxnet installed? pip install '
-            'mxnet-cu112 for CUDA 11.2)'))
+    gpu.preflight(ids, mx, log=lambda line: sys.stderr.write('gpu: %s\n' % line))
     return [mx.gpu(i) for i in ids]
 
 

@@ -14,6 +14,7 @@ import os
 import sys
 
 import datasets                   # (its package module only: the registry of names)
+import gpu                        # (the standard library only)
 import related                    # (the systems' interfaces: they import nothing heavy)
 from errors import UserError
 from presets import BACKBONES, PRESETS
@@ -373,7 +374,8 @@ SCRIPT_RANGES = {'eval': ('batch_size', 'limit', 'num_workers', 'input_size', 'p
 
 def preparse(script, argv=None):
     """Parse ``script``'s command line before anything heavy is imported: ``--help`` prints and a wrong
-    flag or number stops (status 2) in well under a second; the script parses again for real afterwards."""
+    flag or number stops (status 2) in well under a second; the script parses again for real afterwards.
+    Then :func:`gpu.prepare` imports mxnet (with a GPU build, after making its CUDA libraries visible)."""
     argv = sys.argv[1:] if argv is None else argv
     args = PARSERS[script]().parse_args(argv)
     names = [r[0] for r in RANGES] if script == 'train' else SCRIPT_RANGES.get(script, ())
@@ -384,4 +386,5 @@ def preparse(script, argv=None):
             raise
         sys.stderr.write('error: %s\n' % err)
         sys.exit(2)
+    gpu.prepare()               # the CUDA libraries of a GPU build visible, then mxnet imported (or one line)
     return args

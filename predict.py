@@ -212,8 +212,8 @@ def main(argv=None):
     if not LOG.handlers:
         logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
     inference.check_output_file(args.out, '--out')
-    paths = list_images(args.inputs, args.skip_bad_images)
     ctx = parse_contexts(args.gpus)
+    paths = list_images(args.inputs, args.skip_bad_images)
     upstream = dict(preset=args.preset, backbone=args.backbone, input_size=args.input_size,
                     dataset=args.dataset,
                     data_path=args.data_path, num_classes=args.num_classes, split='val')

@@ -4,21 +4,23 @@
 #   ./run.sh test [pytest args]      install with the test tools and run the test suite
 #   ./run.sh train [train.py args]   install and train (default: the embedded demo dataset, CPU)
 #   ./run.sh eval [eval.py args]     install and evaluate
+#   ./run.sh gpu-check [DIR]         install the GPU build into a throwaway venv and check with ldd that every
+#                                    library it needs resolves but the driver's libcuda.so.1 (a few GB)
 #
-# VAA_MXNET=cu112 ./run.sh train --gpus 0   installs the CUDA 11.2 build of mxnet instead of the CPU one.
+# VAA_MXNET=cu112 ./run.sh train --gpus 0   installs the CUDA 11.2 build of mxnet (and the CUDA 11 / cuDNN 8
+#   libraries as pip wheels: only the NVIDIA driver is needed) instead of the CPU one; later calls keep it
+#   (.venv/.flavour) until VAA_MXNET=cpu switches back.
 # VAA_PYTHON=python3.11 picks the interpreter used to create .venv (default: python3).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 job="${1:-}"
 case "$job" in
-  test|train|eval) shift ;;
-  *) echo "usage: ./run.sh test|train|eval [args...]" >&2; exit 2 ;;
+  test|train|eval|gpu-check) shift ;;
+  *) echo "usage: ./run.sh test|train|eval|gpu-check [args...]" >&2; exit 2 ;;
 esac
 
-flavour="${VAA_MXNET:-cpu}"
-venv=.venv
-if [ ! -x "$venv/bin/python" ]; then
+pick_python() {
   # mxnet 1.9.1 needs NumPy < 1.24, which has wheels up to Python 3.11: pick such an interpreter.
   python="${VAA_PYTHON:-}"
   if [ -z "$python" ]; then
@@ -34,6 +36,22 @@ if [ ! -x "$venv/bin/python" ]; then
          "set VAA_PYTHON=/path/to/python3.11" >&2
     exit 2
   fi
+}
+
+if [ "$job" = gpu-check ]; then        # its own venv: the project's .venv is left as it is
+  pick_python
+  exec "$python" gpu.py --check-install "$@"
+fi
+
+venv=.venv
+# The mxnet build: VAA_MXNET, else the one this .venv was installed with, else the CPU build.
+flavour="${VAA_MXNET:-$(cat "$venv/.flavour" 2>/dev/null || echo cpu)}"
+case "$flavour" in
+  cpu|cu112) ;;
+  *) echo "run.sh: error: VAA_MXNET=$flavour: choose cpu or cu112" >&2; exit 2 ;;
+esac
+if [ ! -x "$venv/bin/python" ]; then
+  pick_python
   echo "run.sh: creating $venv with $("$python" --version 2>&1)"
   if ! "$python" -m venv "$venv"; then
     rm -rf "$venv"
@@ -42,17 +60,29 @@ if [ ! -x "$venv/bin/python" ]; then
   fi
 fi
 # Reinstall only when setup.py or the mxnet flavour changed since the last install.
-stamp="$venv/.installed-$(cat setup.py constraints.txt | "$venv/bin/python" -c 'import hashlib,sys; print(hashlib.sha1(sys.stdin.buffer.read()).hexdigest()[:12])')-$flavour"
+stamp="$venv/.installed-$(cat setup.py constraints.txt gpu.py | "$venv/bin/python" -c 'import hashlib,sys; print(hashlib.sha1(sys.stdin.buffer.read()).hexdigest()[:12])')-$flavour"
 if [ ! -f "$stamp" ]; then
   echo "run.sh: installing the project and its dependencies (mxnet flavour: $flavour)"
   "$venv/bin/python" -m pip install --quiet --upgrade pip
+  # One mxnet build at a time: both write the same mxnet/ folder.
+  other=$([ "$flavour" = cpu ] && echo mxnet-cu112 || echo mxnet)
+  if "$venv/bin/python" -m pip show --quiet "$other" >/dev/null 2>&1; then
+    echo "run.sh: removing $other (switching to the $flavour build)"
+    "$venv/bin/python" -m pip uninstall --quiet --yes "$other"
+  fi
   "$venv/bin/python" -m pip install --quiet -c constraints.txt -e ".[$flavour,test]"
   rm -f "$venv"/.installed-*
   touch "$stamp"
+  echo "$flavour" > "$venv/.flavour"
 fi
 # Any later `.venv/bin/pip install X` keeps the pins (NumPy < 1.24 for mxnet 1.9.1): pip reads this file.
 printf '[install]\nconstraint = %s\n' "$PWD/constraints.txt" > "$venv/pip.conf"
 
+# The GPU build finds its CUDA libraries in the pip wheels' folders (the scripts also set this themselves).
+if [ "$flavour" != cpu ]; then
+  cuda_dirs=$("$venv/bin/python" gpu.py --library-path)
+  export LD_LIBRARY_PATH="$cuda_dirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 # MXNet uses one OpenMP thread unless told otherwise; default to every core.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)}"
 case "$job" in

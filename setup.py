@@ -1,12 +1,18 @@
 """Install the project's flat modules and their dependencies.
 
     pip install -e .[cpu,test]     # CPU (mxnet 1.9.1), with the test tools
-    pip install -e .[cu112]        # GPU (mxnet-cu112 1.9.1; needs CUDA 11.2 + cuDNN 8 on the host)
+    pip install -e .[cu112]        # GPU (mxnet-cu112 1.9.1 and the CUDA 11 / cuDNN 8 wheels; the driver only)
 
 mxnet 1.9.1 is built against NumPy 1.x, hence numpy<1.24 and opencv-python<4.9 (newer OpenCV wheels
 require NumPy 2). The ranges below resolve on Python 3.8-3.11.
 """
+import os
+import sys
+
 from setuptools import find_packages, setup
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu import CUDA_WHEELS  # noqa: E402  (the standard library only)
 
 setup(
     name='vaa-attributes',
@@ -17,7 +23,7 @@ setup(
     long_description_content_type='text/markdown',
     python_requires='>=3.8,<3.12',
     py_modules=['attention', 'backbone', 'benchmark', 'checkpoints', 'compare', 'config',
-                'distributed', 'errors', 'eval', 'export', 'flags', 'inference', 'launch', 'losses',
+                'distributed', 'errors', 'eval', 'export', 'flags', 'gpu', 'inference', 'launch', 'losses',
                 'machine', 'metrics', 'mixed_precision', 'model', 'plots', 'predict', 'presets',
                 'runfolder', 'steps', 'train', 'trainers', 'upstream_reference'],
     packages=find_packages(include=['datasets', 'datasets.*', 'related', 'related.*']),
@@ -32,7 +38,8 @@ setup(
     ],
     extras_require={
         'cpu': ['mxnet==1.9.1'],
-        'cu112': ['mxnet-cu112==1.9.1'],
+        # the CUDA 11 libraries mxnet-cu112 links, as NVIDIA's pip wheels: only the driver is needed besides
+        'cu112': ['mxnet-cu112==1.9.1'] + list(CUDA_WHEELS),
         # eval.py --export: MXNet 1.9.1's ONNX exporter uses onnx.mapping, which onnx 1.19 removed, and
         # onnxruntime's INT8 quantization needs onnx>=1.16; onnxruntime 1.18/1.19 are the newest that install
         # beside numpy<1.24 (1.15-1.17 need numpy>=1.24.2)
