@@ -43,8 +43,50 @@ def spatial_softmax(F, logits):
     return F.reshape_like(F.softmax(flat, axis=-1), logits)
 
 
-def _conv_bn_relu(seq, channels, kernel, padding=0):
-    seq.add(nn.Conv2D(channels, kernel_size=kernel, padding=padding, weight_initializer=HEAD_INIT))
+class FullMapConv(gluon.HybridBlock):
+    """A k x k convolution without padding applied to a k x k map (output 1 x 1), computed as the fully
+    connected layer it is: out[n, o] = sum_{c,i,j} W[o, c, i, j] x[n, c, i, j] + b[o].
+
+    The weight lives as the (O, C*k*k) matrix of the convolution's (O, C, k, k) kernel (both flatten in C
+    order, so it is the same numbers, the same initial draw included); in files it keeps the kernel's
+    shape, ``weight.file_shape``: ``checkpoints.py`` writes and reads every parameter in
+    :func:`file_shape`, so training checkpoints and the authors' ``saved_models/`` files are unchanged.
+    Names (``convN_weight``, ``convN_bias``) and the output, (N, O, 1, 1), are the convolution's.
+
+    Why: MXNet 1.9.1's oneDNN convolution is slow for this shape, above all in training (the backward
+    pass of a 512 x 512 x 14 x 14 kernel: 94 ms at batch 1 and 154 ms at batch 32 on 2 cores, against
+    15 and 41 ms for the matrix product), and viewing a 4-D parameter as a matrix inside the graph
+    copies it at every pass. An input of another size than k x k is refused (MXNet's shape error), as
+    the convolution's 1 x 1 output would be."""
+
+    def __init__(self, channels, map_size, in_channels, weight_initializer=None, **kwargs):
+        super(FullMapConv, self).__init__(**kwargs)
+        self._channels = channels
+        with self.name_scope():
+            self.weight = self.params.get('weight', shape=(channels, in_channels * map_size * map_size),
+                                          init=weight_initializer)
+            self.weight.file_shape = (channels, in_channels, map_size, map_size)
+            self.bias = self.params.get('bias', shape=(channels,), init='zeros')
+
+    def _alias(self):
+        return 'conv'           # named like the convolution it computes (the authors' files' keys)
+
+    def hybrid_forward(self, F, x, weight, bias):  # pylint: disable=arguments-differ
+        out = F.FullyConnected(x, weight, bias, num_hidden=self._channels, flatten=True, name='fwd')
+        return F.reshape(out, shape=(0, 0, 1, 1))
+
+
+def file_shape(param):
+    """The shape a parameter has in checkpoint files: its own, or a :class:`FullMapConv` kernel's 4-D
+    shape."""
+    return tuple(getattr(param, 'file_shape', None) or param.shape)
+
+
+def _conv_bn_relu(seq, channels, kernel, padding=0, full_map_of=None):
+    if full_map_of:         # the input's channels: the weight's shape is known before the first batch
+        seq.add(FullMapConv(channels, kernel, in_channels=full_map_of, weight_initializer=HEAD_INIT))
+    else:
+        seq.add(nn.Conv2D(channels, kernel_size=kernel, padding=padding, weight_initializer=HEAD_INIT))
     seq.add(nn.BatchNorm())
     seq.add(nn.Activation('relu'))
 
@@ -89,8 +131,9 @@ class AttentionClassifier(gluon.HybridBlock):
     """f_cls: attended features (C x H x W) -> attribute logits (C).
 
     Two 1x1 conv+BN+ReLU layers, one conv whose kernel covers the whole H x W map (no padding, so the
-    output is 1 x 1) + BN + ReLU, and a Dense layer. ``channels`` is (256, 512, 512) in the paper's
-    supplement and (256, 512, 1024) in the released code; ``map_size`` is the tap's H (= W).
+    output is 1 x 1; computed as a matrix product, :class:`FullMapConv`) + BN + ReLU, and a Dense layer.
+    ``channels`` is (256, 512, 512) in the paper's supplement and (256, 512, 1024) in the released code;
+    ``map_size`` is the tap's H (= W).
     """
 
     def __init__(self, num_classes, map_size, channels=(256, 512, 512), **kwargs):
@@ -100,7 +143,7 @@ class AttentionClassifier(gluon.HybridBlock):
             with self.fsr.name_scope():
                 _conv_bn_relu(self.fsr, channels[0], 1)
                 _conv_bn_relu(self.fsr, channels[1], 1)
-                _conv_bn_relu(self.fsr, channels[2], map_size)
+                _conv_bn_relu(self.fsr, channels[2], map_size, full_map_of=channels[1])
                 self.fsr.add(nn.Dense(num_classes, flatten=True, weight_initializer=HEAD_INIT))
 
     def hybrid_forward(self, F, attended):

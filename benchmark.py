@@ -24,7 +24,8 @@ Rows (images/sec, higher is better):
   (what train.py uses) and, for comparison, with forked worker processes.
 
 * ``inference``: the fused logits of the network (``export.FusedLogits``) at batch 1 and 32 by four
-  paths: the hybridized fp32 Gluon graph (oneDNN); MXNet's INT8 post-training quantization
+  paths: the fp32 Gluon graph as predict.py runs it (``inference.fused_logits_block``: oneDNN's fused
+  graph on the CPU); MXNet's INT8 post-training quantization
   (``quantize_net``, smart mode, naive calibration); onnxruntime on ``model.onnx`` (fp32); onnxruntime
   on ``model-int8.onnx`` (``export.quantize_onnx``: QDQ, per-tensor, min/max). Random weights, so
   speed only; ``--accuracy RUN`` adds each path's test mAP on the run's test split, calibrated on 256
@@ -39,8 +40,9 @@ against fp32 Gluon at the same batch.
 """
 import os
 
-if 'OMP_NUM_THREADS' not in os.environ:
-    os.environ['OMP_NUM_THREADS'] = str(os.cpu_count() or 1)
+import machine
+
+machine.thread_settings()                       # must be set before mxnet is imported
 
 
 if __name__ == '__main__':                     # --help and flag errors answer before mxnet is imported
@@ -256,13 +258,16 @@ def inference_paths(net, cfg, calibration, ctx, folder):
     """{path name: callable(NCHW float32 NumPy) -> fused logits} for the four CPU inference paths."""
     from mxnet.contrib import quantization
     import export
-    block = export.FusedLogits(net)
-    block.hybridize(static_alloc=True, static_shape=True)
     size = cfg['input_size']
     calib = [[nd.array(np.concatenate(calibration[i:i + 32]))] for i in range(0, len(calibration) - 31, 32)]
-    int8 = quantization.quantize_net(block, quantized_dtype='int8', quantize_mode='smart', calib_mode='naive',
-                                     calib_data=calib, num_calib_examples=32 * len(calib), ctx=ctx)
+    # quantize_net and export_symbol hybridize the block they get (and its children) without static
+    # allocation: each gets its own wrapper, and the fp32 one is set up last, as eval.py and predict.py run it
+    int8 = quantization.quantize_net(export.FusedLogits(net), quantized_dtype='int8', quantize_mode='smart',
+                                     calib_mode='naive', calib_data=calib, num_calib_examples=32 * len(calib),
+                                     ctx=ctx)
     symbol_file, params_file = export.export_symbol(net, size, folder, [ctx])
+    import inference
+    block = inference.fused_logits_block(net, size, ctx)        # what predict.py runs
     fp32_onnx = export.export_onnx(symbol_file, params_file, size, os.path.join(folder, 'model.onnx'))
     int8_onnx = export.quantize_onnx(fp32_onnx, os.path.join(folder, 'model-int8.onnx'), calibration)
     sessions = [export.onnx_session(f) for f in (fp32_onnx, int8_onnx)]

@@ -22,6 +22,7 @@ import mxnet as mx
 from mxnet import nd
 
 from errors import UserError, mxnet_message
+from attention import file_shape
 
 
 def upstream_files(net):
@@ -97,11 +98,21 @@ def save_upstream(net, folder):
     written = []
     for file_name, (params, prefix) in sorted(upstream_files(net).items()):
         # pylint: disable=protected-access
-        arrays = {key: param._reduce() for key, param in _strip(params, prefix).items()}
+        arrays = {key: _file_array(param) for key, param in _strip(params, prefix).items()}
         path = os.path.join(folder, file_name)
         atomic_save_ndarrays(path, arrays)
         written.append(path)
     return written
+
+
+def _file_array(param):
+    """``param``'s value (a copy through the engine) in its file shape (:func:`attention.file_shape`)."""
+    return param._reduce().reshape(file_shape(param))  # pylint: disable=protected-access
+
+
+def _from_file(value, param):
+    """A stored array (in ``param``'s file shape, checked by the caller) in the parameter's own shape."""
+    return value.reshape(param.shape) if tuple(value.shape) != tuple(param.shape) else value
 
 
 def _load_ndarray_file(path):
@@ -138,15 +149,15 @@ def load_upstream(net, folder, ctx=None):
                 'keys %s' % (path, net.backbone_name, net.preset, net.num_classes,
                              _short(missing), _short(extra)))
         for key, param in expected.items():
-            if param.shape and tuple(param.shape) != tuple(arrays[key].shape) and 0 not in param.shape:
+            if param.shape and file_shape(param) != tuple(arrays[key].shape) and 0 not in param.shape:
                 raise UserError('%s: %s has shape %s but this model (%s, preset %s, %d classes, input %d) '
                                 'needs %s' % (path, key, arrays[key].shape, net.backbone_name, net.preset,
-                                              net.num_classes, net.input_size, param.shape))
+                                              net.num_classes, net.input_size, file_shape(param)))
         for key, param in expected.items():
             value = arrays[key].astype(np.float32) if arrays[key].dtype != param.dtype else arrays[key]
             if param._data is None:  # pylint: disable=protected-access
                 param.initialize(ctx=ctx or mx.cpu())
-            param.set_data(value)
+            param.set_data(_from_file(value, param))
     return net
 
 
@@ -191,9 +202,13 @@ def _optimizer_arrays(net, name, trainer, arrays, counts):
     index_to_name = _trainer_param_names(net, trainer)
     for index, state in updater.states.items():
         parts = state if isinstance(state, (list, tuple)) else [state]
+        param = trainer._params[index]  # pylint: disable=protected-access
         for k, part in enumerate(parts):
-            if part is not None:
-                arrays['opt/%s/%s/%d' % (name, index_to_name[index], k)] = part.copyto(mx.cpu())
+            if part is not None:        # a state of the parameter's shape is stored in its file shape
+                part = part.copyto(mx.cpu())
+                if tuple(part.shape) == tuple(param.shape):
+                    part = part.reshape(file_shape(param))
+                arrays['opt/%s/%s/%d' % (name, index_to_name[index], k)] = part
     opt = trainer._optimizer  # pylint: disable=protected-access
     counts[name] = dict(num_update=int(opt.num_update), lr=float(trainer.learning_rate),
                         index_update_count={index_to_name[i]: int(c) for i, c in
@@ -209,7 +224,7 @@ def save_training(path, net, trainers, history, meta, extra=None):
     NDArrays (a partial epoch's accumulators), stored under ``extra/<name>``.
     """
     # pylint: disable=protected-access
-    arrays = {'param/' + k: p._reduce() for k, p in _param_names(net).items()}
+    arrays = {'param/' + k: _file_array(p) for k, p in _param_names(net).items()}
     for name, value in (extra or {}).items():
         arrays['extra/' + name] = value if isinstance(value, nd.NDArray) else nd.array(value)
     counts = {}
@@ -248,10 +263,10 @@ def load_weights(path, net, arrays=None):
                         % (path, cfg.get('backbone'), cfg.get('preset'), cfg.get('num_classes'),
                            net.backbone_name, net.preset, net.num_classes, _short(missing), _short(extra)))
     for key, param in params.items():
-        if tuple(param.shape) != tuple(stored[key].shape):
+        if file_shape(param) != tuple(stored[key].shape):
             raise UserError('%s: %s has shape %s, this model needs %s (another class count, preset or '
-                            'input size?)' % (path, key, stored[key].shape, param.shape))
-        param.set_data(stored[key])
+                            'input size?)' % (path, key, stored[key].shape, file_shape(param)))
+        param.set_data(_from_file(stored[key], param))
     return meta
 
 
@@ -281,7 +296,8 @@ def load_training(path, net, trainers, history, arrays=None):
             if not parts:
                 continue
             for updater, ctx in zip(updaters, trainer._contexts):  # pylint: disable=protected-access
-                values = [v.as_in_context(ctx) for _, v in parts]
+                values = [(v.reshape(param.shape) if tuple(v.shape) == file_shape(param) else v)
+                          .as_in_context(ctx) for _, v in parts]
                 updater.states[index] = values[0] if len(values) == 1 else tuple(values)
                 updater.states_synced[index] = True
         if name in counts:

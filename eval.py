@@ -19,8 +19,9 @@ mA and the instance metrics in its convention (``--metrics rethinking``; ``metri
 """
 import os
 
-if 'OMP_NUM_THREADS' not in os.environ:        # must be set before mxnet is imported
-    os.environ['OMP_NUM_THREADS'] = str(os.cpu_count() or 1)
+import machine
+
+machine.thread_settings()                       # must be set before mxnet is imported
 
 
 if __name__ == '__main__':                     # --help and flag errors answer before mxnet is imported

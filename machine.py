@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """What machine this is, in one line for logs and bug reports: the CPU model, its cores and SIMD level
 (SSE4.1 / AVX2 / AVX-512 / AMX, which decides the oneDNN kernels MXNet runs), and a ``DNNL_MAX_CPU_ISA``
-cap when one is set. Imports nothing heavy (``run.sh test`` prints it before the suite starts).
+cap when one is set. Imports nothing heavy (``run.sh test`` prints it before the suite starts), so the
+scripts also take their thread settings from here before mxnet is imported (:func:`thread_settings`).
 
     python machine.py        # e.g. "CPU: Intel(R) Xeon(R) Processor, 2 cores, AVX-512 (avx512f ... ) + AMX"
 """
@@ -55,6 +56,29 @@ def simd_level(flags=None):
         if flag in flags:
             return name
     return 'ARM (no x86 SIMD)' if 'asimd' in flags else 'below SSE4.1'
+
+
+# MXNet copies an array of MXNET_CPU_PARALLEL_SIZE elements or more (default 200000, a 258 x 258 RGB
+# image) with an OpenMP team of the thread that asks for the copy. Asked from a Python thread (nd.array of
+# a batch, a data-loader worker), that is a team beside the engine's, and once a process has more OpenMP
+# threads than cores, libgomp stops letting any of them spin between parallel regions: from then on every
+# operator wakes its threads from sleep. Measured on 2 cores: ResNet-50 at batch 1, 45 ms per image
+# before one such copy, 63 ms after it, for the rest of the process. A copy is memory-bound; one thread
+# does it as fast.
+SERIAL_COPIES = str(2 ** 31 - 1)
+
+
+def thread_settings(environ=None):
+    """Set, where the user has not, the thread settings MXNet reads when it is imported: OpenMP threads =
+    the number of cores (``OMP_NUM_THREADS``; MXNet alone would use one here) and copies on the calling
+    thread only (``MXNET_CPU_PARALLEL_SIZE``, see ``SERIAL_COPIES``). Returns the line train.py logs."""
+    environ = os.environ if environ is None else environ
+    if 'MXNET_CPU_PARALLEL_SIZE' not in environ:
+        environ['MXNET_CPU_PARALLEL_SIZE'] = SERIAL_COPIES
+    if 'OMP_NUM_THREADS' in environ:
+        return 'OMP_NUM_THREADS=%s' % environ['OMP_NUM_THREADS']
+    environ['OMP_NUM_THREADS'] = str(os.cpu_count() or 1)
+    return 'OMP_NUM_THREADS was not set; using %s (the number of cores)' % environ['OMP_NUM_THREADS']
 
 
 def describe():

@@ -20,8 +20,9 @@ The CSV appears only when complete (written to a temporary file and renamed).
 """
 import os
 
-if 'OMP_NUM_THREADS' not in os.environ:        # must be set before mxnet is imported
-    os.environ['OMP_NUM_THREADS'] = str(os.cpu_count() or 1)
+import machine
+
+machine.thread_settings()                       # must be set before mxnet is imported
 
 
 if __name__ == '__main__':                     # --help and flag errors answer before mxnet is imported
@@ -124,11 +125,14 @@ class ImageList(gluon.data.Dataset):
         return self.transform(image, index), np.int64(index)
 
 
-def gluon_scorer(net, ctx):
-    """Batch (NDArray) -> fused logits (NumPy) of a Gluon network, the batch split over ``ctx``."""
+def gluon_scorer(net, ctx, input_size):
+    """Batch (NDArray) -> fused logits (NumPy) of a Gluon network, the batch split over ``ctx``; the
+    network runs as :func:`inference.fused_logits_block` (on the CPU, oneDNN's fused graph)."""
+    block = inference.fused_logits_block(net, input_size, ctx[0])
+
     def score(data):
         parts = gluon.utils.split_and_load(data, ctx[:data.shape[0]], even_split=False)
-        return np.concatenate([net(x)[2].asnumpy() for x in parts])
+        return np.concatenate([block(x).asnumpy() for x in parts])
     return score
 
 
@@ -229,7 +233,7 @@ def main(argv=None):
                                                 overrides=dict(dataset=args.dataset,
                                                                data_path=args.data_path))
         net.hybridize(static_alloc=True, static_shape=True)
-        score = gluon_scorer(net, ctx)
+        score = gluon_scorer(net, ctx, cfg['input_size'])
     thresholds = None
     if args.threshold == 'val':
         thresholds = validation_thresholds(net, cfg, names, ctx)

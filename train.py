@@ -19,11 +19,9 @@ per-batch steps: ``steps.py``; Trainers: ``trainers.py``.
 """
 import os
 
-if 'OMP_NUM_THREADS' not in os.environ:        # must be set before mxnet is imported
-    os.environ['OMP_NUM_THREADS'] = str(os.cpu_count() or 1)
-    _OMP_NOTE = 'OMP_NUM_THREADS was not set; using %s (the number of cores)' % os.environ['OMP_NUM_THREADS']
-else:
-    _OMP_NOTE = 'OMP_NUM_THREADS=%s' % os.environ['OMP_NUM_THREADS']
+import machine
+
+_OMP_NOTE = machine.thread_settings()           # must be set before mxnet is imported
 
 
 if __name__ == '__main__':                     # --help and flag errors answer before mxnet is imported
@@ -44,7 +42,6 @@ import datasets  # noqa: E402
 from datasets import loaders  # noqa: E402
 import distributed  # noqa: E402
 import inference  # noqa: E402
-import machine  # noqa: E402
 import metrics  # noqa: E402
 import mixed_precision  # noqa: E402
 import related  # noqa: E402

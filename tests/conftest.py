@@ -1,5 +1,5 @@
-"""Test setup: use both cores for MXNet (must happen before mxnet is imported), private caches, no
-network, and seed every test.
+"""Test setup: the scripts' thread settings for MXNet (both cores; before mxnet is imported), private
+caches, no network, and seed every test.
 
 One crash fails one test: the suite runs in a worker process (``-n 1`` in pytest.ini, pytest-xdist), so a
 segmentation fault or abort in native code (MXNet, oneDNN) ends the worker, not the run; the failed
@@ -13,7 +13,10 @@ it only makes tests slower. pytest-timeout's wall-clock limit (pytest.ini) is th
 """
 import atexit
 import collections
+import ctypes
+import ctypes.util
 import faulthandler
+import gc
 import os
 import shutil
 import signal
@@ -22,7 +25,11 @@ import tempfile
 import threading
 import time
 
-os.environ.setdefault('OMP_NUM_THREADS', str(os.cpu_count() or 1))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import machine  # noqa: E402
+
+machine.thread_settings()           # as the scripts do, before mxnet is imported
 # No test touches the network or the user's caches: the model zoo and the WIDER crops go to a fresh
 # folder, and a model-zoo download fails at once (connection refused on the loopback discard port).
 _CACHE = tempfile.mkdtemp(prefix='vaa-tests-')
@@ -35,8 +42,6 @@ os.environ.setdefault('MXNET_ENGINE_TYPE', 'ThreadedEnginePerDevice')
 if 'VAA_TEST_CRASH_DIR' not in os.environ:
     os.environ['VAA_TEST_CRASH_DIR'] = tempfile.mkdtemp(prefix='vaa-test-crashes-')
     atexit.register(shutil.rmtree, os.environ['VAA_TEST_CRASH_DIR'], True)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -213,6 +218,24 @@ def pytest_sessionstart(session):
         _WATCH.append(watch)
 
 
+def _release_memory():
+    """Give the memory of the test that just ended back to the OS: its networks are collected, and
+    glibc's malloc, which keeps freed blocks in the arena of each thread that allocated them (MXNet's
+    engine and OpenMP threads each have one), returns their free pages (``malloc_trim``). Without this the
+    worker's resident memory only grows, test after test; with it, the suite's peak is its largest test."""
+    gc.collect()
+    mx.nd.waitall()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+try:
+    _LIBC = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+    _LIBC.malloc_trim  # noqa: B018 (glibc only)
+except (OSError, AttributeError):
+    _LIBC = None
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     for watch in _WATCH:
@@ -220,3 +243,4 @@ def pytest_runtest_protocol(item, nextitem):
     yield
     for watch in _WATCH:
         watch.end_test()
+    _release_memory()

@@ -87,11 +87,67 @@ def test_head_architecture_follows_preset_and_input_size(preset):
     assert [c._channels for c in convs] == list(cfg['att_channels']) + [5]
     assert [c._kwargs['kernel'] for c in convs] == [(1, 1), (cfg['att_second_kernel'],) * 2, (1, 1)]
     convs = [b for b in classifier.fsr if isinstance(b, gluon.nn.Conv2D)]
-    assert [c._channels for c in convs] == list(cfg['cls_channels'])
-    assert [c._kwargs['kernel'] for c in convs] == [(1, 1), (1, 1), (3, 3)]
-    assert [c._kwargs['kernel'] for c in net.classifiers[0].fsr if isinstance(c, gluon.nn.Conv2D)][2] \
-        == (6, 6)
+    assert [c._channels for c in convs] == list(cfg['cls_channels'][:2])
+    assert [c._kwargs['kernel'] for c in convs] == [(1, 1), (1, 1)]
     assert all(c._kwargs['pad'] == (0, 0) for c in convs)
+    # the third: a conv over the whole map, kernel = the tap's size (computed as a matrix product)
+    sizes = {'paper': (6, 3), 'upstream': (6, 6, 3)}[preset]          # taps s3, s4 / s3-3, s3, s4
+    assert len(net.classifiers) == len(sizes)
+    for cls, size in zip(net.classifiers, sizes):
+        full = [b for b in cls.fsr if isinstance(b, attention.FullMapConv)]
+        assert [attention.file_shape(f.weight) for f in full] == [
+            (cfg['cls_channels'][2], cfg['cls_channels'][1], size, size)]
+
+
+@pytest.mark.parametrize('hybridize', [False, True])
+def test_the_full_map_conv_is_the_convolution_forward_and_backward(hybridize):
+    """attention.FullMapConv computes f_cls's k x k conv as a matrix product: against a NumPy einsum of
+    the convolution's formula (a k x k kernel over a k x k map, no padding) and MXNet's own Conv2D on the
+    same parameters, in the output and in the gradients of the input, the weight and the bias."""
+    rs = np.random.RandomState(3)
+    n, c, o, k = 3, 5, 4, 3
+    x = rs.normal(size=(n, c, k, k)).astype(np.float32)
+    w = rs.normal(size=(o, c, k, k)).astype(np.float32)           # asymmetric in every axis
+    b = rs.normal(size=(o,)).astype(np.float32)
+    head = rs.normal(size=(n, o, 1, 1)).astype(np.float32)        # d(loss)/d(out), a random direction
+    full = attention.FullMapConv(o, k, in_channels=c)
+    conv = gluon.nn.Conv2D(o, kernel_size=k, in_channels=c)
+    results = []
+    for block in (full, conv):
+        block.initialize()
+        block.weight.set_data(nd.array(w).reshape(block.weight.shape))     # (O, C*k*k) for ours
+        block.bias.set_data(nd.array(b))
+        if hybridize:
+            block.hybridize()
+        xx = nd.array(x)
+        xx.attach_grad()
+        with autograd.record():
+            out = block(xx)
+        out.backward(nd.array(head))
+        mx.nd.waitall()
+        results.append([out.asnumpy(), xx.grad.asnumpy(), block.weight.grad().asnumpy(),
+                        block.bias.grad().asnumpy()])
+    results[0][2] = results[0][2].reshape(w.shape)                 # the gradient in the kernel's shape
+    expected = np.einsum('ocij,ncij->no', w, x)[:, :, None, None] + b[None, :, None, None]
+    np.testing.assert_allclose(results[0][0], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(results[0][1], np.einsum('ocij,no->ncij', w, head[:, :, 0, 0]), rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(results[0][2], np.einsum('ncij,no->ocij', x, head[:, :, 0, 0]), rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(results[0][3], head.sum(axis=(0, 2, 3)), rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(*results):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    # The parameters are the convolution's in files (checkpoints, the authors' files) and by name.
+    assert [attention.file_shape(p) for p in full.collect_params().values()] == [(o, c, k, k), (o,)]
+    assert full.prefix.startswith('conv') and full.weight.name.endswith('_weight')
+    # and the same initial draw: Xavier on (O, C*k*k) and on (O, C, k, k) give the same numbers
+    for block in (full, conv):
+        block.collect_params().initialize(attention.HEAD_INIT, force_reinit=True)
+        mx.random.seed(11)
+        block.weight.initialize(attention.HEAD_INIT, force_reinit=True)
+    np.testing.assert_array_equal(full.weight.data().asnumpy().reshape(w.shape), conv.weight.data().asnumpy())
+    with pytest.raises(mx.MXNetError):                             # only the k x k map it was built for
+        full(nd.ones((1, c, k + 1, k + 1))).wait_to_read()
 
 
 def test_attention_maps_sum_to_one_and_are_the_spatial_softmax():

@@ -48,6 +48,27 @@ def test_each_system_trains_and_its_run_folder_rebuilds_the_same_network(related
     assert set(related_runs['apcnn'][1]['stage_mAP']) == {'stage I', 'stage II'}
 
 
+def test_each_system_predicts_through_the_fused_inference_graph(related_runs, demo_path):
+    """predict.py's scorer (inference.fused_logits_block: oneDNN's fused graph on the CPU, BatchNorm
+    folded) gives every system's fused logits as its training graph does, to float32 rounding."""
+    import mxnet as mx
+    from mxnet import nd
+    import inference
+    import predict
+    from datasets import digits, loaders
+    ds = digits.DigitsCanvas(demo_path, 'test', limit=5)
+    for name, (out, _) in related_runs.items():
+        net, cfg, _ = inference.load_source(out, [mx.cpu()])
+        transform = loaders.transform(cfg)
+        x = nd.array(np.stack([transform(image, 0) for image in ds.images]))
+        net.hybridize(static_alloc=True, static_shape=True)
+        want = net(x)[2].asnumpy()
+        got = predict.gluon_scorer(net, [mx.cpu()], cfg['input_size'])(x)
+        for batch in (got, predict.gluon_scorer(net, [mx.cpu()], cfg['input_size'])(x[:1])):
+            np.testing.assert_allclose(batch, want[:len(batch)], rtol=1e-4, atol=1e-4 * np.abs(want).max(),
+                                       err_msg=name)
+
+
 def test_apcnn_overlays_draw_the_gates_and_the_rois_the_network_chose(related_runs, tmp_path, capsys):
     import cv2
     from unittest import mock

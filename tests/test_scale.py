@@ -1,9 +1,11 @@
 """Speed and scale: hybridized vs imperative training step, several devices, several workers, AMP."""
+import gc
 import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 import mxnet as mx
 from mxnet import autograd, nd
 
@@ -17,12 +19,14 @@ from trainers import StageTrainers
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _train_steps(ctx, hybrid=True, steps=2, batch=8, amp=False, seed=0, size=64, dtype='float32'):
+def _train_steps(ctx, hybrid=True, steps=2, batch=8, amp=False, seed=0, size=64, dtype='float32',
+                 preset='upstream'):
     """A few steps of the train.py update (``steps.train_step``) on fixed data; returns (losses, grads of
     step 1, params)."""
+    gc.collect()        # the previous call's network (Gluon blocks hold reference cycles) goes first
     mx.random.seed(seed)
     np.random.seed(seed)
-    net = get_vaa_net('resnet18_v1', 3, 'upstream', size, ctx=ctx)
+    net = get_vaa_net('resnet18_v1', 3, preset, size, ctx=ctx)
     net.cast(dtype)
     if hybrid:
         net.hybridize(static_alloc=True, static_shape=True)
@@ -71,14 +75,18 @@ def test_two_cpu_devices_equal_one_device_with_the_same_total_batch():
     The batch is two identical halves so that each device's BatchNorm statistics equal the whole
     batch's; everything else (split, all-reduce, per-device updaters) is exercised for real. In float64
     the two agree to rounding (float32 convolutions round differently for different batch sizes, and
-    BatchNorm's backward amplifies that in a randomly initialised net).
+    BatchNorm's backward amplifies that in a randomly initialised net). At 32 pixels (taps of 2 x 2 and
+    1 x 1): MXNet's float64 kernels are its slow, memory-hungry reference ones (3.3 GB at 64 pixels).
     """
-    l1, g1, p1 = _train_steps([mx.cpu(0)], hybrid=False, dtype='float64')
-    l2, g2, p2 = _train_steps([mx.cpu(0), mx.cpu(1)], hybrid=False, dtype='float64')
+    l1, g1, p1 = _train_steps([mx.cpu(0)], hybrid=False, dtype='float64', size=32)
+    l2, g2, p2 = _train_steps([mx.cpu(0), mx.cpu(1)], hybrid=False, dtype='float64', size=32)
     np.testing.assert_allclose(l1, l2, rtol=1e-10)
     _close(g1, g2, 1e-7, 1e-9)
     _close(p1, p2, 1e-7, 1e-9)
-    # The same in float32, with the hybridized graph train.py runs, to float32 accuracy.
+
+
+def test_two_cpu_devices_equal_one_device_in_the_float32_graph():
+    """The same as above in float32, with the hybridized graph train.py runs, to float32 accuracy."""
     l1, _, p1 = _train_steps([mx.cpu(0)])
     l2, _, p2 = _train_steps([mx.cpu(0), mx.cpu(1)])
     np.testing.assert_allclose(l1, l2, rtol=2e-3)
@@ -173,3 +181,48 @@ def test_syncbn_on_cpu_contexts_is_a_clear_error(tmp_path, demo_path):
                  str(tmp_path / 's'),
                  '--epochs', '1'])
     assert proc.returncode == 2 and '--syncbn needs GPUs' in proc.stderr
+
+
+def test_thread_settings_fill_in_only_what_the_user_did_not_set():
+    import machine
+    env = {}
+    note = machine.thread_settings(env)
+    assert env == {'OMP_NUM_THREADS': str(os.cpu_count() or 1), 'MXNET_CPU_PARALLEL_SIZE': '2147483647'}
+    assert 'was not set' in note
+    env = {'OMP_NUM_THREADS': '1', 'MXNET_CPU_PARALLEL_SIZE': '1000'}
+    assert machine.thread_settings(env) == 'OMP_NUM_THREADS=1' and env['MXNET_CPU_PARALLEL_SIZE'] == '1000'
+
+
+_COPY_PROBE = '''
+import os, sys
+sys.path.insert(0, %r)
+import machine
+machine.thread_settings()
+import numpy as np
+import pytest
+import mxnet as mx
+mx.nd.ones((2, 2)).asnumpy()                  # the engine and its OpenMP team are up
+before = len(os.listdir('/proc/self/task'))
+mx.nd.array(np.ones((4, 3, 224, 224), np.float32)).wait_to_read()     # a batch copied from NumPy
+print(before, len(os.listdir('/proc/self/task')))
+'''
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self/task') or (os.cpu_count() or 1) < 2,
+                    reason='counts threads in /proc (Linux) and needs an OpenMP team of 2 or more')
+def test_a_batch_copied_from_numpy_starts_no_second_openmp_team():
+    """The scripts' MXNET_CPU_PARALLEL_SIZE (machine.thread_settings): a copy from NumPy into an NDArray
+    on the Python thread makes no OpenMP team there (one more team than cores would stop libgomp's
+    spinning for the rest of the process: every later operator wakes its threads from sleep). With
+    MXNet's default threshold the same copy does start one, which is what this test would catch."""
+    def threads(extra):
+        env = dict(os.environ, OMP_NUM_THREADS='2')
+        env.pop('MXNET_CPU_PARALLEL_SIZE', None)      # conftest's; the probe sets it as the scripts do
+        env.update(extra)
+        out = subprocess.run([sys.executable, '-c', _COPY_PROBE % ROOT], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, check=True).stdout.split()
+        return [int(n) for n in out[-2:]]
+    before, after = threads({})
+    assert after == before
+    before, after = threads({'MXNET_CPU_PARALLEL_SIZE': '200000'})       # MXNet's own default
+    assert after > before
