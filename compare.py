@@ -46,13 +46,17 @@ def build_parser():
     return flags.compare_parser()
 
 
-def evaluate_source(source, args, ctx, common):
-    """One row: metrics on the split, parameter count, training and evaluation speed."""
+def evaluate_source(source, args, ctx, common, first=None):
+    """One row: metrics on the split, parameter count, training and evaluation speed. ``first``: the
+    first source's row; a network for other attributes is refused before it sees that source's data."""
     kind = inference.resolve_source(source)[0]
     upstream = dict(preset=args.preset, backbone=args.backbone, input_size=args.input_size,
                     dataset=common.get('dataset'), data_path=common.get('data_path'), split=args.split)
     net, cfg, names = inference.load_source(source, ctx, upstream=upstream,
                                             overrides=dict(common, limit=args.limit))
+    if first is not None and list(names) != first['names']:
+        raise UserError('%s predicts %d attributes, %s %d: compare systems trained for the same '
+                        'attributes' % (source, len(names), first['source'], len(first['names'])))
     net.hybridize(static_alloc=True, static_shape=True)
     data = datasets.load_split(cfg['dataset'], cfg['data_path'], args.split, **loaders.data_options(cfg))
     loader = loaders.eval_loader(cfg, data)
@@ -156,13 +160,9 @@ def main(argv=None):
     common = {k: v for k, v in (('dataset', args.dataset), ('data_path', args.data_path)) if v is not None}
     rows = []
     for source in args.sources:
-        rows.append(evaluate_source(source, args, ctx, common))
+        rows.append(evaluate_source(source, args, ctx, common, rows[0] if rows else None))
         common.setdefault('dataset', rows[0]['dataset'])             # every source on the first one's data
         common.setdefault('data_path', rows[0]['data_path'])
-        if rows[-1]['names'] != rows[0]['names']:
-            raise UserError('%s predicts %d attributes, %s %d: compare systems trained for the same '
-                            'attributes'
-                            % (source, len(rows[-1]['names']), args.sources[0], len(rows[0]['names'])))
     text = table(rows)
     print('%s split of %s (%s; mA and the instance metrics in %s convention):\n%s' % (
         args.split, rows[0]['dataset'], plural(len(rows), 'source'), metrics.CONVENTION_NAMES[args.metrics],

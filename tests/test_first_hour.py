@@ -106,6 +106,18 @@ def test_resuming_a_finished_run_trains_and_tests_nothing_and_its_hint_trains_it
 
 
 # 3 and 10 --------------------------------------------------------------------------------------------------
+def test_compare_refuses_a_run_for_other_attributes_before_it_sees_the_first_runs_data(two_runs, tmp_path):
+    """A run of one's own data next to a demo run: one line naming both and their attribute counts (it was
+    an IndexError from the metrics, after the second network had scored the demo's images)."""
+    root = str(tmp_path / 'mine')
+    fixtures.csv_dataset(root)
+    out = str(tmp_path / 'csv-run')
+    train.main(['--data_path', root, '--no-pretrained', '--epochs', '1', '--out', out] + SMALL)
+    fixtures.one_line_error(['compare.py', two_runs[0], out, '--out', str(tmp_path / 'c.png')],
+                            '%s predicts 3 attributes, %s 12: compare systems trained for the same attributes'
+                            % (out, two_runs[0]))
+
+
 def test_compare_shows_the_settings_and_names_every_one_in_which_the_runs_differ(
         two_runs, tmp_path, capsys, monkeypatch):
     a, b = two_runs
