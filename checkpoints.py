@@ -105,14 +105,24 @@ def save_upstream(net, folder):
     return written
 
 
+def _to_file(array, param):
+    """An array of ``param``'s shape (its value or an optimizer state) in the parameter's file shape
+    (:func:`attention.file_shape`); any other array as it is."""
+    if tuple(array.shape) == tuple(param.shape) != file_shape(param):
+        return array.reshape(file_shape(param))
+    return array
+
+
+def _from_file(array, param):
+    """The other way: an array of ``param``'s file shape in the parameter's own shape."""
+    if tuple(array.shape) == file_shape(param) != tuple(param.shape):
+        return array.reshape(param.shape)
+    return array
+
+
 def _file_array(param):
-    """``param``'s value (a copy through the engine) in its file shape (:func:`attention.file_shape`)."""
-    return param._reduce().reshape(file_shape(param))  # pylint: disable=protected-access
-
-
-def _from_file(value, param):
-    """A stored array (in ``param``'s file shape, checked by the caller) in the parameter's own shape."""
-    return value.reshape(param.shape) if tuple(value.shape) != tuple(param.shape) else value
+    """``param``'s value, a copy through the engine, in its file shape."""
+    return _to_file(param._reduce(), param)  # pylint: disable=protected-access
 
 
 def _load_ndarray_file(path):
@@ -205,10 +215,8 @@ def _optimizer_arrays(net, name, trainer, arrays, counts):
         param = trainer._params[index]  # pylint: disable=protected-access
         for k, part in enumerate(parts):
             if part is not None:        # a state of the parameter's shape is stored in its file shape
-                part = part.copyto(mx.cpu())
-                if tuple(part.shape) == tuple(param.shape):
-                    part = part.reshape(file_shape(param))
-                arrays['opt/%s/%s/%d' % (name, index_to_name[index], k)] = part
+                arrays['opt/%s/%s/%d' % (name, index_to_name[index], k)] = _to_file(part.copyto(mx.cpu()),
+                                                                                     param)
     opt = trainer._optimizer  # pylint: disable=protected-access
     counts[name] = dict(num_update=int(opt.num_update), lr=float(trainer.learning_rate),
                         index_update_count={index_to_name[i]: int(c) for i, c in
@@ -296,8 +304,7 @@ def load_training(path, net, trainers, history, arrays=None):
             if not parts:
                 continue
             for updater, ctx in zip(updaters, trainer._contexts):  # pylint: disable=protected-access
-                values = [(v.reshape(param.shape) if tuple(v.shape) == file_shape(param) else v)
-                          .as_in_context(ctx) for _, v in parts]
+                values = [_from_file(v, param).as_in_context(ctx) for _, v in parts]
                 updater.states[index] = values[0] if len(values) == 1 else tuple(values)
                 updater.states_synced[index] = True
         if name in counts:
