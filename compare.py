@@ -55,8 +55,13 @@ def evaluate_source(source, args, ctx, common, first=None):
     net, cfg, names = inference.load_source(source, ctx, upstream=upstream,
                                             overrides=dict(common, limit=args.limit))
     if first is not None and list(names) != first['names']:
-        raise UserError('%s predicts %d attributes, %s %d: compare systems trained for the same '
-                        'attributes' % (source, len(names), first['source'], len(first['names'])))
+        if len(names) != len(first['names']):
+            raise UserError('%s predicts %d attributes, %s %d: compare systems trained for the same '
+                            'attributes' % (source, len(names), first['source'], len(first['names'])))
+        k = next(i for i, (a, b) in enumerate(zip(names, first['names'])) if a != b)
+        raise UserError('%s predicts other attributes than %s (attribute %d: %s, not %s): compare systems '
+                        'trained for the same attributes, in the same order'
+                        % (source, first['source'], k + 1, names[k], first['names'][k]))
     net.hybridize(static_alloc=True, static_shape=True)
     data = datasets.load_split(cfg['dataset'], cfg['data_path'], args.split, **loaders.data_options(cfg))
     loader = loaders.eval_loader(cfg, data)

@@ -102,6 +102,8 @@ def complete(cfg):
     for key, value in PRESET_SETTINGS.get(cfg['preset'], {}).items():
         if cfg.get(key) is None:
             cfg[key] = value
+    if cfg.get('metrics') is None:                  # runs from before --metrics
+        cfg['metrics'] = FALLBACKS['metrics']
     return cfg
 
 

@@ -79,8 +79,9 @@ def _authors_flags(a):
     a('--num_classes', type=int, help='number of attributes; checked against the dataset')
     a('--finetune', action='store_true',
       help="the authors' meaning: freeze the whole backbone and drop the primary-branch loss")
-    a('--metrics', choices=METRIC_CONVENTIONS, default='ours', help=METRICS_HELP + ', in the test report '
-      '(validation, which picks the best checkpoint, always uses ours)')
+    # (no parser default: a resumed run's --test tells a given --metrics from the run's own)
+    a('--metrics', choices=METRIC_CONVENTIONS, help=METRICS_HELP + ', in the test report (validation, which '
+      'picks the best checkpoint, always uses ours) (default: ours; with --resume, the run\'s)')
     a('--test', action='store_true',
       help='evaluate on the test split instead of training: the best checkpoint of --resume RUN_DIR, or '
            "the authors' saved_models/ folder given by --upstream-weights")

@@ -251,9 +251,10 @@ def rethinking_table(result, system):
     return '\n'.join(lines)
 
 
-def test_from_train_flags(cfg):
+def test_from_train_flags(cfg, explicit=()):
     """``train.py --test`` (the authors' flag): the test split with the best checkpoint of --resume, or
-    with the authors' files of --upstream-weights; writes ``eval_test.json`` where eval.py does."""
+    with the authors' files of --upstream-weights; writes ``eval_test.json`` where eval.py does. The metric
+    convention is the run's unless ``--metrics`` is among the ``explicit`` flags."""
     source = cfg.get('resume') or cfg.get('upstream_weights')
     if not source:
         raise UserError('--test needs --resume RUN_DIR (our run) or --upstream-weights saved_models/')
@@ -263,4 +264,5 @@ def test_from_train_flags(cfg):
     net, run_cfg, names = load_source(source, ctx, upstream=upstream,
                                       overrides={'data_path': cfg['data_path']})
     net.hybridize(static_alloc=True, static_shape=True)
-    return report_split(net, run_cfg, names, 'test', ctx, source, convention=cfg['metrics'])
+    convention = cfg['metrics'] if 'metrics' in explicit else None          # None: the run's own
+    return report_split(net, run_cfg, names, 'test', ctx, source, convention=convention)

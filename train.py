@@ -368,7 +368,7 @@ def train_epochs(cfg, explicit, place, resumed, folder, stop):
 
 def main(argv=None):
     cfg, explicit = config.parse_args(argv)
-    return inference.test_from_train_flags(cfg) if cfg['test'] else train(cfg, explicit)
+    return inference.test_from_train_flags(cfg, explicit) if cfg['test'] else train(cfg, explicit)
 
 
 if __name__ == '__main__':

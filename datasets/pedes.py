@@ -160,8 +160,9 @@ def _strings(values, path, key):
     return [str(v) for v in values]
 
 
-def _indices(values, limit, path, key):
-    """An integer array of row numbers in 0..limit-1 (a float array of whole numbers too)."""
+def _indices(values, limit, path, key, what='row', of='rows of its label matrix'):
+    """An integer array of row numbers (``what``) in 0..limit-1 (a float array of whole numbers too);
+    ``of``: what the limit counts, for the message."""
     array = np.asarray(values)
     if array.dtype == object or not (np.issubdtype(array.dtype, np.integer)
                                      or np.issubdtype(array.dtype, np.floating)):
@@ -172,8 +173,7 @@ def _indices(values, limit, path, key):
     array = array.astype(np.int64)
     outside = array[(array < 0) | (array >= limit)]
     if outside.size:
-        raise UserError('%s: %s holds row %d, outside the %d rows of its label matrix'
-                        % (path, key, outside[0], limit))
+        raise UserError('%s: %s holds %s %d, outside the %d %s' % (path, key, what, outside[0], limit, of))
     return array
 
 
@@ -203,8 +203,8 @@ class Annotation(object):
         else:
             if not isinstance(label_idx, dict) or 'eval' not in label_idx:
                 raise UserError('%s: label_idx has no eval list (the evaluated attributes)' % path)
-            self.eval_columns = _indices(list(label_idx['eval']), len(self.attr_name), path,
-                                         'label_idx.eval').tolist()
+            self.eval_columns = _indices(list(label_idx['eval']), len(self.attr_name), path, 'label_idx.eval',
+                                         'column', 'attributes of attr_name').tolist()
         partition = _field(ann, 'partition', path, 'the train/val/test indices')
         if not isinstance(partition, dict) or not partition:
             raise UserError('%s: partition is not a record of splits (train, val, trainval, test)' % path)

@@ -85,7 +85,23 @@ README_SCHEDULES = {
     ('upstream', 'wider'): ('sgd', 1e-4, 10, 3, 24, 250, 'mAP', 0),
     ('upstream', 'lst'): ('sgd', 1e-4, 10, 3, 24, 250, 'mAP', 0),
     ('demo', 'demo'): ('adam', 1e-3, 3, 2, 32, 8, 'mAP', 0),
+    # every form of WIDER (the authors' .lst and RecordIO files, a CSV) gets the WIDER schedules
+    ('paper', 'lst'): ('sgd', 1e-3, 3, 2, 32, 40, 'mAP', 3),
+    ('paper', 'rec'): ('sgd', 1e-3, 3, 2, 32, 40, 'mAP', 3),
+    ('upstream', 'rec'): ('sgd', 1e-4, 10, 3, 24, 250, 'mAP', 0),
+    ('upstream', 'csv'): ('sgd', 1e-4, 10, 3, 24, 250, 'mAP', 0),
+    # PETA and PA-100K have no upstream schedule: the paper's
+    ('upstream', 'peta'): ('adam', 1e-4, 8, 2, 32, 60, 'mA', 0),
+    ('upstream', 'pa100k'): ('adam', 1e-4, 8, 2, 32, 60, 'mA', 0),
+    # the community's files: Rethinking_of_PAR's configs (Adam 1e-4, batch 64, 30 epochs, patience 4)
+    ('paper', 'pedes'): ('adam', 1e-4, 4, 6, 64, 30, 'mA', 3),
+    ('upstream', 'pedes'): ('adam', 1e-4, 4, 6, 64, 30, 'mA', 0),
 }
+
+
+def test_every_dataset_form_has_a_documented_schedule():
+    import datasets
+    assert {d for _, d in README_SCHEDULES} == set(datasets.names())
 
 
 @pytest.mark.parametrize('preset,dataset', sorted(README_SCHEDULES))
@@ -346,3 +362,54 @@ def test_the_guard_names_the_first_batch_whose_loss_is_not_finite():
     for batch in range(3):
         clean.add(batch, nd.array([float(batch)]))
     clean.check()
+
+
+# 2. both ends of every range a flag has, through the parser a user reaches
+# ----------------------------------------------------------------
+# flag -> (values accepted, values refused), written from each flag's help text, not from flags.RANGES.
+FLAG_BOUNDS = {
+    '--epochs': (['1'], ['0', '-1']), '--batch_size': (['1'], ['0']),
+    '--lr': (['1e-12', '10'], ['0', '-1e-9', 'inf', 'nan']), '--wd': (['0'], ['-1e-9', 'nan']),
+    '--mom': (['0', '0.999'], ['1', '-0.01', 'nan']), '--gamma': (['0'], ['-0.5', 'inf']),
+    '--freeze-epochs': (['0'], ['-1']), '--history-start': (['0'], ['-1']), '--history-track': (['1'], ['0']),
+    '--lr-patience': (['0'], ['-1']), '--lr-drops': (['0'], ['-1']), '--limit': (['1'], ['0']),
+    '--num-workers': (['0'], ['-1']), '--cpus': (['1'], ['0']), '--log-interval': (['1'], ['0']),
+    '--partition': (['0', '4'], ['-1', '5']),        # PETA's and RAP's five numbered runs: 0..4
+    '--input-size': (['32'], ['31']), '--backbone-lr-mult': (['0'], ['-0.1', 'nan']),
+    '--apcnn-iou': (['1', '1e-6'], ['0', '1.01', 'nan']), '--hgat-group-channels': (['2'], ['1']),
+    '--hgat-class-channels': (['2'], ['1']), '--mc-drop': (['0', '0.99'], ['1', '-0.1', 'nan']),
+    '--mc-xi': (['0', '2'], ['1', '-1']), '--gcn-t': (['1', '1e-6'], ['0', '1.5', 'nan']),
+    '--gcn-p': (['0', '1'], ['-0.1', '1.1', 'nan']),
+}
+
+
+def test_every_ranged_flag_is_in_the_table():
+    ranged = {'--' + key.replace('_', '-') if key not in ('batch_size',) else '--batch_size'
+              for key, _, _ in config.RANGES}
+    assert ranged == set(FLAG_BOUNDS)
+
+
+@pytest.mark.parametrize('flag', sorted(FLAG_BOUNDS))
+def test_both_ends_of_every_flag_range(flag):
+    accepted, refused = FLAG_BOUNDS[flag]
+    base = ['--epochs', '5'] if flag != '--epochs' else []
+    for value in accepted:
+        cfg, _ = config.parse_args(base + ['%s=%s' % (flag, value)])
+        key = flag[2:].replace('-', '_')
+        assert float(cfg[key]) == float(value) or (value == '1e-12' and cfg[key] == 1e-12), (flag, value)
+    for value in refused:
+        with pytest.raises(UserError, match=r'^%s must be ' % flag.replace('_', '-').replace(
+                '--batch-size', '--batch_size')):
+            config.parse_args(base + ['%s=%s' % (flag, value)])
+
+
+def test_the_fifth_run_of_a_file_is_reached_through_every_script(tmp_path):
+    """--partition 4 (the fifth of PETA's and RAP's runs) passes each script's early check, 5 does not."""
+    import flags
+    import sys
+    for script, argv in (('train', []), ('eval', ['RUN'])):
+        assert flags.preparse(script, argv + ['--partition', '4']).partition == 4
+        with pytest.raises(SystemExit) as stop:
+            flags.preparse(script, argv + ['--partition', '5'])
+        assert stop.value.code == 2
+    assert sys.modules['mxnet']

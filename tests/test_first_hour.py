@@ -378,3 +378,90 @@ def test_setup_installs_every_module_of_the_project():
     folders = {os.path.relpath(os.path.dirname(f), ROOT).replace(os.sep, '.')
                for f in glob.glob(os.path.join(ROOT, '*', '**', '__init__.py'), recursive=True)} - {'tests'}
     assert packages == folders, (packages, folders)
+
+
+# Settings later commands must honour ---------------------------------------------------------------------
+def _conventions(run):
+    """Both conventions' metrics of the run's best checkpoint on its test split (computed here, from its
+    logits), checked to differ: the demo's red_zero attribute has no positive label, which the community's
+    mA counts at TNR / 2 and ours leaves out."""
+    import inference
+    import metrics
+    import steps
+    import datasets
+    from datasets import loaders
+    from distributed import parse_contexts
+    ctx = parse_contexts(None)
+    net, cfg, names = inference.load_source(run, ctx)
+    data = datasets.load_split(cfg['dataset'], cfg['data_path'], 'test', attribute_names=names,
+                               **loaders.data_options(cfg))
+    logits, labels, masks, _ = steps.predict(net, loaders.eval_loader(cfg, data), ctx)
+    both = {c: metrics.evaluate(logits, labels, masks, names, c) for c in ('ours', 'rethinking')}
+    assert both['ours']['mA'] != pytest.approx(both['rethinking']['mA'], abs=1e-6)
+    return both
+
+
+def _same_as(result, expected):
+    for key in ('mAP', 'mA', 'accuracy', 'precision', 'recall', 'f1'):
+        assert result[key] == pytest.approx(expected[key], abs=1e-12), key
+
+
+def test_compare_rethinking_reports_the_communitys_convention_whatever_the_runs(two_runs, tmp_path):
+    run = two_runs[0]
+    assert json.load(open(os.path.join(run, 'config.json')))['metrics'] == 'ours'
+    result = evaluation.main([run, '--compare', 'rethinking', '--out', str(tmp_path / 'r.json')])
+    assert result['metrics'] == 'rethinking'
+    _same_as(result, _conventions(run)['rethinking'])
+    assert json.load(open(str(tmp_path / 'r.json')))['metrics'] == 'rethinking'
+
+
+@pytest.fixture(scope='module')
+def rethinking_run(demo_path, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('rethinking') / 'run')
+    train.main(['--data_path', demo_path, '--out', out, '--epochs', '1', '--metrics', 'rethinking'] + TINY)
+    return out
+
+
+def test_resume_test_reports_in_the_runs_convention_unless_metrics_is_given(two_runs, rethinking_run):
+    expected = _conventions(rethinking_run)
+    own = train.main(['--resume', rethinking_run, '--test'])
+    assert own['metrics'] == 'rethinking'
+    _same_as(own, expected['rethinking'])
+    other = train.main(['--resume', rethinking_run, '--test', '--metrics', 'ours'])
+    assert other['metrics'] == 'ours'
+    _same_as(other, expected['ours'])
+    assert json.load(open(os.path.join(rethinking_run, 'eval_test.json')))['metrics'] == 'ours'
+    changed = train.main(['--resume', two_runs[0], '--test', '--metrics', 'rethinking'])
+    assert changed['metrics'] == 'rethinking'
+    _same_as(changed, _conventions(two_runs[0])['rethinking'])
+    # eval.py alike: the run's convention by default, --metrics when given
+    assert evaluation.main([rethinking_run])['metrics'] == 'rethinking'
+    assert evaluation.main([rethinking_run, '--metrics', 'ours'])['metrics'] == 'ours'
+
+
+def test_resume_with_epochs_equal_to_those_done_reports_the_finished_run(two_runs, tmp_path, capsys):
+    run = str(tmp_path / 'copy')
+    shutil.copytree(two_runs[1], run)
+    done = len(json.load(open(os.path.join(run, 'metrics.json'))))
+    before = {f: os.path.getmtime(os.path.join(run, f)) for f in os.listdir(run) if os.path.isfile(
+        os.path.join(run, f))}
+    result = train.main(['--resume', run, '--epochs', str(done)])
+    assert result == json.load(open(os.path.join(run, 'test_metrics.json')))
+    assert 'has finished its %d epochs: nothing is left to train' % done in capsys.readouterr().out
+    assert before == {f: os.path.getmtime(os.path.join(run, f)) for f in before}
+    assert 'would train nothing' in str(pytest.raises(UserError, train.main, [
+        '--resume', run, '--epochs', str(done - 1)]).value)
+
+
+def test_compare_refuses_runs_for_as_many_attributes_with_other_names(tmp_path):
+    """Same count, other order: one line naming the first attribute in which they differ, before any
+    scoring (checking the count alone would compare a hat column with a bag column)."""
+    runs = []
+    for order in (('hat', 'bag', 'coat'), ('hat', 'coat', 'bag')):
+        root = str(tmp_path / '-'.join(order))
+        fixtures.csv_dataset(root, attributes=order)
+        runs.append(str(tmp_path / ('run-' + '-'.join(order))))
+        train.main(['--data_path', root, '--no-pretrained', '--epochs', '1', '--out', runs[-1]] + SMALL)
+    fixtures.one_line_error(['compare.py', runs[0], runs[1], '--out', str(tmp_path / 'c.png')],
+                            '%s predicts other attributes than %s (attribute 2: coat, not bag)'
+                            % (runs[1], runs[0]))

@@ -212,7 +212,20 @@ def test_the_built_in_groups_cover_each_datasets_attributes_once():
         members = sum(table.values(), [])
         assert len(members) == len(set(members))
     halves = hgat.partition(['a', 'b', 'c', 'd', 'e'], 'contiguous:2')
-    assert halves == [('group 1', [0, 1]), ('group 2', [2, 3, 4])]
+    assert halves == [('group 1', [0, 1, 2]), ('group 2', [3, 4])]
+
+
+@pytest.mark.parametrize('count,sizes', [(1, [14]), (2, [7, 7]), (3, [5, 5, 4]), (4, [4, 4, 3, 3]),
+                                         (5, [3, 3, 3, 3, 2]), (6, [3, 3, 2, 2, 2, 2]), (13, [2] + [1] * 12),
+                                         (14, [1] * 14)])
+def test_contiguous_groups_of_14_attributes_have_the_documented_sizes(count, sizes):
+    """contiguous:G: consecutive groups, the first n mod G one larger (worked out by hand for n = 14)."""
+    got = hgat.partition(['a%d' % i for i in range(14)], 'contiguous:%d' % count)
+    assert [len(idx) for _, idx in got] == sizes
+    assert [i for _, idx in got for i in idx] == list(range(14))
+    assert [g for g, _ in got] == ['group %d' % (i + 1) for i in range(count)]
+    peta = hgat.partition(['a%d' % i for i in range(35)], 'contiguous:6')
+    assert [len(idx) for _, idx in peta] == [6, 6, 6, 6, 6, 5]
 
 
 def test_group_files_are_checked_by_name(tmp_path):

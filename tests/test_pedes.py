@@ -1,6 +1,7 @@
 """Rethinking_of_PAR's annotation files (dataset_all.pkl, dataset_zs_run0.pkl): written by a transcription
 of its format_*.py scripts, read by datasets/pedes.py as its pedes.py reads them, and never unpickled with
 anything but the admitted classes."""
+import io
 import json
 import os
 import pickle
@@ -351,3 +352,93 @@ def test_the_baseline_table_for_data_it_has_no_numbers_for():
     text = inference.rethinking_table(result, 'VAA')
     assert 'PETA ' not in text and 'RAPzs    resnet50' in text
     assert '-21.76 -24.83 -48.75 -56.60 -67.66' in text                 # ours - their resnet50, in points
+
+
+# Callables a hostile file would name: each must be refused by name, before it is called. (The numpy ones
+# are the planted widening of the allow-list to every attribute of numpy.)
+HOSTILE = [('numpy', 'save'), ('numpy', 'load'), ('numpy', 'fromfile'), ('numpy', 'memmap'),
+           ('numpy', 'savetxt'), ('numpy', 'loadtxt'), ('numpy.ctypeslib', 'load_library'),
+           ('numpy.lib.npyio', 'load'), ('numpy.core.multiarray', 'fromfile'), ('builtins', 'eval'),
+           ('builtins', 'exec'), ('builtins', 'open'), ('builtins', 'getattr'), ('builtins', '__import__'),
+           ('os', 'system'), ('posix', 'system'), ('os', 'remove'), ('subprocess', 'Popen'),
+           ('subprocess', 'check_output'), ('shutil', 'rmtree'), ('pickle', 'loads'), ('io', 'open'),
+           ('ctypes', 'CDLL'), ('importlib', 'import_module'), ('runpy', 'run_path'),
+           ('copyreg', '__newobj__'),
+           ('easydict', 'open'), ('datasets.pedes', '_Record'), ('datasets.pedes', 'read_annotation')]
+
+
+def _calling(module, name, *args):
+    """A protocol-2 pickle that calls ``module.name(*args)`` (GLOBAL, the arguments, REDUCE), written
+    opcode by opcode, so that it needs neither the callable nor its module on the writer's side."""
+    out = b'\x80\x02c' + module.encode() + b'\n' + name.encode() + b'\n'
+    out += pickle.dumps(tuple(args), 2)[2:-1]           # the tuple's opcodes, without PROTO and STOP
+    return out + b'R.'
+
+
+@pytest.mark.parametrize('module,name', HOSTILE)
+def test_every_callable_outside_the_allow_list_is_refused_by_name_before_it_runs(tmp_path, module, name):
+    marker = str(tmp_path / 'written')
+    path = _file(_calling(module, name, marker, np.arange(3)))
+    error = _user_error(lambda: pedes.read_annotation(path))
+    assert 'the pickle calls %s.%s' % (module, name) in error and 'nothing in it was run' in error, error
+    assert not os.path.exists(marker) and os.listdir(str(tmp_path)) == []
+
+
+def test_the_allow_list_admits_exactly_containers_arrays_ranges_and_records():
+    """Every public name of numpy, builtins, os and the modules a pickle could reach is refused but the
+    few an annotation file needs: a widened allow-list (all of numpy, say) fails here by name."""
+    import builtins
+    import os as os_module
+    import subprocess as subprocess_module
+    needed = {('numpy', 'ndarray'), ('numpy', 'dtype'), ('easydict', 'EasyDict'), ('builtins', 'range'),
+              ('builtins', 'dict'), ('copyreg', '_reconstructor'), ('_codecs', 'encode')}
+    for core in ('numpy.core', 'numpy._core'):
+        needed |= {(core + '.multiarray', '_reconstruct'), (core + '.multiarray', 'scalar'),
+                   (core + '.numeric', '_frombuffer')}
+    admitted = set()
+    for module, namespace in (('numpy', np), ('builtins', builtins), ('os', os_module),
+                              ('subprocess', subprocess_module),
+                              ('numpy.core.multiarray', np.core.multiarray),
+                              ('numpy.core.numeric', np.core.numeric), ('numpy.lib.npyio', np.lib.npyio)):
+        for name in dir(namespace):
+            try:
+                pedes._Unpickler(io.BytesIO(b'')).find_class(module, name)
+            except pickle.UnpicklingError as err:
+                assert '%s.%s' % (module, name) in str(err)
+                continue
+            admitted.add((module, name))
+    assert admitted <= needed, sorted(admitted - needed)
+    assert set(pedes.ADMITTED) == needed
+
+
+def test_both_ends_of_the_row_and_column_ranges_of_a_file(tmp_path):
+    """Row numbers 0..N-1 and attribute columns 0..A-1 are read; N, A and -1 get one line naming the file
+    and the field, not an IndexError later; runs 0..4 of a five-run file are read, run 5 is refused."""
+    root = str(tmp_path / 'PETA')
+    dataset = make(root, 'peta')
+    path = os.path.join(root, 'dataset_all.pkl')
+    rows, columns = len(dataset.image_name), len(dataset.attr_name)
+    for run in (0, 4):
+        data = datasets.get_split('pedes', root, 'test', partition=run)
+        assert len(data) == len(dataset.partition.test[run])
+    error = _user_error(lambda: datasets.get_split('pedes', root, 'test', partition=5))
+    assert path in error and 'partition.test has the runs 0..4' in error
+    for test, bad in (([0, rows - 1], None), ([0, rows], rows), ([-1, 0], -1)):
+        dataset.partition.test = [np.array(test)] * 5
+        R._dump(dataset, path, None)
+        if bad is None:
+            assert len(datasets.get_split('pedes', root, 'test')) == 2
+        else:
+            error = _user_error(lambda: datasets.get_split('pedes', root, 'test'))
+            assert error == '%s: partition.test[0] holds row %d, outside the %d rows of its label matrix' % (
+                path, bad, rows)
+    dataset.partition.test = [np.array([0, 1])] * 5
+    for last, ok in ((columns - 1, True), (columns, False)):
+        dataset.label_idx.eval = list(dataset.label_idx.eval[:-1]) + [last]
+        R._dump(dataset, path, None)
+        if ok:
+            assert datasets.get_split('pedes', root, 'test').attribute_names[-1] == dataset.attr_name[last]
+        else:
+            error = _user_error(lambda: datasets.get_split('pedes', root, 'test'))
+            assert error == '%s: label_idx.eval holds column %d, outside the %d attributes of attr_name' % (
+                path, columns, columns)

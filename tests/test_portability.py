@@ -181,3 +181,24 @@ def test_batchnorm1d_keeps_the_parameter_names_and_the_numbers_of_batchnorm():
         # same stats moved
         np.testing.assert_allclose(p_old.data().asnumpy(), p_new.data().asnumpy(), rtol=1e-6)
     np.testing.assert_allclose(old(x).asnumpy(), new(x).asnumpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_vector_batchnorms_keep_the_full_names_checkpoints_hold():
+    """The names are those an nn.BatchNorm in the same place gets (batchnorm<k>_ counted with the other
+    BatchNorms of the block), in full: AP-CNN's classifier files and checkpoints hold exactly these."""
+    scope = nn.HybridSequential(prefix='x_')
+    with scope.name_scope():
+        first, second, third = nn.BatchNorm(), BatchNorm1D(), BatchNorm1D()
+    assert [b.prefix for b in (first, second, third)] == ['x_batchnorm0_', 'x_batchnorm1_', 'x_batchnorm2_']
+    assert list(second.collect_params()) == ['x_batchnorm1_gamma', 'x_batchnorm1_beta',
+                                             'x_batchnorm1_running_mean', 'x_batchnorm1_running_var']
+    import config
+    import model
+    net = model.build_net(config.defaults(head='apcnn', input_size=64, num_classes=4))
+    heads = sorted(k[len(net.prefix):] for k in net.collect_params() if k[len(net.prefix):].startswith('cls'))
+    expected = sorted('%s_%s' % (head, name) for head in ('cls3', 'cls4', 'cls5', 'cls_concate') for name in (
+        'batchnorm0_gamma', 'batchnorm0_beta', 'batchnorm0_running_mean', 'batchnorm0_running_var',
+        'dense0_weight', 'dense0_bias',
+        'batchnorm1_gamma', 'batchnorm1_beta', 'batchnorm1_running_mean', 'batchnorm1_running_var',
+        'dense1_weight', 'dense1_bias'))
+    assert heads == expected
