@@ -19,13 +19,13 @@ mA and the instance metrics in its convention (``--metrics rethinking``; ``metri
 """
 import os
 
-import machine
+from engine import machine
 
 machine.thread_settings()                       # must be set before mxnet is imported
 
 
 if __name__ == '__main__':                     # --help and flag errors answer before mxnet is imported
-    import flags
+    from engine import flags
     flags.preparse('eval')
 
 import shlex  # noqa: E402
@@ -33,15 +33,15 @@ import shlex  # noqa: E402
 import cv2  # noqa: E402
 from mxnet import nd  # noqa: E402
 
-import checkpoints  # noqa: E402
-import config  # noqa: E402
+from engine import checkpoints  # noqa: E402
+from engine import config  # noqa: E402
 from datasets import loaders  # noqa: E402
-import flags  # noqa: E402
-import export  # noqa: E402
-import inference  # noqa: E402
-import runfolder  # noqa: E402
-from distributed import parse_contexts  # noqa: E402
-from errors import UserError, plural, run_main  # noqa: E402
+from engine import flags  # noqa: E402
+from deploy import export  # noqa: E402
+from evaluation import inference  # noqa: E402
+from engine import runfolder  # noqa: E402
+from engine.distributed import parse_contexts  # noqa: E402
+from engine.errors import UserError, plural, run_main  # noqa: E402
 
 
 def build_parser():

@@ -36,12 +36,12 @@ import mxnet as mx
 from mxnet import gluon
 from mxnet.gluon import nn
 
-import config
+from engine import config
 import related
 from attention import HEAD_INIT, AttentionBranch, AttentionClassifier, ReturnsAttention
 from backbone import Backbone, all_blocks, tap_names
-from errors import UserError
-from presets import PRESETS  # noqa: F401  (model.PRESETS: the heads of each preset)
+from engine.errors import UserError
+from engine.presets import PRESETS  # noqa: F401  (model.PRESETS: the heads of each preset)
 
 LOG = logging.getLogger('vaa')
 
@@ -206,11 +206,11 @@ class VAANet(AttributeNet):
         return [p for p in head.collect_params().values() if not isinstance(p, gluon.Constant)]
 
     def shared_scale(self, maps):
-        import plots
+        from evaluation import plots
         return plots.attention_scale(maps)
 
     def overlays(self, crop, x, maps, names, probs, path, top=None):
-        import plots
+        from evaluation import plots
         plots.attention_overlay(crop, maps, names, probs, path, tap_names(self.backbone_name, self.taps),
                                 top=top)
         written = [(path, 'attention maps')]

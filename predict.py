@@ -20,13 +20,13 @@ The CSV appears only when complete (written to a temporary file and renamed).
 """
 import os
 
-import machine
+from engine import machine
 
 machine.thread_settings()                       # must be set before mxnet is imported
 
 
 if __name__ == '__main__':                     # --help and flag errors answer before mxnet is imported
-    import flags
+    from engine import flags
     flags.preparse('predict')
 
 import csv  # noqa: E402
@@ -36,17 +36,17 @@ import sys  # noqa: E402
 import numpy as np  # noqa: E402
 from mxnet import gluon  # noqa: E402
 
-import checkpoints  # noqa: E402
-import config  # noqa: E402
-import flags  # noqa: E402
+from engine import checkpoints  # noqa: E402
+from engine import config  # noqa: E402
+from engine import flags  # noqa: E402
 import datasets  # noqa: E402
 from datasets import loaders  # noqa: E402
-import inference  # noqa: E402
-import metrics  # noqa: E402
-import steps  # noqa: E402
+from evaluation import inference  # noqa: E402
+from evaluation import metrics  # noqa: E402
+from engine import steps  # noqa: E402
 from datasets.base import decode_image  # noqa: E402
-from distributed import parse_contexts  # noqa: E402
-from errors import UserError, plural, run_main  # noqa: E402
+from engine.distributed import parse_contexts  # noqa: E402
+from engine.errors import UserError, plural, run_main  # noqa: E402
 
 LOG = logging.getLogger('vaa')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
@@ -139,7 +139,7 @@ def gluon_scorer(net, ctx, input_size):
 def onnx_scorer(folder, int8):
     """(score, cfg, names) of an ``eval.py --export`` folder, run by onnxruntime on the CPU."""
     import json
-    import export
+    from deploy import export
     with open(os.path.join(folder, 'model.json')) as f:
         card = json.load(f)
     if 'onnx' not in card['files']:

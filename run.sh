@@ -40,7 +40,7 @@ pick_python() {
 
 if [ "$job" = gpu-check ]; then        # its own venv: the project's .venv is left as it is
   pick_python
-  exec "$python" gpu.py --check-install "$@"
+  exec "$python" -m engine.gpu --check-install "$@"
 fi
 
 venv=.venv
@@ -60,7 +60,7 @@ if [ ! -x "$venv/bin/python" ]; then
   fi
 fi
 # Reinstall only when setup.py or the mxnet flavour changed since the last install.
-stamp="$venv/.installed-$(cat setup.py constraints.txt gpu.py | "$venv/bin/python" -c 'import hashlib,sys; print(hashlib.sha1(sys.stdin.buffer.read()).hexdigest()[:12])')-$flavour"
+stamp="$venv/.installed-$(cat setup.py constraints.txt engine/gpu.py | "$venv/bin/python" -c 'import hashlib,sys; print(hashlib.sha1(sys.stdin.buffer.read()).hexdigest()[:12])')-$flavour"
 if [ ! -f "$stamp" ]; then
   echo "run.sh: installing the project and its dependencies (mxnet flavour: $flavour)"
   "$venv/bin/python" -m pip install --quiet --upgrade pip
@@ -80,13 +80,13 @@ printf '[install]\nconstraint = %s\n' "$PWD/constraints.txt" > "$venv/pip.conf"
 
 # The GPU build finds its CUDA libraries in the pip wheels' folders (the scripts also set this themselves).
 if [ "$flavour" != cpu ]; then
-  cuda_dirs=$("$venv/bin/python" gpu.py --library-path)
+  cuda_dirs=$("$venv/bin/python" -m engine.gpu --library-path)
   export LD_LIBRARY_PATH="$cuda_dirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 # MXNet uses one OpenMP thread unless told otherwise; default to every core.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)}"
 case "$job" in
-  test)  "$venv/bin/python" machine.py           # which CPU (and SIMD level) a failure report came from
+  test)  "$venv/bin/python" -m engine.machine           # which CPU (and SIMD level) a failure report came from
          exec "$venv/bin/python" -m pytest tests "$@" ;;
   train) VAA_LAUNCHER="$0 train" exec "$venv/bin/python" train.py "$@" ;;   # (the resume hint uses it)
   eval)  exec "$venv/bin/python" eval.py "$@" ;;

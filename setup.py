@@ -12,7 +12,7 @@ import sys
 from setuptools import find_packages, setup
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu import CUDA_WHEELS  # noqa: E402  (the standard library only)
+from engine.gpu import CUDA_WHEELS  # noqa: E402  (the standard library only)
 
 setup(
     name='vaa-attributes',
@@ -22,11 +22,9 @@ setup(
     long_description=open('README.md').read(),
     long_description_content_type='text/markdown',
     python_requires='>=3.8,<3.12',
-    py_modules=['attention', 'backbone', 'benchmark', 'checkpoints', 'compare', 'config',
-                'distributed', 'errors', 'eval', 'export', 'flags', 'gpu', 'inference', 'launch', 'losses',
-                'machine', 'metrics', 'mixed_precision', 'model', 'plots', 'predict', 'presets',
-                'runfolder', 'steps', 'train', 'trainers', 'upstream_reference'],
-    packages=find_packages(include=['datasets', 'datasets.*', 'related', 'related.*']),
+    py_modules=['attention', 'backbone', 'eval', 'losses', 'model', 'predict', 'train'],
+    packages=find_packages(include=['datasets', 'datasets.*', 'related', 'related.*', 'engine', 'evaluation',
+                                    'deploy', 'tools']),
     install_requires=[
         'numpy>=1.21,<1.24',
         'gluoncv==0.10.5.post0',

@@ -19,13 +19,13 @@ per-batch steps: ``steps.py``; Trainers: ``trainers.py``.
 """
 import os
 
-import machine
+from engine import machine
 
 _OMP_NOTE = machine.thread_settings()           # must be set before mxnet is imported
 
 
 if __name__ == '__main__':                     # --help and flag errors answer before mxnet is imported
-    import flags
+    from engine import flags
     flags.preparse('train')
 
 import collections  # noqa: E402
@@ -36,21 +36,21 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import mxnet as mx  # noqa: E402
 
-import checkpoints  # noqa: E402
-import config  # noqa: E402
+from engine import checkpoints  # noqa: E402
+from engine import config  # noqa: E402
 import datasets  # noqa: E402
 from datasets import loaders  # noqa: E402
-import distributed  # noqa: E402
-import inference  # noqa: E402
-import metrics  # noqa: E402
-import mixed_precision  # noqa: E402
+from engine import distributed  # noqa: E402
+from evaluation import inference  # noqa: E402
+from evaluation import metrics  # noqa: E402
+from engine import mixed_precision  # noqa: E402
 import related  # noqa: E402
-import runfolder  # noqa: E402
-import steps  # noqa: E402
-from errors import UserError, plural, run_main  # noqa: E402
+from engine import runfolder  # noqa: E402
+from engine import steps  # noqa: E402
+from engine.errors import UserError, plural, run_main  # noqa: E402
 from losses import PredictionHistory, VAALoss, class_prior_weights  # noqa: E402
 from model import build_net, use_sync_batchnorm  # noqa: E402
-from trainers import PlateauSchedule, StageTrainers  # noqa: E402
+from engine.trainers import PlateauSchedule, StageTrainers  # noqa: E402
 
 LOG = logging.getLogger('vaa')
 Data = collections.namedtuple('Data', 'names train val test train_loader sampler val_loader test_loader')

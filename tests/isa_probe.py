@@ -26,7 +26,7 @@ os.environ.setdefault('OMP_NUM_THREADS', '2')
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from machine import cpu_flags  # noqa: E402  (imports nothing heavy)
+from engine.machine import cpu_flags  # noqa: E402  (imports nothing heavy)
 
 # name -> train.py settings (by their config keys). Every system the project builds is here:
 # tests/test_portability.py fails when a --head choice or a related-system switch has no entry.
@@ -63,8 +63,8 @@ def probe(name, settings):
     import mxnet as mx
     from mxnet import nd
 
-    import config
-    import steps
+    from engine import config
+    from engine import steps
     import train
     from model import build_net
 

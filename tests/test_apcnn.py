@@ -9,7 +9,7 @@ from mxnet import autograd, nd
 
 from related.apcnn.net import APCNNNet, PyramidAttentions, PyramidFeatures
 from related.apcnn.roi import ROIPyramid, ROIZoom
-from errors import UserError
+from engine.errors import UserError
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,7 +337,7 @@ def test_network_shapes_and_the_project_contract(backbone, size):
 
 
 def test_input_size_must_be_divisible_by_32_and_plugins_are_refused():
-    import config
+    from engine import config
     with pytest.raises(UserError, match='divisible by 32.*use 64'):
         config.resolve_config(config.defaults(head='apcnn', input_size=48, dataset='demo'))
     with pytest.raises(UserError, match='divisible by 32'):
@@ -365,7 +365,7 @@ def test_stage_two_trains_stages_one_and_two_through_the_zoom():
 
 
 def test_test_mode_is_deterministic_and_the_exported_symbol_gives_the_same_logits(tmp_path):
-    import export
+    from deploy import export
     net = _net()
     net.hybridize(static_alloc=True, static_shape=True)
     x = nd.array(np.random.RandomState(0).randn(3, 3, 64, 64))

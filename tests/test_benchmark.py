@@ -2,7 +2,7 @@
 construction of the same network (the rows it cannot build are skipped with the reason)."""
 import numpy as np
 
-import benchmark
+from tools import benchmark
 
 TINY = ['--input-size', '32', '--batch', '2', '--iters', '1', '--warmup', '0', '--only', 'model',
         '--classes', '3']

@@ -10,12 +10,12 @@ import pytest
 import mxnet as mx
 from mxnet import nd
 
-import config
-import metrics
+from engine import config
+from evaluation import metrics
 import predict
-import steps
+from engine import steps
 import train
-from errors import UserError
+from engine.errors import UserError
 from tests import fixtures
 
 TINY = ['--limit', '48', '--input-size', '32', '--batch_size', '16', '--log-interval', '1']
@@ -296,7 +296,7 @@ def test_resume_restores_a_history_that_holds_predictions(demo_path, tmp_path):
 
 
 def test_the_restored_history_is_the_saved_one(demo_path, tmp_path):
-    import checkpoints
+    from engine import checkpoints
     from losses import PredictionHistory
     out = str(tmp_path / 'run')
     train.main(['--data_path', demo_path, '--out', out, '--epochs', '2'] + TINY +
@@ -348,7 +348,7 @@ def test_the_crop_cache_follows_a_replaced_scene_a_moved_box_and_a_renamed_file(
 # 13. the divergence guard names the first bad batch
 # -----------------------------------------------------------
 def test_the_guard_names_the_first_batch_whose_loss_is_not_finite():
-    from runfolder import FiniteGuard
+    from engine.runfolder import FiniteGuard
 
     class Folder(object):
         def last_good(self):
@@ -405,7 +405,7 @@ def test_both_ends_of_every_flag_range(flag):
 
 def test_the_fifth_run_of_a_file_is_reached_through_every_script(tmp_path):
     """--partition 4 (the fifth of PETA's and RAP's runs) passes each script's early check, 5 does not."""
-    import flags
+    from engine import flags
     import sys
     for script, argv in (('train', []), ('eval', ['RUN'])):
         assert flags.preparse(script, argv + ['--partition', '4']).partition == 4

@@ -7,10 +7,10 @@ import pytest
 import mxnet as mx
 from mxnet import nd
 
-import checkpoints
-from errors import UserError
+from engine import checkpoints
+from engine.errors import UserError
 from model import get_vaa_net
-from upstream_reference import UpstreamReference
+from tools.upstream_reference import UpstreamReference
 
 SIZE = 64
 

@@ -12,7 +12,7 @@ import train
 from datasets import wider
 from datasets.base import Transform, make_loader
 from datasets.recordio import prepare
-from errors import UserError
+from engine.errors import UserError
 from losses import class_prior_weights
 from tests import fixtures
 

@@ -11,9 +11,9 @@ import pytest
 from mxnet import gluon, nd
 
 import eval as evaluate
-import export
+from deploy import export
 import predict
-from errors import UserError
+from engine.errors import UserError
 from model import build_net
 
 ort = pytest.importorskip('onnxruntime')

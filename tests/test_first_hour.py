@@ -10,13 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-import compare
-import config
+from tools import compare
+from engine import config
 import eval as evaluation
-import plots
+from evaluation import plots
 import predict
 import train
-from errors import UserError, plural
+from engine.errors import UserError, plural
 from tests import fixtures
 
 ROOT = fixtures.ROOT
@@ -113,7 +113,7 @@ def test_compare_refuses_a_run_for_other_attributes_before_it_sees_the_first_run
     fixtures.csv_dataset(root)
     out = str(tmp_path / 'csv-run')
     train.main(['--data_path', root, '--no-pretrained', '--epochs', '1', '--out', out] + SMALL)
-    fixtures.one_line_error(['compare.py', two_runs[0], out, '--out', str(tmp_path / 'c.png')],
+    fixtures.one_line_error(['tools/compare.py', two_runs[0], out, '--out', str(tmp_path / 'c.png')],
                             '%s predicts 3 attributes, %s 12: compare systems trained for the same attributes'
                             % (out, two_runs[0]))
 
@@ -232,7 +232,7 @@ def test_offline_imagenet_weights_give_one_line_and_no_retries(tmp_path):
 # 8 ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('script,args,status', [
     ('train.py', ['--help'], 0), ('eval.py', ['--help'], 0), ('predict.py', ['--help'], 0),
-    ('compare.py', ['--help'], 0), ('benchmark.py', ['--help'], 0), ('train.py', ['--bogus'], 2),
+    ('tools/compare.py', ['--help'], 0), ('tools/benchmark.py', ['--help'], 0), ('train.py', ['--bogus'], 2),
     ('train.py', ['--epochs', '0'], 2), ('eval.py', ['RUN', '--limit', '0'], 2), ('predict.py', ['RUN'], 2)])
 def test_help_and_flag_errors_answer_before_mxnet_is_imported(script, args, status):
     code = ('import runpy, sys; sys.argv = [%r] + %r\n'
@@ -247,7 +247,7 @@ def test_help_and_flag_errors_answer_before_mxnet_is_imported(script, args, stat
 
 
 def test_help_texts_say_what_the_code_does():
-    import flags
+    from engine import flags
     words = lambda p: ''.join(p.format_help().split())       # noqa: E731  (argparse wraps at hyphens too)
     assert '$XDG_CACHE_HOME/vaa-attributes/wider-<hashof--data_path>-crop256' in words(flags.build_parser())
     assert 'crops256' not in words(flags.build_parser())
@@ -374,7 +374,7 @@ def test_setup_installs_every_module_of_the_project():
     from setuptools import find_packages
     packages = set(find_packages(ROOT,
                                  include=text.split('find_packages(include=')[1].split(')')[0].strip('[]')
-                                 .replace("'", '').replace(' ', '').split(',')))
+                                 .replace("'", '').replace(' ', '').replace('\n', '').split(',')))
     folders = {os.path.relpath(os.path.dirname(f), ROOT).replace(os.sep, '.')
                for f in glob.glob(os.path.join(ROOT, '*', '**', '__init__.py'), recursive=True)} - {'tests'}
     assert packages == folders, (packages, folders)
@@ -385,12 +385,12 @@ def _conventions(run):
     """Both conventions' metrics of the run's best checkpoint on its test split (computed here, from its
     logits), checked to differ: the demo's red_zero attribute has no positive label, which the community's
     mA counts at TNR / 2 and ours leaves out."""
-    import inference
-    import metrics
-    import steps
+    from evaluation import inference
+    from evaluation import metrics
+    from engine import steps
     import datasets
     from datasets import loaders
-    from distributed import parse_contexts
+    from engine.distributed import parse_contexts
     ctx = parse_contexts(None)
     net, cfg, names = inference.load_source(run, ctx)
     data = datasets.load_split(cfg['dataset'], cfg['data_path'], 'test', attribute_names=names,
@@ -462,6 +462,6 @@ def test_compare_refuses_runs_for_as_many_attributes_with_other_names(tmp_path):
         fixtures.csv_dataset(root, attributes=order)
         runs.append(str(tmp_path / ('run-' + '-'.join(order))))
         train.main(['--data_path', root, '--no-pretrained', '--epochs', '1', '--out', runs[-1]] + SMALL)
-    fixtures.one_line_error(['compare.py', runs[0], runs[1], '--out', str(tmp_path / 'c.png')],
+    fixtures.one_line_error(['tools/compare.py', runs[0], runs[1], '--out', str(tmp_path / 'c.png')],
                             '%s predicts other attributes than %s (attribute 2: coat, not bag)'
                             % (runs[1], runs[0]))

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-import gpu
-from errors import UserError
+from engine import gpu
+from engine.errors import UserError
 from tests import fixtures
 
 A100 = dict(index=0, name='NVIDIA A100-SXM4-40GB', capability=(8, 0), total_mib=40960)
@@ -52,7 +52,7 @@ def test_ids_mxnet_does_not_see_and_the_cpu_build():
         gpu.check([1], None, [], visible=0)
 
 
-@pytest.mark.parametrize('script', [['train.py', '--epochs', '1'], ['benchmark.py', '--only', 'model'],
+@pytest.mark.parametrize('script', [['train.py', '--epochs', '1'], ['tools/benchmark.py', '--only', 'model'],
                                     ['eval.py', 'runs/none'], ['predict.py', 'runs/none', 'x.jpg', '--out',
                                                                 'p.csv']])
 def test_every_script_runs_the_preflight_on_this_cpu_build(script):

@@ -11,13 +11,13 @@ import pytest
 import mxnet as mx
 from mxnet import autograd, nd
 
-import compare
+from tools import compare
 import eval as evaluation
 import related.hgat as hgat
 import train
 from datasets.digits import ATTRIBUTES as DEMO_ATTRIBUTES
 from datasets.wider import WIDER_ATTRIBUTES
-from errors import UserError
+from engine.errors import UserError
 from related.hgat.head import BGATLayer, FlatLinear, HGATHead
 
 
@@ -287,7 +287,7 @@ def test_each_variant_trains_evaluates_and_rebuilds_from_its_run_folder(hgat_run
 def test_a_hgat_run_resumes_predicts_and_exports(hgat_runs, demo_path, tmp_path):
     import shutil
     import predict
-    from export import onnx_session, INPUT_NAME, OUTPUT_NAME
+    from deploy.export import onnx_session, INPUT_NAME, OUTPUT_NAME
     run = str(tmp_path / 'again')
     shutil.copytree(hgat_runs['gat'][0], run)
     train.main(['--resume', run, '--epochs', '2'])
@@ -307,7 +307,7 @@ def test_a_hgat_run_resumes_predicts_and_exports(hgat_runs, demo_path, tmp_path)
     np.testing.assert_allclose(onnx_rows['probabilities'], gluon_rows['probabilities'], atol=2e-5)
     session = onnx_session(os.path.join(folder, 'model.onnx'))
     x = np.random.RandomState(0).normal(size=(2, 3, 48, 48)).astype(np.float32)
-    from inference import load_source
+    from evaluation.inference import load_source
     net, _, _ = load_source(run, [mx.cpu()])
     np.testing.assert_allclose(session.run([OUTPUT_NAME], {INPUT_NAME: x})[0], net(nd.array(x))[2].asnumpy(),
                                rtol=1e-4, atol=1e-4)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from mxnet import autograd, nd
 
-from errors import UserError
+from engine.errors import UserError
 from related.mcloss.head import MCHead, MutualChannelLoss
 
 
@@ -238,9 +238,9 @@ def test_the_training_step_adds_the_weighted_mc_terms_and_logs_them_unweighted()
     """train_step with MC-Loss: the logged Eq. 7 loss is unchanged, the logged terms are the NumPy
     BCE and diversity of the head's outputs, and the head's bias moves by -lr * w_dis * dL_dis/db (the
     weighted term really is in the backward pass); predict switches the head off again."""
-    import steps
+    from engine import steps
     from losses import PredictionHistory, VAALoss
-    from trainers import StageTrainers
+    from engine.trainers import StageTrainers
     rng = np.random.RandomState(2)
     net = _mc_net(False, mc_drop=0.0)
     x = nd.array(rng.randn(4, 3, 48, 48))
@@ -273,7 +273,7 @@ def test_the_training_step_adds_the_weighted_mc_terms_and_logs_them_unweighted()
 
 
 def test_mc_loss_flags_are_checked_and_kept_in_the_config():
-    import config
+    from engine import config
     import related
     cfg = config.resolve_config(config.defaults(mc_loss=True, mc_weights='2,10', dataset='demo'))
     assert related.mcloss.settings(cfg).weights == (2.0, 10.0) and 'mc_weights' in config.RESUME_FIXED

@@ -3,7 +3,7 @@ transcriptions), brute force and hand-worked examples."""
 import numpy as np
 import pytest
 
-import metrics
+from evaluation import metrics
 
 
 def brute_force_ap(scores, signed):

@@ -5,13 +5,13 @@ import pytest
 import mxnet as mx
 from mxnet import autograd, nd
 
-import checkpoints
+from engine import checkpoints
 from related.mlgcn import head as mlgcn
-import steps
-from errors import UserError
+from engine import steps
+from engine.errors import UserError
 from losses import PredictionHistory, VAALoss
 from model import build_net
-from trainers import StageTrainers
+from engine.trainers import StageTrainers
 
 
 def test_correlation_matrix_hand_worked():

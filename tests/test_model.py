@@ -9,10 +9,10 @@ from mxnet import autograd, gluon, nd
 from mxnet.gluon.model_zoo import model_store, vision
 
 import attention
-from errors import UserError
+from engine.errors import UserError
 from backbone import model_zoo_file, tap_names
 from model import PRESETS, VAANet, get_vaa_net
-from trainers import StageTrainers
+from engine.trainers import StageTrainers
 
 
 def _zoo_tap_nodes(backbone, taps):
@@ -356,9 +356,9 @@ def test_two_cpu_contexts_hold_identical_copies_through_training():
     """Each device keeps its own copy of the weights and its own optimizer state: after training steps
     with different halves of the batch on each device, the copies are still bitwise equal (every device
     applies the same summed gradient)."""
-    from steps import train_step
+    from engine.steps import train_step
     from losses import PredictionHistory, VAALoss
-    from trainers import StageTrainers
+    from engine.trainers import StageTrainers
     ctx = [mx.cpu(0), mx.cpu(1)]
     net = get_vaa_net('resnet18_v1', 3, 'paper', 64, ctx=ctx)
     trainers = StageTrainers(net, ctx, 'sgd', {'learning_rate': 0.1, 'momentum': 0.9},

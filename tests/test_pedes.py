@@ -15,7 +15,7 @@ import pytest
 
 import datasets
 from datasets import pedes
-from errors import UserError
+from engine.errors import UserError
 from tests import fixtures
 from tests import rethinking_reference as R
 
@@ -112,7 +112,7 @@ def test_zero_shot_files_have_one_partition_and_their_own_attributes(tmp_path):
     assert 'one partition.test' in error and 'drop --partition' in error
     # train.py's flags reach the reader: --split-file, and the community's protocol
     import mxnet as mx
-    import config
+    from engine import config
     import train
     cfg, _ = config.parse_args(['--data_path', root, '--split-file', 'dataset_zs_run0.pkl', '--train-split',
                                 'trainval', '--val-split', 'test', '--no-pretrained', '--batch_size', '4'])
@@ -279,13 +279,13 @@ def test_train_eval_and_predict_through_the_reader(tmp_path, capsys):
     convention), then eval.py --compare rethinking and predict.py; the test report equals
     get_pedestrian_metrics (transcribed) on the best checkpoint's probabilities."""
     import eval as evaluation
-    import inference
-    import metrics
+    from evaluation import inference
+    from evaluation import metrics
     import predict
-    import steps
+    from engine import steps
     import train
     from datasets import loaders
-    from distributed import parse_contexts
+    from engine.distributed import parse_contexts
     root = str(tmp_path / 'PETA')
     dataset = make(root, 'peta')
     out = str(tmp_path / 'run')
@@ -341,8 +341,8 @@ def test_the_printed_hints_work(tmp_path):
 
 
 def test_the_baseline_table_for_data_it_has_no_numbers_for():
-    import inference
-    import metrics
+    from evaluation import inference
+    from evaluation import metrics
     result = dict(community_dataset=None, mA=0.5, accuracy=0.4, precision=0.3, recall=0.2, f1=0.1)
     text = inference.rethinking_table(result, 'VAA (paper, resnet18_v1, 32)')
     assert all(('%-8s %-16s %6.2f' % row[:3]) in text for row in metrics.RETHINKING_BASELINE)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from mxnet.gluon import nn
 
-import machine
+from engine import machine
 from tests import isa_probe
 from backbone import BatchNorm1D
 
@@ -57,7 +57,7 @@ def test_every_system_trains_and_evaluates_at_every_isa_level_with_the_same_numb
 
 def test_the_matrix_holds_every_system_the_flags_can_build():
     """A new --head, preset or related-system switch must join isa_probe.SYSTEMS (and so this matrix)."""
-    import config
+    from engine import config
     from model import PRESETS
     parser = config.build_parser()
     actions = {a.dest: a for a in parser._actions}  # pylint: disable=protected-access
@@ -132,7 +132,7 @@ def test_no_network_applies_a_plain_batchnorm_to_vectors():
     has no crash to hide the answer)."""
     import mxnet as mx
     from mxnet import autograd
-    import config
+    from engine import config
     from model import build_net
     rng = np.random.RandomState(0)
     labels = (rng.rand(16, isa_probe.CLASSES) < 0.4).astype(np.float32)
@@ -192,7 +192,7 @@ def test_the_vector_batchnorms_keep_the_full_names_checkpoints_hold():
     assert [b.prefix for b in (first, second, third)] == ['x_batchnorm0_', 'x_batchnorm1_', 'x_batchnorm2_']
     assert list(second.collect_params()) == ['x_batchnorm1_gamma', 'x_batchnorm1_beta',
                                              'x_batchnorm1_running_mean', 'x_batchnorm1_running_var']
-    import config
+    from engine import config
     import model
     net = model.build_net(config.defaults(head='apcnn', input_size=64, num_classes=4))
     heads = sorted(k[len(net.prefix):] for k in net.collect_params() if k[len(net.prefix):].startswith('cls'))

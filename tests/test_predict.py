@@ -7,10 +7,10 @@ import pytest
 import cv2
 
 import predict
-import steps
+from engine import steps
 from datasets import digits, loaders
-from errors import UserError
-from inference import load_source
+from engine.errors import UserError
+from evaluation.inference import load_source
 import mxnet as mx
 
 

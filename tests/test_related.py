@@ -5,10 +5,10 @@ import os
 import numpy as np
 import pytest
 
-import compare
+from tools import compare
 import eval as evaluation
 import train
-from errors import UserError
+from engine.errors import UserError
 from tests import fixtures
 
 SYSTEMS = (('vaa', []), ('rga', ['--rga', 'sc']), ('gcn', ['--head', 'gcn']),
@@ -53,7 +53,7 @@ def test_each_system_predicts_through_the_fused_inference_graph(related_runs, de
     folded) gives every system's fused logits as its training graph does, to float32 rounding."""
     import mxnet as mx
     from mxnet import nd
-    import inference
+    from evaluation import inference
     import predict
     from datasets import digits, loaders
     ds = digits.DigitsCanvas(demo_path, 'test', limit=5)
@@ -77,7 +77,7 @@ def test_apcnn_overlays_draw_the_gates_and_the_rois_the_network_chose(related_ru
     ds = digits.DigitsCanvas(json.load(open(os.path.join(out, 'config.json')))['data_path'], 'test')
     img = str(tmp_path / 'canvas.png')
     cv2.imwrite(img, ds.images[0][:, :, ::-1])
-    import plots
+    from evaluation import plots
     with mock.patch.object(plots, 'apcnn_overlay', wraps=plots.apcnn_overlay) as drawn:
         written = evaluation.main([out, '--image', img, '--out-dir', str(tmp_path / 'att')])
     assert os.path.isfile(written[0]) and 'AP-CNN gates and ROIs' in capsys.readouterr().out

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import mxnet as mx
 
-import checkpoints
+from engine import checkpoints
 import train
 from datasets import digits
-from errors import UserError
+from engine.errors import UserError
 from tests import fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,7 +62,7 @@ def test_resume_repeats_the_random_draws_inside_the_graph(demo_path, tmp_path, f
 # the child finish the epoch, and it stopped in epoch 2.)
 PAUSED_CHILD = """
 import runpy, sys
-import steps
+from engine import steps
 real, seen = steps.train_step, []
 def train_step(net, loss_fn, trainers, history, batch, epoch, ctx):
     seen.append(epoch)
@@ -113,7 +113,7 @@ def test_sigterm_mid_epoch_leaves_a_checkpoint_that_resumes_exactly(straight_run
 def test_failed_checkpoint_write_keeps_the_previous_one(straight_run, tmp_path, monkeypatch):
     out, _ = straight_run
     meta, arrays = checkpoints.read_meta(os.path.join(out, 'checkpoints', 'last.params'))
-    import inference
+    from evaluation import inference
     net, cfg, _ = inference.load_source(out, [mx.cpu()], 'last')
     path = str(tmp_path / 'last.params')
     checkpoints.save_training(path, net, {}, None, meta)
@@ -311,7 +311,7 @@ def test_a_checkpoint_in_the_file_shapes_resumes_bitwise(straight_run, tmp_path)
     """Loading a checkpoint restores every parameter and optimizer state bit for bit, and saving the restored
     state writes the same arrays: nothing is reshaped, rounded or left behind on the way."""
     from mxnet import nd
-    import inference
+    from evaluation import inference
     out, _ = straight_run
     path = os.path.join(out, 'checkpoints', 'last.params')
     stored = nd.load(path)

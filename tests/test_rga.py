@@ -5,8 +5,8 @@ import pytest
 import mxnet as mx
 from mxnet import autograd, gluon, nd
 
-import checkpoints
-from errors import UserError
+from engine import checkpoints
+from engine.errors import UserError
 from model import build_net
 from related.rga.modules import RGAModule
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import mxnet as mx
 
-import checkpoints
+from engine import checkpoints
 import eval as evaluation
-import runfolder
-import steps
+from engine import runfolder
+from engine import steps
 import train
-from errors import UserError
+from engine.errors import UserError
 from losses import VAALoss
 from tests import fixtures
 

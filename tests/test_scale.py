@@ -9,12 +9,12 @@ import pytest
 import mxnet as mx
 from mxnet import autograd, nd
 
-import distributed
+from engine import distributed
 from datasets.base import EpochSampler
 from losses import PredictionHistory, VAALoss
 from model import get_vaa_net, use_sync_batchnorm
-from steps import train_step
-from trainers import StageTrainers
+from engine.steps import train_step
+from engine.trainers import StageTrainers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -146,8 +146,8 @@ def _run(args, env=None, timeout=600):
 
 def test_dist_sync_two_workers_end_with_identical_parameters(tmp_path, demo_path):
     out = str(tmp_path / 'dist')
-    proc = _run(['launch.py', '-n', '2', '--threads', '1', '--', sys.executable, 'train.py', '--kvstore',
-                 'dist_sync',
+    proc = _run(['tools/launch.py', '-n', '2', '--threads', '1', '--', sys.executable, 'train.py',
+                 '--kvstore', 'dist_sync',
                  '--data_path', demo_path, '--out', out, '--epochs', '1', '--limit', '96', '--batch_size',
                  '8',
                  '--input-size', '32', '--save-all-ranks'])
@@ -184,7 +184,7 @@ def test_syncbn_on_cpu_contexts_is_a_clear_error(tmp_path, demo_path):
 
 
 def test_thread_settings_fill_in_only_what_the_user_did_not_set():
-    import machine
+    from engine import machine
     env = {}
     note = machine.thread_settings(env)
     assert env == {'OMP_NUM_THREADS': str(os.cpu_count() or 1), 'MXNET_CPU_PARALLEL_SIZE': '2147483647'}
@@ -196,7 +196,7 @@ def test_thread_settings_fill_in_only_what_the_user_did_not_set():
 _COPY_PROBE = '''
 import os, sys
 sys.path.insert(0, %r)
-import machine
+from engine import machine
 machine.thread_settings()
 import numpy as np
 import pytest

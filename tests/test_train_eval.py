@@ -5,10 +5,10 @@ import os
 import numpy as np
 import pytest
 
-import config
+from engine import config
 import eval as evaluation
-import inference
-import metrics
+from evaluation import inference
+from evaluation import metrics
 import train
 from datasets import digits
 from datasets.wider import WIDER_ATTRIBUTES

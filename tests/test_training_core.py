@@ -8,14 +8,14 @@ import pytest
 import mxnet as mx
 from mxnet import autograd, nd
 
-import config
+from engine import config
 import datasets
-import steps
-from errors import UserError
+from engine import steps
+from engine.errors import UserError
 from losses import PredictionHistory, VAALoss
 from model import get_vaa_net
 from tests import fixtures
-from trainers import PlateauSchedule, StageTrainers
+from engine.trainers import PlateauSchedule, StageTrainers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,12 +9,12 @@ import pytest
 import mxnet as mx
 from mxnet import autograd, nd
 
-import checkpoints
-import steps
+from engine import checkpoints
+from engine import steps
 from datasets import wider
 from losses import PredictionHistory, VAALoss
 from model import get_vaa_net
-from trainers import PlateauSchedule, StageTrainers
+from engine.trainers import PlateauSchedule, StageTrainers
 
 
 def _log_sigmoid(x):

@@ -24,7 +24,7 @@ from mxnet import gluon
 from mxnet.gluon import nn
 
 from backbone import Backbone, BatchNorm1D
-from errors import UserError
+from engine.errors import UserError
 from model import AttributeNet
 
 CONV_INIT = mx.init.MSRAPrelu(factor_type='out', slope=0)          # normal(0, sqrt(2 / (k * k * out)))
@@ -233,7 +233,7 @@ class APCNNNet(AttributeNet):
     def overlays(self, crop, x, maps, names, probs, path, top=None):
         """The three spatial gates, the ROIs and the zoom box over the crop (``top`` does not apply: the gates
         are sigmoid values on one fixed scale)."""
-        import plots
+        from evaluation import plots
         s3, s4, s5, rois, valid, box = maps
         plots.apcnn_overlay(crop, [s[0] for s in (s3, s4, s5)], rois, valid, box,
                             self.input_size / float(s3.shape[-1]),

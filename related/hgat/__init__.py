@@ -11,7 +11,7 @@ import collections
 import json
 import os
 
-from errors import UserError
+from engine.errors import UserError
 
 NAME = 'hgat'
 HEAD = ('hgat', 'HGAT-FC: graph attention over attribute groups, then over the attributes of each group')

@@ -3,7 +3,7 @@ Fine-Grained Image Classification", TIP 2020): an extra term on the map that ent
 added to Eq. 7, never replacing it (``head.py``: the head, evaluated in training only, and the loss)."""
 import collections
 
-from errors import UserError
+from engine.errors import UserError
 
 NAME = 'mc'
 HEAD = None

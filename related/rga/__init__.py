@@ -4,7 +4,7 @@ Re-identification", CVPR 2020): modules after chosen ResNet stages (``modules.py
 import collections
 import logging
 
-from errors import UserError
+from engine.errors import UserError
 
 LOG = logging.getLogger('vaa')
 NAME = 'rga'

@@ -27,7 +27,7 @@ from mxnet import gluon
 from mxnet.gluon import nn
 
 from attention import ReturnsAttention
-from errors import UserError
+from engine.errors import UserError
 
 CONV_INIT = mx.init.Xavier(rnd_type='uniform', factor_type='in', magnitude=1)   # U(+-1/sqrt(fan_in))
 
@@ -168,7 +168,7 @@ def attention(backbone, x):
 def overlay(net, x, crop, path):
     """``eval.py --image``: the RGA modules' spatial attention over the crop, in a figure of its own beside
     the attention maps' (``<name>_rga.png``); returns [(file, what it shows)]."""
-    import plots
+    from evaluation import plots
     out = path.replace('_attention.png', '_rga.png')
     plots.rga_overlay(crop, [(n, m[0, 0].asnumpy()) for n, m in attention(net.backbone, x)], out)
     return [(out, 'RGA spatial attention')]

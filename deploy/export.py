@@ -10,7 +10,7 @@
 * ``DIR/model-int8.onnx`` (with ``--int8 N``): ``model.onnx`` quantized by onnxruntime's static
   post-training quantization (QDQ; uint8 activations, int8 weights, one scale per tensor, ranges from
   the min/max over N training images with the evaluation preprocessing). The fastest CPU path
-  (``benchmark.py --only inference``); ``predict.py DIR ... --int8`` runs it.
+  (``tools/benchmark.py --only inference``); ``predict.py DIR ... --int8`` runs it.
 * ``DIR/model.json``: what a user of either file needs and nothing else: the attribute names in output
   order, the output to read and what to apply to it (sigmoid), and the preprocessing (RGB order, resize,
   centre crop, mean and standard deviation in 0-255 pixel units, NCHW layout).
@@ -33,7 +33,7 @@ import tempfile
 import numpy as np
 from mxnet import gluon
 
-from errors import UserError
+from engine.errors import UserError
 
 ONNX_OPSET = 13
 ONNX_IR_VERSION = 7                                # the IR version of opset 13 (onnx 1.8)

@@ -14,19 +14,19 @@ Shared by ``eval.py`` and by ``train.py`` (the test split at the end of training
 import json
 import os
 
-import checkpoints
-import config
+from engine import checkpoints
+from engine import config
 import datasets
 from datasets import loaders
-import metrics
+from evaluation import metrics
 import related
-import plots
-import steps
-from errors import UserError
+from evaluation import plots
+from engine import steps
+from engine.errors import UserError
 from datasets.wider import WIDER_ATTRIBUTES
-from distributed import parse_contexts
+from engine.distributed import parse_contexts
 from model import build_net
-from runfolder import CHECKPOINT_DIR, checkpoint_path
+from engine.runfolder import CHECKPOINT_DIR, checkpoint_path
 
 # Settings a caller may change when it evaluates one of our runs (the rest is the run's config).
 EVAL_OVERRIDES = ('dataset', 'data_path', 'batch_size', 'limit', 'partition', 'cache_dir', 'skip_bad_samples',
@@ -101,7 +101,7 @@ def fused_logits_block(net, input_size, ctx):
     so its numbers are the run's. On a GPU (or with ``MXNET_MKLDNN_ENABLED=0``): the hybridized graph."""
     import warnings
     import mxnet as mx
-    import export
+    from deploy import export
     block = export.FusedLogits(net)
     if ctx.device_type == 'cpu' and os.environ.get('MXNET_MKLDNN_ENABLED', '1') != '0':
         example = mx.nd.zeros((1, 3, input_size, input_size), ctx=ctx)

@@ -29,9 +29,9 @@ import time
 import numpy as np
 from mxnet import nd
 
-import checkpoints
-import plots
-from errors import UserError
+from engine import checkpoints
+from evaluation import plots
+from engine.errors import UserError
 
 LOG = logging.getLogger('vaa')
 CHECKPOINT_DIR = 'checkpoints'

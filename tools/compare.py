@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Compare trained systems side by side on the same split.
 
-    python compare.py runs/vaa runs/rga runs/gcn                      # test split of the runs' dataset
-    python compare.py runs/vaa saved_models/ --dataset wider --data_path /data/WIDER --split test
+    python tools/compare.py runs/vaa runs/rga runs/gcn                      # test split of the runs' dataset
+    python tools/compare.py runs/vaa saved_models/ --dataset wider --data_path /data/WIDER --split test
 
 Every SOURCE (a run folder, a checkpoint, or the authors' ``saved_models/`` with ``--preset`` etc. as
 for eval.py) is evaluated on the same split with the same protocol. Printed: one row per source with
@@ -14,14 +14,16 @@ are positive. Written: ``--out`` (default ``runs/compare-<date>-<time>.png``: pe
 side in that order, so the effect of the imbalance shows) and the same numbers as JSON beside it.
 """
 import os
+import sys
 
-import machine
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the checkout
+from engine import machine  # noqa: E402
 
 machine.thread_settings()                       # must be set before mxnet is imported
 
 
 if __name__ == '__main__':                     # --help and flag errors answer before mxnet is imported
-    import flags
+    from engine import flags
     flags.preparse('compare')
 
 import json  # noqa: E402
@@ -29,17 +31,17 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-import checkpoints  # noqa: E402
-import config  # noqa: E402
-import flags  # noqa: E402
+from engine import checkpoints  # noqa: E402
+from engine import config  # noqa: E402
+from engine import flags  # noqa: E402
 import datasets  # noqa: E402
 from datasets import loaders  # noqa: E402
-import inference  # noqa: E402
-import metrics  # noqa: E402
-import plots  # noqa: E402
-import steps  # noqa: E402
-from distributed import parse_contexts  # noqa: E402
-from errors import UserError, plural, run_main  # noqa: E402
+from evaluation import inference  # noqa: E402
+from evaluation import metrics  # noqa: E402
+from evaluation import plots  # noqa: E402
+from engine import steps  # noqa: E402
+from engine.distributed import parse_contexts  # noqa: E402
+from engine.errors import UserError, plural, run_main  # noqa: E402
 
 
 def build_parser():

@@ -24,9 +24,9 @@ import logging
 import numpy as np
 from mxnet import gluon
 
-from distributed import GradientSync
-from errors import plural
-from mixed_precision import LossScaling
+from engine.distributed import GradientSync
+from engine.errors import plural
+from engine.mixed_precision import LossScaling
 
 LOG = logging.getLogger('vaa')
 

@@ -14,9 +14,9 @@ import collections
 import numpy as np
 from mxnet import autograd, nd
 
-import metrics
-from distributed import split_batch
-from errors import UserError
+from evaluation import metrics
+from engine.distributed import split_batch
+from engine.errors import UserError
 
 Step = collections.namedtuple('Step', 'loss logits labels masks terms')
 

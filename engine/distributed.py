@@ -18,8 +18,8 @@ import numpy as np
 import mxnet as mx
 from mxnet import gluon, nd
 
-import gpu
-from errors import UserError
+from engine import gpu
+from engine.errors import UserError
 
 
 def parse_contexts(gpus, cpus=1):

@@ -2,12 +2,12 @@
 """Speed figures: our training/evaluation step vs the authors' execution style, the bare backbone, and
 the data pipeline.
 
-    python benchmark.py                                  # resnet101_v1, 224, batch 8, CPU
-    python benchmark.py --backbone resnet50_v1 --batch 32 --gpus 0
-    python benchmark.py --only data                      # just the data pipeline
-    python benchmark.py --only inference --backbone resnet50_v1 --preset paper     # CPU inference paths
-    python benchmark.py --only inference --accuracy runs/RUN   # + test mAP of each path on a run's data
-    python benchmark.py --only systems --backbone resnet18_v1 --input-size 64 --preset demo   # systems
+    python tools/benchmark.py                                  # resnet101_v1, 224, batch 8, CPU
+    python tools/benchmark.py --backbone resnet50_v1 --batch 32 --gpus 0
+    python tools/benchmark.py --only data                      # just the data pipeline
+    python tools/benchmark.py --only inference --backbone resnet50_v1 --preset paper     # CPU inference paths
+    python tools/benchmark.py --only inference --accuracy runs/RUN   # + test mAP of each path on a run's data
+    python tools/benchmark.py --only systems --backbone resnet18_v1 --input-size 64 --preset demo   # systems
 
 Rows (images/sec, higher is better):
 
@@ -39,14 +39,16 @@ Ratios printed at the end: ours/reference, ours/bare backbone, data/ours train; 
 against fp32 Gluon at the same batch.
 """
 import os
+import sys
 
-import machine
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the checkout
+from engine import machine  # noqa: E402
 
 machine.thread_settings()                       # must be set before mxnet is imported
 
 
 if __name__ == '__main__':                     # --help and flag errors answer before mxnet is imported
-    import flags
+    from engine import flags
     flags.preparse('benchmark')
 
 import shutil  # noqa: E402
@@ -57,16 +59,16 @@ import numpy as np  # noqa: E402
 import mxnet as mx  # noqa: E402
 from mxnet import autograd, gluon, nd  # noqa: E402
 
-import config  # noqa: E402
+from engine import config  # noqa: E402
 from datasets import loaders  # noqa: E402
-import flags  # noqa: E402
+from engine import flags  # noqa: E402
 import related  # noqa: E402
-import steps  # noqa: E402
-from errors import UserError, run_main  # noqa: E402
-from distributed import parse_contexts  # noqa: E402
+from engine import steps  # noqa: E402
+from engine.errors import UserError, run_main  # noqa: E402
+from engine.distributed import parse_contexts  # noqa: E402
 from losses import PredictionHistory, VAALoss  # noqa: E402
 from model import build_net  # noqa: E402
-from trainers import StageTrainers  # noqa: E402
+from engine.trainers import StageTrainers  # noqa: E402
 
 
 def _timed(step, warmup, iters, sync):
@@ -156,7 +158,7 @@ def bench_systems(args, ctx):
 
 
 def bench_reference(args, ctx, x, y, m):
-    from upstream_reference import UpstreamReference
+    from tools.upstream_reference import UpstreamReference
     depth = int(args.backbone[len('resnet'):-len('_v1')])
     ref = UpstreamReference(depth, args.classes, args.preset, args.input_size, ctx)
     opt = {'learning_rate': 1e-4, 'momentum': 0.9, 'wd': 5e-4}
@@ -257,7 +259,7 @@ def bench_data(args):
 def inference_paths(net, cfg, calibration, ctx, folder):
     """{path name: callable(NCHW float32 NumPy) -> fused logits} for the four CPU inference paths."""
     from mxnet.contrib import quantization
-    import export
+    from deploy import export
     size = cfg['input_size']
     calib = [[nd.array(np.concatenate(calibration[i:i + 32]))] for i in range(0, len(calibration) - 31, 32)]
     # quantize_net and export_symbol hybridize the block they get (and its children) without static
@@ -266,7 +268,7 @@ def inference_paths(net, cfg, calibration, ctx, folder):
                                      calib_mode='naive', calib_data=calib, num_calib_examples=32 * len(calib),
                                      ctx=ctx)
     symbol_file, params_file = export.export_symbol(net, size, folder, [ctx])
-    import inference
+    from evaluation import inference
     block = inference.fused_logits_block(net, size, ctx)        # what predict.py runs
     fp32_onnx = export.export_onnx(symbol_file, params_file, size, os.path.join(folder, 'model.onnx'))
     int8_onnx = export.quantize_onnx(fp32_onnx, os.path.join(folder, 'model-int8.onnx'), calibration)
@@ -282,14 +284,14 @@ def inference_paths(net, cfg, calibration, ctx, folder):
 def bench_inference(args, ctx):
     """Images/sec of each inference path at batch 1 and 32 (random weights), and with ``--accuracy RUN``
     each path's mAP on the run's test split."""
-    import inference
+    from evaluation import inference
     import datasets
-    import metrics
+    from evaluation import metrics
     rows, accuracy, folder = {}, {}, tempfile.mkdtemp()
     try:
         if args.accuracy:
             net, cfg, names = inference.load_source(args.accuracy, [ctx])
-            import export
+            from deploy import export
             calibration = export.calibration_images(cfg, names, 256)
         else:
             cfg = config.defaults(backbone=args.backbone, preset=args.preset, input_size=args.input_size,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Start a parameter-server job on this machine: one scheduler, S servers and N workers.
 
-    python launch.py -n 2 -- python train.py --kvstore dist_sync --epochs 10
+    python tools/launch.py -n 2 -- python train.py --kvstore dist_sync --epochs 10
 
 Every process gets the DMLC_* variables MXNet's parameter server reads (DMLC_ROLE, DMLC_PS_ROOT_URI,
 DMLC_PS_ROOT_PORT, DMLC_NUM_SERVER, DMLC_NUM_WORKER); the scheduler and servers are plain

@@ -14,10 +14,10 @@ import os
 import sys
 
 import datasets                   # (its package module only: the registry of names)
-import gpu                        # (the standard library only)
+from engine import gpu                        # (the standard library only)
 import related                    # (the systems' interfaces: they import nothing heavy)
-from errors import UserError
-from presets import BACKBONES, PRESETS
+from engine.errors import UserError
+from engine.presets import BACKBONES, PRESETS
 
 METRIC_CONVENTIONS = ('ours', 'rethinking')
 METRICS_HELP = ('convention of mA and the instance metrics: ours (p >= 0.5; samples without a positive label '

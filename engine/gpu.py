@@ -15,9 +15,9 @@ code) and cannot run it otherwise (Hopper, 9.0).
   each one's name, compute capability and free memory, and one line (exit 2) for a GPU the build has no
   kernels for.
 
-    python gpu.py                    # what this machine has: the mxnet build, the libraries, the GPUs
-    python gpu.py --library-path     # the folders of the CUDA wheels (run.sh puts them in LD_LIBRARY_PATH)
-    python gpu.py --check-install    # install the GPU build in a throwaway venv, check every library resolves
+    python -m engine.gpu                  # what this machine has: the mxnet build, the libraries, the GPUs
+    python -m engine.gpu --library-path   # the CUDA wheels' folders (run.sh puts them in LD_LIBRARY_PATH)
+    python -m engine.gpu --check-install  # the GPU build in a throwaway venv: does every library resolve?
 """
 import ctypes
 import glob
@@ -101,7 +101,7 @@ def explain_import_error(err, build=None):
                 % (build or 'GPU build', DRIVER_LIBRARY))
     if missing:
         return ('mxnet (%s) cannot load %s: the CUDA libraries are installed by the set-up command, %s '
-                '(it installs them as pip wheels; python gpu.py lists what is there)'
+                '(it installs them as pip wheels; python -m engine.gpu lists what is there)'
                 % (build or 'the installed build', missing.group(1), SETUP))
     return 'mxnet cannot be imported (%s: %s); reinstall with ./run.sh train (or %s)' % (
         type(err).__name__, text.splitlines()[0] if text else '', SETUP)
@@ -156,7 +156,7 @@ def check(ids, build, devices, visible, free_mib=None):
     """The preflight's verdict: lines to print, or UserError. ``ids``: the --gpus ids; ``build``: the
     installed GPU build (None: the CPU build); ``devices``: :func:`query`'s answer; ``visible``: how many
     GPUs mxnet sees; ``free_mib``: {index: free MiB} where known."""
-    from errors import UserError
+    from engine.errors import UserError
     flag = ','.join(str(i) for i in ids)
     if build is None:
         raise UserError('--gpus %s, but the installed mxnet is the CPU build: install the GPU build with %s '
@@ -332,8 +332,8 @@ if __name__ == '__main__':
         print(os.pathsep.join(library_dirs()))
     elif args.check_install is not None:
         import tempfile
-        here = os.path.dirname(os.path.abspath(__file__))
+        checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         folder = args.check_install or tempfile.mkdtemp(prefix='vaa-gpu-check-')
-        sys.exit(check_install(folder, constraints=os.path.join(here, 'constraints.txt')))
+        sys.exit(check_install(folder, constraints=os.path.join(checkout, 'constraints.txt')))
     else:
         print('\n'.join(describe()))
