@@ -20,8 +20,8 @@ from mxnet.gluon.model_zoo import vision
 from mxnet.gluon.model_zoo import model_store
 
 from attention import HEAD_INIT
-from engine.errors import UserError
-from engine.presets import BACKBONES  # noqa: F401  (backbone.BACKBONES)
+from common.errors import UserError
+from common.presets import BACKBONES  # noqa: F401  (backbone.BACKBONES)
 
 LOG = logging.getLogger('vaa')
 # The authors' backbone prefix (``saved_models/backbone_resnet.params`` keys are stripped of it).

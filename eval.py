@@ -19,7 +19,7 @@ mA and the instance metrics in its convention (``--metrics rethinking``; ``metri
 """
 import os
 
-from engine import machine
+from common import machine
 
 machine.thread_settings()                       # must be set before mxnet is imported
 
@@ -33,15 +33,11 @@ import shlex  # noqa: E402
 import cv2  # noqa: E402
 from mxnet import nd  # noqa: E402
 
-from engine import checkpoints  # noqa: E402
-from engine import config  # noqa: E402
+from common.errors import UserError, plural, run_main  # noqa: E402
 from datasets import loaders  # noqa: E402
-from engine import flags  # noqa: E402
 from deploy import export  # noqa: E402
-from evaluation import inference  # noqa: E402
-from engine import runfolder  # noqa: E402
+from engine import checkpoints, config, flags, report, runfolder, sources  # noqa: E402
 from engine.distributed import parse_contexts  # noqa: E402
-from engine.errors import UserError, plural, run_main  # noqa: E402
 
 
 def build_parser():
@@ -75,8 +71,8 @@ def explain_images(net, cfg, names, paths, out_dir, ctx, source='RUN', shared_sc
     seen = []
     for path, image in zip(paths, images):
         x = nd.array(transform(image, 0)[None], ctx=ctx[0])
-        _, _, fused, maps = net(x)
-        seen.append((x, nd.sigmoid(fused)[0].asnumpy(), [m[0].asnumpy() for m in maps]))
+        out = net(x)
+        seen.append((x, nd.sigmoid(out.fused)[0].asnumpy(), [m[0].asnumpy() for m in out.maps]))
     net.return_attention = False
     top = net.shared_scale([maps for _, _, maps in seen]) if shared_scale else None
     written = []
@@ -140,12 +136,12 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     config.check_ranges(vars(args), [r for r in config.RANGES if r[0] in flags.SCRIPT_RANGES['eval']])
     if args.out:
-        inference.check_output_file(args.out, '--out')
+        report.check_output_file(args.out, '--out')
     ctx = parse_contexts(args.gpus)
     upstream = dict(preset=args.preset, backbone=args.backbone, input_size=args.input_size,
                     dataset=args.dataset,
                     data_path=args.data_path, num_classes=args.num_classes, split=args.split)
-    net, cfg, names = inference.load_source(args.source, ctx, args.checkpoint, upstream, overrides=vars(args))
+    net, cfg, names = sources.load_source(args.source, ctx, args.checkpoint, upstream, overrides=vars(args))
     net.hybridize(static_alloc=True, static_shape=True)
     if args.export_upstream:
         return export_upstream(net, cfg, names, args.export_upstream)
@@ -168,7 +164,7 @@ def main(argv=None):
     if args.compare == 'rethinking' and args.metrics == 'ours':
         raise UserError("--compare rethinking shows the baseline's numbers in its own metric convention, and "
                         'ours in the same one; drop --metrics ours (eval.py without --compare reports ours)')
-    return inference.report_split(net, cfg, names, args.split, ctx, args.source, args.out, args.compare)
+    return report.report_split(net, cfg, names, args.split, ctx, args.source, args.out, args.compare)
 
 
 if __name__ == '__main__':

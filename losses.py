@@ -23,7 +23,7 @@ import mxnet as mx
 from mxnet import gluon, nd
 from mxnet.gluon.loss import Loss
 
-from engine.errors import UserError
+from common.errors import UserError
 
 
 def positive_ratios(labels, mask=None):

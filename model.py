@@ -6,7 +6,9 @@
     per tap i: A_i = spatial_softmax(f_att(k_i)), S_i = sigmoid(conv(k_i)), y_ai = f_cls(A_i * S_i)
     fused logits = mean(y_p, y_a1, ..., y_aT);  prediction = sigmoid(fused logits)
 
-Two presets (the supplement's architecture and the released code's):
+The network takes numbers: the taps, the widths of f_att and f_cls and f_att's second kernel.
+:func:`vaa_net` builds it from a preset's numbers (``common/presets.py``: the supplement's architecture
+and the released code's):
 
 ========== ============================ ==========================================
            ``paper`` (supplement)        ``upstream`` (the authors' released code)
@@ -22,13 +24,12 @@ Backbones (``backbone.py``) are the Gluon model-zoo ResNet v1 (18/34/50/101/152)
 hybridizes into one graph.
 
 :class:`AttributeNet` is the contract every network of the project keeps (the paper's and AP-CNN's):
-what ``forward`` returns and the methods training, evaluation and the checkpoints use. The related systems
-(``related/``) plug their parts into the paper's network through :class:`Parts` (blocks inside the
-backbone, the primary head, an auxiliary head), or build a network of their own; :func:`build_net` is
-where a config becomes a network.
+what ``forward`` returns (:class:`Outputs`) and the methods training, evaluation and the checkpoints use.
+The related systems (``related/``) plug their parts into the paper's network through :class:`Parts`
+(blocks inside the backbone, the primary head, an auxiliary head), or build a network of their own.
+Where a run's config becomes a network is ``engine/build.py``; nothing here reads a config.
 """
 import collections
-import logging
 import re
 import warnings
 
@@ -36,35 +37,44 @@ import mxnet as mx
 from mxnet import gluon
 from mxnet.gluon import nn
 
-from engine import config
-import related
 from attention import HEAD_INIT, AttentionBranch, AttentionClassifier, ReturnsAttention
-from backbone import Backbone, all_blocks, tap_names
-from engine.errors import UserError
-from engine.presets import PRESETS  # noqa: F401  (model.PRESETS: the heads of each preset)
+from backbone import Backbone, tap_names
+from common.errors import UserError
+from common.presets import PRESETS
 
-LOG = logging.getLogger('vaa')
+
+class Outputs(collections.namedtuple('Outputs', 'primary taps fused')):
+    """What every network returns: ``primary`` (the logits of the primary classifier; the focal loss of
+    Eq. 4), ``taps`` (a list of further logits, each with the history-weighted BCE of Eqs. 5-6) and
+    ``fused`` (their mean; the prediction is its sigmoid). It unpacks as those three. ``maps``: the
+    attention maps (after ``net.return_attention = True``), else None; ``aux``: the auxiliary head's
+    outputs (while ``net.return_aux`` is on: training of a network with ``aux_names``), else None."""
+
+    def __new__(cls, primary, taps, fused, maps=None, aux=None):
+        self = super(Outputs, cls).__new__(cls, primary, taps, fused)
+        self.maps, self.aux = maps, aux
+        return self
 
 
 class AttributeNet(ReturnsAttention, gluon.HybridBlock):
     """The contract of every network of the project.
 
-    ``net(x)`` returns ``(primary, taps, fused)``: the primary logits (the focal loss of Eq. 7), a list of
-    further logits (each gets the history-weighted BCE), and the fused logits (the prediction is their
-    sigmoid); after ``net.return_attention = True`` a fourth element holds the attention maps, after
-    ``net.return_aux = True`` (training, only for a network with ``aux_names``) the auxiliary outputs.
-    ``backbone`` is a :class:`backbone.Backbone`. Each method below has one meaning for every network.
+    ``net(x)`` returns :class:`Outputs`. ``hybrid_forward`` returns ``(primary, taps, fused)`` and, with
+    ``return_attention`` or ``return_aux`` on, the maps or the auxiliary outputs after them; ``forward``
+    names them. ``backbone`` is a :class:`backbone.Backbone`. Each method below has one meaning for
+    every network.
     """
 
     aux_names = ()
     taps = ()                       # the VAA attention taps this network has
     plugins = ()                    # the related systems in it, in words (for the log)
     onnx_reason = None              # why the network has no ONNX form (None: it has one)
+    preset = None                   # the preset whose numbers built it, when one did (for messages)
     _return_aux = False
 
     @property
     def return_aux(self):
-        """When on (training), ``net(x)`` also returns the auxiliary outputs (``aux_names``). Changing it
+        """When on (training), ``net(x).aux`` holds the auxiliary outputs (``aux_names``). Changing it
         rebuilds the cached graph; it cannot be combined with ``return_attention``."""
         return self._return_aux
 
@@ -75,6 +85,14 @@ class AttributeNet(ReturnsAttention, gluon.HybridBlock):
         if bool(value) != self._return_aux:
             self._return_aux = bool(value)
             self._clear_cached_op()
+
+    def forward(self, x, *args):  # pylint: disable=arguments-differ
+        if self._return_attention and self._return_aux:
+            raise ValueError('return_attention and return_aux cannot both be on')
+        out = super(AttributeNet, self).forward(x, *args)
+        extra = out[3] if len(out) > 3 else None
+        return Outputs(out[0], list(out[1]), out[2], maps=extra if self._return_attention else None,
+                       aux=extra if self._return_aux else None)
 
     def stage_modules(self):
         """``{module name: ParameterDict}``: the separately trained modules, one Trainer each."""
@@ -118,13 +136,22 @@ class AttributeNet(ReturnsAttention, gluon.HybridBlock):
             return super(AttributeNet, self)._build_cache(*args)
 
 
+# What the related systems plug into the paper's network (fields of :class:`Parts`):
+# blocks inserted after backbone stages: factory(stage shapes) -> {stage: block};
+Blocks = collections.namedtuple('Blocks', 'module factory')
+# the primary classifier instead of the Dense output: factory(feature width) -> block (pooled features ->
+# logits);
+Head = collections.namedtuple('Head', 'module factory')
+# a head on the map that enters the pooling, evaluated while ``return_aux`` is on:
+# factory(shape of that map) -> block returning the outputs named ``outputs``.
+AuxHead = collections.namedtuple('AuxHead', 'module outputs factory')
+
+
 class Parts(object):
-    """What the related systems plug into the paper's network: ``blocks`` (name, factory(stage shapes) ->
-    {stage: block}) inserted after backbone stages; ``primary`` (name, factory(feature width) -> block:
-    pooled features -> logits) instead of the Dense output, on ``pool`` pooling; ``aux`` (name, output names,
-    factory(shape of the map that enters the pooling) -> block) evaluated while ``return_aux`` is on;
-    ``overlays``: functions(net, x, crop, path) -> [(file, what)] drawn beside the attention maps; ``notes``:
-    the systems in words."""
+    """What the related systems plug into the paper's network: ``blocks`` (:data:`Blocks`), ``primary``
+    (:data:`Head`, on ``pool`` pooling), ``aux`` (:data:`AuxHead`); ``overlays``: functions(net, x, crop,
+    path) -> [(file, what)] drawn beside the attention maps; ``notes``: the systems in words. Each
+    ``module`` names the parameters' own Trainer (``stage_modules()``)."""
 
     def __init__(self):
         self.blocks = self.primary = self.aux = None
@@ -135,44 +162,43 @@ class Parts(object):
 class VAANet(AttributeNet):
     """Backbone + one attention branch and classifier per tap, fused at score level (module docstring).
 
-    ``backbone``: the model-zoo name; ``preset``: the head architecture and taps (``presets.PRESETS``);
-    ``taps``: override the preset's (``backbone.resolve_taps``; ``()``: no branch, the prediction is the
-    primary classifier's); ``parts``: the related systems' :class:`Parts` (None: the paper's network alone).
+    ``backbone``: the model-zoo name; ``taps``: the tap names (``backbone.resolve_taps``; ``()``: no
+    branch, the prediction is the primary classifier's); ``att_channels``, ``att_second_kernel``: f_att's
+    two hidden widths and its second kernel (1, or 3 with padding 1); ``cls_channels``: f_cls's three
+    widths; ``parts``: the related systems' :class:`Parts` (None: the paper's network alone).
     ``stage_modules()``: ``backbone`` and per tap the authors' ``stage_N/fconv``, ``stage_N/fatt``,
     ``stage_N/fsr`` (N = 2, 3, 4 as in their file names: ``stage_numbers``), then the parts' own modules.
+    The defaults are the paper's numbers (the supplement's architecture).
     """
 
-    def __init__(self, backbone='resnet101_v1', num_classes=14, preset='paper', input_size=224,
-                 pretrained=False, taps=None, root=None, parts=None, **kwargs):
+    def __init__(self, backbone='resnet101_v1', num_classes=14, taps=('s3', 's4'), att_channels=(256, 256),
+                 att_second_kernel=1, cls_channels=(256, 512, 512), input_size=224, pretrained=False,
+                 root=None, parts=None, **kwargs):
         super(VAANet, self).__init__(**kwargs)
-        if preset not in PRESETS:
-            raise UserError('unknown preset %r: use %s' % (preset, ', '.join(sorted(PRESETS))))
         if num_classes < 1:
             raise UserError('num_classes must be at least 1, got %d' % num_classes)
-        cfg, parts = PRESETS[preset], parts or Parts()
-        self.preset, self.backbone_name = preset, backbone
-        self.num_classes, self.input_size = num_classes, input_size
-        self.taps = tuple(cfg['taps'] if taps is None else taps)
-        self.parts, self.plugins = parts, parts.notes
-        self.aux_names = parts.aux[1] if parts.aux else ()
+        parts = parts or Parts()
+        self.backbone_name, self.num_classes, self.input_size = backbone, num_classes, input_size
+        self.taps, self.parts, self.plugins = tuple(taps), parts, parts.notes
+        self.aux_names = parts.aux.outputs if parts.aux else ()
         with self.name_scope():
             self.backbone = Backbone(backbone, num_classes, self.taps, pretrained, root, input_size,
                                      pool=parts.pool, output=parts.primary is None,
-                                     plugins=parts.blocks[1] if parts.blocks else None,
+                                     plugins=parts.blocks.factory if parts.blocks else None,
                                      return_final_map=parts.aux is not None, prefix='backbone_')
         self.tap_shapes, feature_shape = self._infer_shapes(input_size)
         with self.name_scope():
-            self.primary_head = parts.primary[1](feature_shape[0]) if parts.primary else None
-            self.aux_head = parts.aux[2](self.final_shape) if parts.aux else None
+            self.primary_head = parts.primary.factory(feature_shape[0]) if parts.primary else None
+            self.aux_head = parts.aux.factory(self.final_shape) if parts.aux else None
             self.branches = nn.HybridSequential(prefix='')
             self.classifiers = nn.HybridSequential(prefix='')
             for i, shape in enumerate(self.tap_shapes):
                 if shape[1] != shape[2]:
                     raise UserError('tap %s has a %dx%d map; use a square input' % (self.taps[i], *shape[1:]))
-                self.branches.add(AttentionBranch(num_classes, cfg['att_channels'],
-                                                  cfg['att_second_kernel'], prefix='branch%d_' % i))
-                self.classifiers.add(AttentionClassifier(num_classes, shape[1], cfg[
-                    'cls_channels'], prefix='classifier%d_' % i))
+                self.branches.add(AttentionBranch(num_classes, att_channels, att_second_kernel,
+                                                  prefix='branch%d_' % i))
+                self.classifiers.add(AttentionClassifier(num_classes, shape[1], cls_channels,
+                                                         prefix='classifier%d_' % i))
         # The authors number the per-tap modules stage_2, stage_3, stage_4 (last tap = 4).
         self.stage_numbers = [4 - (len(self.taps) - 1 - i) for i in range(len(self.taps))]
 
@@ -194,10 +220,10 @@ class VAANet(AttributeNet):
             modules['stage_%d/fatt' % number] = branch.fatt.collect_params()
             modules['stage_%d/fsr' % number] = classifier.fsr.collect_params()
         if self.parts.blocks:
-            modules[self.parts.blocks[0]] = self.backbone.inserted_params()
+            modules[self.parts.blocks.module] = self.backbone.inserted_params()
         for part, head in ((self.parts.primary, self.primary_head), (self.parts.aux, self.aux_head)):
             if part:
-                modules[part[0]] = head.collect_params()
+                modules[part.module] = head.collect_params()
         return modules
 
     def primary_params(self):
@@ -225,12 +251,10 @@ class VAANet(AttributeNet):
             primary = self.primary_head(primary)
         tap_logits, maps = [], []
         for feat, branch, classifier in zip(features, self.branches, self.classifiers):
-            attention, confidence, _ = branch(feat)
-            tap_logits.append(classifier(attention * confidence))
+            attention, confidence, _ = branch(feat)                   # A_i (spatial softmax), S_i
+            tap_logits.append(classifier(attention * confidence))     # y_ai = f_cls(A_i * S_i)
             maps.append(attention)
         fused = F.add_n(primary, *tap_logits) / (1 + len(tap_logits)) if tap_logits else primary
-        if self._return_attention and self._return_aux:
-            raise ValueError('return_attention and return_aux cannot both be on')
         if self._return_attention:
             return primary, tap_logits, fused, maps
         if self._return_aux:
@@ -238,26 +262,23 @@ class VAANet(AttributeNet):
         return primary, tap_logits, fused
 
 
-def use_sync_batchnorm(net, num_devices):
-    """Swap every BatchNorm of ``net`` for a SyncBatchNorm over ``num_devices`` devices, keeping the same
-    parameters (so weights load and save unchanged); statistics are then computed over the whole batch
-    instead of each device's slice. Call before hybridizing."""
-    from mxnet.gluon.contrib.nn import SyncBatchNorm
-    swapped = 0
-    for block in all_blocks(net):
-        for key, child in list(block._children.items()):  # pylint: disable=protected-access
-            if isinstance(child, nn.BatchNorm) and not isinstance(child, SyncBatchNorm):
-                kwargs = dict(child._kwargs)  # pylint: disable=protected-access
-                sync = SyncBatchNorm(in_channels=child.gamma.shape[0], num_devices=num_devices,
-                                     momentum=kwargs['momentum'], epsilon=kwargs['eps'],
-                                     prefix=child.prefix, params=child.params)
-                block._children[key] = sync  # pylint: disable=protected-access
-                for attr, value in list(vars(block).items()):
-                    if value is child:
-                        object.__setattr__(block, attr, sync)
-                swapped += 1
-    net._clear_cached_op()  # pylint: disable=protected-access
-    return swapped
+def vaa_net(backbone='resnet101_v1', num_classes=14, preset='paper', input_size=224, pretrained=False,
+            taps=None, root=None, parts=None):
+    """A :class:`VAANet` with the numbers of ``preset`` (``common.presets.PRESETS``); ``taps``
+    overrides the preset's."""
+    if preset not in PRESETS:
+        raise UserError('unknown preset %r: use %s' % (preset, ', '.join(sorted(PRESETS))))
+    heads = PRESETS[preset]
+    net = VAANet(backbone, num_classes, heads['taps'] if taps is None else taps, heads['att_channels'],
+                 heads['att_second_kernel'], heads['cls_channels'], input_size, pretrained, root, parts)
+    net.preset = preset
+    return net
+
+
+def get_vaa_net(backbone='resnet101_v1', num_classes=14, preset='paper', input_size=224,
+                pretrained=False, ctx=None, taps=None, root=None, parts=None):
+    """:func:`vaa_net`, initialised and placed on ``ctx``."""
+    return initialize(vaa_net(backbone, num_classes, preset, input_size, pretrained, taps, root, parts), ctx)
 
 
 def initialize(net, ctx=None):
@@ -283,52 +304,4 @@ def initialize(net, ctx=None):
         if param._data is None:  # pylint: disable=protected-access
             param._finish_deferred_init()  # pylint: disable=protected-access
     net.collect_params().reset_ctx(ctx)
-    return net
-
-
-def get_vaa_net(backbone='resnet101_v1', num_classes=14, preset='paper', input_size=224,
-                pretrained=False, ctx=None, taps=None, root=None, parts=None):
-    """Build, initialise and place a :class:`VAANet` (``parts``: the related systems' :class:`Parts`)."""
-    net = VAANet(backbone, num_classes, preset, input_size, pretrained, taps, root, parts)
-    return initialize(net, ctx)
-
-
-def parse_taps(value):
-    """``--taps``: None (the preset's), ``none`` (no attention branch) or ``s3,s4``-style names."""
-    if value is None or isinstance(value, (list, tuple)):
-        return None if value is None else tuple(value)
-    return () if value.strip().lower() == 'none' else tuple(t.strip() for t in value.split(',') if t.strip())
-
-
-def build_net(cfg, ctx=None, pretrained=None, labels=None, mask=None, names=None):
-    """The network a run's config describes; training, evaluation, resume and the benchmark all build it
-    here, so a saved ``config.json`` (or a checkpoint's config) rebuilds exactly the trained network.
-
-    ``cfg`` is completed in place (``config.complete``: an old run's config gains the keys added since).
-    A related system that is a network of its own (``related.network_of``: AP-CNN) builds it; otherwise
-    the paper's network with the parts the systems plug in. ``pretrained=False`` overrides the config
-    (weights about to be loaded from a checkpoint need no ImageNet cache). ``labels``/``mask``: the
-    training labels, from which the ML-GCN head builds its label graph (without them it waits for a
-    checkpoint); ``names``: the attribute names (HGAT-FC groups them).
-    """
-    config.complete(cfg)
-    pretrained = cfg['pretrained'] if pretrained is None else pretrained
-    own = related.network_of(cfg)
-    if own is not None:
-        net = initialize(own.network(cfg, pretrained), ctx)
-    else:
-        parts = Parts()
-        for system in related.active(cfg):
-            system.plug(cfg, parts, labels, mask, names)
-        net = get_vaa_net(cfg['backbone'], cfg['num_classes'], cfg['preset'], cfg['input_size'], pretrained,
-                          ctx,
-                          parse_taps(cfg['taps']), parts=parts)
-        for tap, shape in zip(tap_names(net.backbone_name, net.taps), net.tap_shapes):
-            if shape[1] * shape[2] < 4:
-                LOG.warning('tap %s has a %dx%d map at --input-size %d: its spatial attention has next to '
-                            'nothing to choose from (use a larger --input-size)', tap, shape[1], shape[2],
-                            cfg['input_size'])
-    if cfg['backbone_lr_mult'] != 1.0:              # --backbone-lr-mult: the model-zoo layers' learning rate
-        for param in net.backbone.zoo_params(with_output=False):
-            param.lr_mult = cfg['backbone_lr_mult']
     return net

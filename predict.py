@@ -20,7 +20,7 @@ The CSV appears only when complete (written to a temporary file and renamed).
 """
 import os
 
-from engine import machine
+from common import machine
 
 machine.thread_settings()                       # must be set before mxnet is imported
 
@@ -36,17 +36,14 @@ import sys  # noqa: E402
 import numpy as np  # noqa: E402
 from mxnet import gluon  # noqa: E402
 
-from engine import checkpoints  # noqa: E402
-from engine import config  # noqa: E402
-from engine import flags  # noqa: E402
 import datasets  # noqa: E402
+from common.errors import UserError, plural, run_main  # noqa: E402
 from datasets import loaders  # noqa: E402
-from evaluation import inference  # noqa: E402
-from evaluation import metrics  # noqa: E402
-from engine import steps  # noqa: E402
 from datasets.base import decode_image  # noqa: E402
+from deploy import cpu_graph  # noqa: E402
+from engine import checkpoints, config, flags, report, sources, steps  # noqa: E402
 from engine.distributed import parse_contexts  # noqa: E402
-from engine.errors import UserError, plural, run_main  # noqa: E402
+from evaluation import metrics  # noqa: E402
 
 LOG = logging.getLogger('vaa')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
@@ -127,8 +124,8 @@ class ImageList(gluon.data.Dataset):
 
 def gluon_scorer(net, ctx, input_size):
     """Batch (NDArray) -> fused logits (NumPy) of a Gluon network, the batch split over ``ctx``; the
-    network runs as :func:`inference.fused_logits_block` (on the CPU, oneDNN's fused graph)."""
-    block = inference.fused_logits_block(net, input_size, ctx[0])
+    network runs as :func:`deploy.cpu_graph.fused_logits_block` (on the CPU, oneDNN's fused graph)."""
+    block = cpu_graph.fused_logits_block(net, input_size, ctx[0])
 
     def score(data):
         parts = gluon.utils.split_and_load(data, ctx[:data.shape[0]], even_split=False)
@@ -215,7 +212,7 @@ def main(argv=None):
                         [r for r in config.RANGES if r[0] in ('batch_size', 'num_workers', 'input_size')])
     if not LOG.handlers:
         logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S')
-    inference.check_output_file(args.out, '--out')
+    report.check_output_file(args.out, '--out')
     ctx = parse_contexts(args.gpus)
     paths = list_images(args.inputs, args.skip_bad_images)
     upstream = dict(preset=args.preset, backbone=args.backbone, input_size=args.input_size,
@@ -229,7 +226,7 @@ def main(argv=None):
     else:
         if args.int8:
             raise UserError('--int8 runs an eval.py --export folder; give one as SOURCE')
-        net, cfg, names = inference.load_source(args.source, ctx, upstream=upstream,
+        net, cfg, names = sources.load_source(args.source, ctx, upstream=upstream,
                                                 overrides=dict(dataset=args.dataset,
                                                                data_path=args.data_path))
         net.hybridize(static_alloc=True, static_shape=True)

@@ -86,7 +86,7 @@ fi
 # MXNet uses one OpenMP thread unless told otherwise; default to every core.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)}"
 case "$job" in
-  test)  "$venv/bin/python" -m engine.machine           # which CPU (and SIMD level) a failure report came from
+  test)  "$venv/bin/python" -m common.machine           # which CPU (and SIMD level) a failure report came from
          exec "$venv/bin/python" -m pytest tests "$@" ;;
   train) VAA_LAUNCHER="$0 train" exec "$venv/bin/python" train.py "$@" ;;   # (the resume hint uses it)
   eval)  exec "$venv/bin/python" eval.py "$@" ;;

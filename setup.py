@@ -1,7 +1,11 @@
-"""Install the project's flat modules and their dependencies.
+"""Install the project's dependencies; nothing of the project is installed as a module.
 
     pip install -e .[cpu,test]     # CPU (mxnet 1.9.1), with the test tools
     pip install -e .[cu112]        # GPU (mxnet-cu112 1.9.1 and the CUDA 11 / cuDNN 8 wheels; the driver only)
+
+The scripts run from the checkout (``python train.py``, ``python tools/compare.py``), which puts its
+packages on the import path: installing them would put generic names (``train``, ``model``, ``datasets``,
+the last also Hugging Face's package) into the environment, where one would shadow another.
 
 mxnet 1.9.1 is built against NumPy 1.x, hence numpy<1.24 and opencv-python<4.9 (newer OpenCV wheels
 require NumPy 2). The ranges below resolve on Python 3.8-3.11.
@@ -9,7 +13,7 @@ require NumPy 2). The ranges below resolve on Python 3.8-3.11.
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from engine.gpu import CUDA_WHEELS  # noqa: E402  (the standard library only)
@@ -22,9 +26,8 @@ setup(
     long_description=open('README.md').read(),
     long_description_content_type='text/markdown',
     python_requires='>=3.8,<3.12',
-    py_modules=['attention', 'backbone', 'eval', 'losses', 'model', 'predict', 'train'],
-    packages=find_packages(include=['datasets', 'datasets.*', 'related', 'related.*', 'engine', 'evaluation',
-                                    'deploy', 'tools']),
+    py_modules=[],
+    packages=[],
     install_requires=[
         'numpy>=1.21,<1.24',
         'gluoncv==0.10.5.post0',

@@ -27,7 +27,7 @@ import inspect
 import logging
 import os
 
-from engine.errors import UserError
+from common.errors import UserError
 
 LOG = logging.getLogger('vaa')
 REPO_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data')

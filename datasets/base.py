@@ -12,7 +12,7 @@ import numpy as np
 import cv2
 from mxnet import gluon
 
-from engine.errors import UserError
+from common.errors import UserError
 
 LOG = logging.getLogger('vaa')
 

@@ -17,7 +17,7 @@ import os
 
 
 from datasets.base import BadSamples, ImageFileDataset, require_dir
-from engine.errors import UserError
+from common.errors import UserError
 
 PATH_COLUMNS = ('path', 'image', 'file', 'filename', 'image_path')
 VALUES = {'1': 1, '1.0': 1, '0': -1, '0.0': -1, '': 0, '?': 0, 'na': 0, 'nan': 0}

@@ -17,7 +17,7 @@ import numpy as np
 import cv2
 
 from datasets.base import AttributeDataset
-from engine.errors import UserError
+from common.errors import UserError
 
 CANVAS, CELL, DIGIT = 48, 16, 12
 PALETTE = {'white': (235, 235, 235), 'red': (230, 40, 40), 'green': (40, 200, 60),

@@ -2,7 +2,7 @@
 the random augmentation, the data order) and the evaluation loader, and the options of
 ``datasets.load_split``."""
 from datasets.base import Transform, make_loader
-from engine.errors import UserError
+from common.errors import UserError
 
 
 def transform(cfg, train=False):

@@ -17,7 +17,7 @@ import os
 
 from datasets.base import BadSamples, ImageFileDataset, find_file, parse_signed, require_dir
 from datasets.wider import WIDER_ATTRIBUTES
-from engine.errors import UserError
+from common.errors import UserError
 
 UPSTREAM_NAMES = {'train': 'training_list.lst', 'val': 'valid_list.lst', 'test': 'testing_list.lst'}
 

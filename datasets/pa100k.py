@@ -10,7 +10,7 @@ import numpy as np
 
 from datasets.base import BadSamples, ImageFileDataset, require_dir
 from datasets.peta import _cell_strings, _load_mat
-from engine.errors import UserError
+from common.errors import UserError
 
 SPLITS = ('train', 'val', 'trainval', 'test')
 IMAGE_DIRS = ('data', 'images', os.path.join('release_data', 'release_data'), '')

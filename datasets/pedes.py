@@ -41,7 +41,7 @@ import pickle
 import numpy as np
 
 from datasets.base import BadSamples, ImageFileDataset, require_dir
-from engine.errors import UserError
+from common.errors import UserError
 
 DEFAULT_FILE = 'dataset_all.pkl'
 PATTERNS = (DEFAULT_FILE, 'dataset_zs_run*.pkl')

@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from datasets.base import BadSamples, ImageFileDataset, require_dir
-from engine.errors import UserError
+from common.errors import UserError
 
 SPLITS = ('train', 'val', 'trainval', 'test')
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from datasets.base import AttributeDataset, BadSamples, parse_signed, require_dir
 from datasets.lst import attribute_names, list_file, read_lst
-from engine.errors import UserError, run_main
+from common.errors import UserError, run_main
 
 
 def im2rec_script():

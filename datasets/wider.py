@@ -25,7 +25,7 @@ import cv2
 from multiprocessing.pool import ThreadPool
 
 from datasets.base import BadSamples, ImageFileDataset, decode_image, require_dir
-from engine.errors import UserError
+from common.errors import UserError
 
 # The WIDER-Attribute attributes in their official order (the JSON's attribute_id_map; "Tshiirt" sic).
 WIDER_ATTRIBUTES = ('Male', 'longHair', 'sunglass', 'Hat', 'Tshiirt', 'longSleeve', 'formal', 'shorts',

@@ -33,7 +33,7 @@ import tempfile
 import numpy as np
 from mxnet import gluon
 
-from engine.errors import UserError
+from common.errors import UserError
 
 ONNX_OPSET = 13
 ONNX_IR_VERSION = 7                                # the IR version of opset 13 (onnx 1.8)
@@ -50,7 +50,7 @@ class FusedLogits(gluon.HybridBlock):
         self.net = net
 
     def hybrid_forward(self, F, x):  # pylint: disable=arguments-differ
-        return self.net(x)[2]
+        return self.net(x).fused
 
 
 def model_card(cfg, names, int8_images=0, onnx=True):

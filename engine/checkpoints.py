@@ -21,7 +21,7 @@ import numpy as np
 import mxnet as mx
 from mxnet import nd
 
-from engine.errors import UserError, mxnet_message
+from common.errors import UserError, mxnet_message
 from attention import file_shape
 
 

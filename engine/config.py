@@ -15,10 +15,10 @@ import argparse
 
 import datasets
 import related
-from engine.errors import UserError, plural
+from common.errors import UserError, plural
 from engine.flags import (RANGES, HelpFormatter, Parser, build_parser, check_ranges, group_adder,  # noqa: F401
                    spellings)
-from engine.presets import BACKBONES, FALLBACKS, PRESETS, PRESET_SETTINGS, SCHEDULES, schedule_for  # noqa: F401
+from common.presets import BACKBONES, FALLBACKS, PRESETS, PRESET_SETTINGS, SCHEDULES, schedule_for  # noqa: F401
 
 # What a resumed run may change; everything else comes from the run's saved config.
 RESUME_OVERRIDES = ('epochs', 'data_path', 'gpus', 'cpus', 'num_workers', 'log_interval', 'debug', 'kvstore',

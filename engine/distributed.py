@@ -19,7 +19,7 @@ import mxnet as mx
 from mxnet import gluon, nd
 
 from engine import gpu
-from engine.errors import UserError
+from common.errors import UserError
 
 
 def parse_contexts(gpus, cpus=1):
@@ -60,8 +60,9 @@ def create_kvstore(name, num_devices):
         missing = [v for v in ('DMLC_ROLE', 'DMLC_PS_ROOT_URI', 'DMLC_PS_ROOT_PORT', 'DMLC_NUM_SERVER',
                                'DMLC_NUM_WORKER') if v not in os.environ]
         if missing:
-            raise UserError('--kvstore dist_sync needs a parameter server: start the job with launch.py, or '
-                            'set %s on every process (README, "Several machines")' % ', '.join(missing))
+            raise UserError('--kvstore dist_sync needs a parameter server: start the job with '
+                            'tools/launch.py, or set %s on every process (docs/speed.md, "Several machines")'
+                            % ', '.join(missing))
         return mx.kv.create(name)
     if num_devices > 1:
         return mx.kv.create(name or 'device')
@@ -161,3 +162,27 @@ class GradientSync(object):
         counts = history.counts.as_in_context(self.ctx[0]) * own
         return {'buffer': self.allreduce_array('history_buffer', buffer),
                 'counts': self.allreduce_array('history_counts', counts)}
+
+
+def use_sync_batchnorm(net, num_devices):
+    """Swap every BatchNorm of ``net`` for a SyncBatchNorm over ``num_devices`` devices, keeping the same
+    parameters (so weights load and save unchanged); statistics are then computed over the whole batch
+    instead of each device's slice. Call before hybridizing."""
+    from mxnet.gluon.contrib.nn import SyncBatchNorm
+    from mxnet.gluon import nn
+    from backbone import all_blocks
+    swapped = 0
+    for block in all_blocks(net):
+        for key, child in list(block._children.items()):  # pylint: disable=protected-access
+            if isinstance(child, nn.BatchNorm) and not isinstance(child, SyncBatchNorm):
+                kwargs = dict(child._kwargs)  # pylint: disable=protected-access
+                sync = SyncBatchNorm(in_channels=child.gamma.shape[0], num_devices=num_devices,
+                                     momentum=kwargs['momentum'], epsilon=kwargs['eps'],
+                                     prefix=child.prefix, params=child.params)
+                block._children[key] = sync  # pylint: disable=protected-access
+                for attr, value in list(vars(block).items()):
+                    if value is child:
+                        object.__setattr__(block, attr, sync)
+                swapped += 1
+    net._clear_cached_op()  # pylint: disable=protected-access
+    return swapped

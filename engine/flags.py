@@ -16,13 +16,13 @@ import sys
 import datasets                   # (its package module only: the registry of names)
 from engine import gpu                        # (the standard library only)
 import related                    # (the systems' interfaces: they import nothing heavy)
-from engine.errors import UserError
-from engine.presets import BACKBONES, PRESETS
+from common.errors import UserError
+from common.presets import BACKBONES, PRESETS
 
 METRIC_CONVENTIONS = ('ours', 'rethinking')
 METRICS_HELP = ('convention of mA and the instance metrics: ours (p >= 0.5; samples without a positive label '
                 "and attributes without positives left out) or rethinking (Rethinking_of_PAR's "
-                'get_pedestrian_metrics: p > 0.5, both kept, at 0); README, Metric conventions')
+                'get_pedestrian_metrics: p > 0.5, both kept, at 0); docs/datasets.md, "Metric conventions"')
 
 
 def spellings(flag):
@@ -182,8 +182,8 @@ def _run_flags(a):
     a('--no-hybridize', dest='hybridize', action='store_false',
       help='run the network imperatively (default: one hybridized graph)')
     a('--kvstore', default='device', help='gradient exchange: device (one machine, several devices) or '
-                                          'dist_sync (several machines; start with launch.py or the DMLC_* '
-                                          'variables)')
+                                          'dist_sync (several machines; start with tools/launch.py or the '
+                                          'DMLC_* variables)')
     a('--syncbn', action='store_true', help='batch-norm statistics over all devices of a machine '
                                             '(SyncBatchNorm)')
     a('--amp', action='store_true', help='float16 training with dynamic loss scaling (GPU only)')

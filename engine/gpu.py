@@ -156,7 +156,7 @@ def check(ids, build, devices, visible, free_mib=None):
     """The preflight's verdict: lines to print, or UserError. ``ids``: the --gpus ids; ``build``: the
     installed GPU build (None: the CPU build); ``devices``: :func:`query`'s answer; ``visible``: how many
     GPUs mxnet sees; ``free_mib``: {index: free MiB} where known."""
-    from engine.errors import UserError
+    from common.errors import UserError
     flag = ','.join(str(i) for i in ids)
     if build is None:
         raise UserError('--gpus %s, but the installed mxnet is the CPU build: install the GPU build with %s '
@@ -242,21 +242,45 @@ def resolve(libmxnet, dirs):
 def check_install(folder, build='mxnet-cu112==1.9.1', constraints=None):
     """Install ``build`` and :data:`CUDA_WHEELS` into a new venv in ``folder`` and check with ldd that
     everything libmxnet.so needs resolves but the driver's libcuda.so.1. Returns the exit status."""
-    import venv
-    python = os.path.join(folder, 'bin', 'python')
-    if glob.glob(os.path.join(folder, 'lib', 'python*', 'site-packages', 'mxnet', 'libmxnet.so')):
-        print('gpu-check: checking the venv an earlier check installed in %s' % folder)
-    else:
-        print('gpu-check: creating a throwaway venv in %s' % folder)
-        venv.create(folder, with_pip=True)
-        command = [python, '-m', 'pip', 'install', '--quiet', build] + list(CUDA_WHEELS)
-        command += ['-c', constraints] if constraints else []
-        print('gpu-check: %s' % ' '.join(command[2:]))
-        subprocess.run(command, check=True)
+    python = _install_venv(folder, build, constraints)
     site = subprocess.run([python, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
                           stdout=subprocess.PIPE, universal_newlines=True, check=True).stdout.strip()
     libmxnet = os.path.join(site, 'mxnet', 'libmxnet.so')
     dirs = sorted(d for d in glob.glob(os.path.join(site, 'nvidia', '*', 'lib')) if os.path.isdir(d))
+    bad = _check_links(libmxnet, dirs) + _check_wheel_libraries(dirs)
+    probe = subprocess.run([python, '-c', 'import mxnet'], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           universal_newlines=True,
+                           env=dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(dirs)))
+    last = (probe.stdout.strip().splitlines() or [''])[-1]
+    print('gpu-check: import mxnet: %s' % ('ok' if probe.returncode == 0 else last))
+    if probe.returncode:
+        print('gpu-check: what the scripts say then: error: %s' % explain_import_error(OSError(last),
+                                                                                       build.split('==')[0]))
+    if bad:
+        print('gpu-check: missing %s' % ', '.join(bad))
+        return 1
+    print('gpu-check: every library resolves except %s, which the NVIDIA driver installs' % DRIVER_LIBRARY)
+    return 0
+
+
+def _install_venv(folder, build, constraints):
+    """The venv of :func:`check_install` (reused when an earlier check installed it); returns its python."""
+    import venv
+    python = os.path.join(folder, 'bin', 'python')
+    if glob.glob(os.path.join(folder, 'lib', 'python*', 'site-packages', 'mxnet', 'libmxnet.so')):
+        print('gpu-check: checking the venv an earlier check installed in %s' % folder)
+        return python
+    print('gpu-check: creating a throwaway venv in %s' % folder)
+    venv.create(folder, with_pip=True)
+    command = [python, '-m', 'pip', 'install', '--quiet', build] + list(CUDA_WHEELS)
+    command += ['-c', constraints] if constraints else []
+    print('gpu-check: %s' % ' '.join(command[2:]))
+    subprocess.run(command, check=True)
+    return python
+
+
+def _check_links(libmxnet, dirs):
+    """Print where each library libmxnet.so links (and what those link) resolves; the missing names."""
     needed = needed_libraries(libmxnet)
     found = resolve(libmxnet, dirs)
     print('gpu-check: %s links %d libraries (readelf -d); with the wheels\' folders in LD_LIBRARY_PATH:'
@@ -273,7 +297,12 @@ def check_install(folder, build='mxnet-cu112==1.9.1', constraints=None):
             print('  %-24s %s (needed by one of those)' % (name, path or 'NOT FOUND'))
             if path is None and name != DRIVER_LIBRARY:
                 bad.append(name)
-    # the libraries those load at run time (cuDNN's parts, cuBLASLt...): every .so in the wheels' folders
+    return bad
+
+
+def _check_wheel_libraries(dirs):
+    """The libraries those load at run time (cuDNN's parts, cuBLASLt...): every .so in the wheels' folders
+    must resolve its own dependencies; returns the names that do not."""
     parts = sorted(p for d in dirs for p in glob.glob(os.path.join(d, '*.so*')))
     unresolved = {}
     for part in parts:
@@ -283,20 +312,7 @@ def check_install(folder, build='mxnet-cu112==1.9.1', constraints=None):
     print('gpu-check: the %d libraries in the wheels\' folders (what those load at run time): %s' % (
         len(parts), 'every dependency resolves' if not unresolved else 'MISSING %s' % '; '.join(
             '%s (for %s)' % (n, ', '.join(w)) for n, w in sorted(unresolved.items()))))
-    bad += sorted(unresolved)
-    probe = subprocess.run([python, '-c', 'import mxnet'], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           universal_newlines=True,
-                           env=dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(dirs)))
-    last = (probe.stdout.strip().splitlines() or [''])[-1]
-    print('gpu-check: import mxnet: %s' % ('ok' if probe.returncode == 0 else last))
-    if probe.returncode:
-        print('gpu-check: what the scripts say then: error: %s' % explain_import_error(OSError(last),
-                                                                                       build.split('==')[0]))
-    if bad:
-        print('gpu-check: missing %s' % ', '.join(bad))
-        return 1
-    print('gpu-check: every library resolves except %s, which the NVIDIA driver installs' % DRIVER_LIBRARY)
-    return 0
+    return sorted(unresolved)
 
 
 def describe():

@@ -10,7 +10,7 @@ schedule of MXNet's dynamic loss scaler, up to 2^24).
 """
 from mxnet import autograd, nd
 
-from engine.errors import UserError
+from common.errors import UserError
 
 
 def init_amp(ctx):

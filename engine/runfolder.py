@@ -31,7 +31,7 @@ from mxnet import nd
 
 from engine import checkpoints
 from evaluation import plots
-from engine.errors import UserError
+from common.errors import UserError
 
 LOG = logging.getLogger('vaa')
 CHECKPOINT_DIR = 'checkpoints'
@@ -52,62 +52,12 @@ def resume_checkpoint(run_dir):
     return path
 
 
-class RunFolder(object):
-    """The files of one run. Only the lead worker (rank 0) writes; on the others every write is skipped.
+class FolderLock(object):
+    """An exclusive lock on ``<path>/.lock`` (released when the process ends, even by ``kill -9``) that
+    names its holder, so that two processes never share a run folder."""
 
-    The lead holds an exclusive lock on ``<run>/.lock`` while it works (released when the process
-    ends, even by ``kill -9``), so two processes never share a run folder. Every file is written
-    through a temporary file and a rename, so a crash never leaves a cut ``metrics.json``.
-    """
-
-    MARKER = '.vaa-run'
-
-    def __init__(self, path, lead=True):
-        self.path, self.lead = path, lead
-        self.rows, self.created, self._lock = [], False, None
-
-    @classmethod
-    def prepare(cls, cfg, lead=True):
-        """The folder of ``--resume`` (which must hold a run), or a new one: never one that holds a
-        run, another process's run, or files that are not a run's."""
-        if not lead:
-            return cls(cfg['resume'] or cfg['out'] or '.', lead=False)
-        if cfg['resume']:
-            resume_checkpoint(cfg['resume'])
-            folder = cls(cfg['resume'])
-            folder.lock()
-            folder.rows = folder.read_rows()
-            return folder
-        path = cfg['out'] or os.path.join('runs', '%s-%s-%s-%s' % (
-            cfg['dataset'], cfg['backbone'], cfg['preset'], time.strftime('%Y%m%d-%H%M%S')))
-        folder = cls(path)
-        folder.check_new(path)
-        folder.created = not os.path.exists(path)
-        try:
-            os.makedirs(os.path.join(path, CHECKPOINT_DIR), exist_ok=True)
-            with open(os.path.join(path, cls.MARKER), 'w') as f:
-                f.write('a run folder of vaa-attributes (train.py)\n')
-        except OSError as err:
-            raise UserError('cannot write the run folder %s (%s); choose another --out' % (
-                path, err.strerror))
-        folder.lock()
-        if os.path.isfile(checkpoint_path(path, 'last')):        # another process got there first
-            folder.close()
-            raise UserError('%s already holds a run; continue it with --resume %s or choose another --out'
-                            % (path, path))
-        return folder
-
-    @classmethod
-    def check_new(cls, path):
-        """Refuse a folder that holds a run or files of the user's (an empty folder is fine)."""
-        if os.path.isfile(checkpoint_path(path, 'last')):
-            raise UserError('%s already holds a run; continue it with --resume %s or choose another --out'
-                            % (path, path))
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise UserError('cannot write the run folder %s (Not a directory); choose another --out' % path)
-        if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, cls.MARKER)):
-            raise UserError('--out %s already holds files that are not a run of ours (%s); choose a new or '
-                            'empty folder' % (path, ', '.join(sorted(os.listdir(path))[:3])))
+    def __init__(self, path):
+        self.path, self._lock = path, None
 
     def lock(self):
         """Take the folder's lock, or stop naming the process that holds it; then clear the temporary
@@ -137,6 +87,53 @@ class RunFolder(object):
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+
+
+class RunFolder(FolderLock):
+    """The files of one run. Only the lead worker (rank 0) writes; on the others every write is skipped.
+
+    The lead holds an exclusive lock on ``<run>/.lock`` while it works (released when the process
+    ends, even by ``kill -9``), so two processes never share a run folder. Every file is written
+    through a temporary file and a rename, so a crash never leaves a cut ``metrics.json``.
+    """
+
+    MARKER = '.vaa-run'
+
+    def __init__(self, path, lead=True):
+        super(RunFolder, self).__init__(path)
+        self.lead, self.rows, self.created = lead, [], False
+
+    @classmethod
+    def prepare(cls, cfg, lead=True):
+        """The folder of ``--resume`` (which must hold a run), or a new one: never one that holds a
+        run, another process's run, or files that are not a run's."""
+        if not lead:
+            return cls(cfg['resume'] or cfg['out'] or '.', lead=False)
+        if cfg['resume']:
+            resume_checkpoint(cfg['resume'])
+            folder = cls(cfg['resume'])
+            folder.lock()
+            folder.rows = folder.read_rows()
+            return folder
+        path = cfg['out'] or os.path.join('runs', '%s-%s-%s-%s' % (
+            cfg['dataset'], cfg['backbone'], cfg['preset'], time.strftime('%Y%m%d-%H%M%S')))
+        folder = cls(path)
+        check_new(path)
+        folder.created = not os.path.exists(path)
+        try:
+            os.makedirs(os.path.join(path, CHECKPOINT_DIR), exist_ok=True)
+            with open(os.path.join(path, cls.MARKER), 'w') as f:
+                f.write('a run folder of vaa-attributes (train.py)\n')
+        except OSError as err:
+            raise UserError('cannot write the run folder %s (%s); choose another --out' % (
+                path, err.strerror))
+        folder.lock()
+        if os.path.isfile(checkpoint_path(path, 'last')):        # another process got there first
+            folder.close()
+            raise UserError('%s already holds a run; continue it with --resume %s or choose another --out'
+                            % (path, path))
+        return folder
 
     def abandon(self):
         """After a failure before the first checkpoint: remove what this run wrote (the whole folder
@@ -203,6 +200,18 @@ class RunFolder(object):
         (``trainers``), the prediction history's arrays and a partial epoch's totals (``extra``)."""
         if self.lead:
             checkpoints.save_training(self.checkpoint(which), net, trainers or {}, history, meta, extra)
+
+
+def check_new(path):
+    """Refuse a folder that holds a run or files of the user's (an empty folder is fine)."""
+    if os.path.isfile(checkpoint_path(path, 'last')):
+        raise UserError('%s already holds a run; continue it with --resume %s or choose another --out'
+                        % (path, path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError('cannot write the run folder %s (Not a directory); choose another --out' % path)
+    if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, RunFolder.MARKER)):
+        raise UserError('--out %s already holds files that are not a run of ours (%s); choose a new or '
+                        'empty folder' % (path, ', '.join(sorted(os.listdir(path))[:3])))
 
 
 def write_json(path, obj, **kwargs):

@@ -16,7 +16,7 @@ from mxnet import autograd, nd
 
 from evaluation import metrics
 from engine.distributed import split_batch
-from engine.errors import UserError
+from common.errors import UserError
 
 Step = collections.namedtuple('Step', 'loss logits labels masks terms')
 
@@ -28,22 +28,23 @@ def train_step(net, loss_fn, trainers, history, batch, epoch, ctx):
     ``mc_div``, unweighted), ``{}`` without them.
 
     ``loss_fn``: a ``losses.VAALoss``, whose :meth:`~losses.VAALoss.objective` is minimised (with an
-    auxiliary loss the network's auxiliary outputs are evaluated for it); ``trainers``: a
+    auxiliary loss, on the network's auxiliary outputs: ``net.return_aux`` must be on); ``trainers``: a
     ``trainers.StageTrainers``; ``history``: the ``losses.PredictionHistory`` of the training split.
     """
+    if loss_fn.aux is not None and not net.return_aux:
+        raise ValueError('the loss has an auxiliary term: turn net.return_aux on for training')
     parts = split_batch(batch, ctx)
     weights = [history.weights(idx, epoch, ctx=x.context) for x, _, _, idx in parts]     # 1 + std_s
-    net.return_aux = loss_fn.aux is not None
     losses, objectives, fused, terms = [], [], [], collections.defaultdict(list)
     with autograd.record():
         for (x, y, m, _), w in zip(parts, weights):
-            outs = net(x)
-            total, named = loss_fn.objective(outs[0], outs[1], y, m, w, outs[3] if len(outs) > 3 else None)
+            out = net(x)
+            total, named = loss_fn.objective(out.primary, out.taps, y, m, w, out.aux)
             losses.append(named.pop('eq7'))                                             # Eq. 7
             for key, value in named.items():
                 terms[key].append(value)
             objectives.append(total)
-            fused.append(outs[2])
+            fused.append(out.fused)
         scaled = trainers.scale(objectives)
     autograd.backward(scaled)
     trainers.step(batch[0].shape[0])
@@ -114,15 +115,15 @@ def predict(net, loader, ctx, loss_fn=None, stages=None):
     net.return_aux = False                      # the auxiliary head is for training only
     for batch in loader:
         for x, y, m, _ in split_batch(batch, ctx):
-            primary, taps, fused = net(x)[:3]
-            logits.append(fused)
+            out = net(x)
+            logits.append(out.fused)
             if stages is not None:
-                for name, value in net.stage_logits(primary, taps).items():
+                for name, value in net.stage_logits(out.primary, out.taps).items():
                     parts[name].append(value)
             labels.append(y)
             masks.append(m)
             if loss_fn is not None:
-                total += float(loss_fn(primary, taps, y, m).sum().asscalar())
+                total += float(loss_fn(out.primary, out.taps, y, m).sum().asscalar())
                 count += x.shape[0]
     to_np = lambda arrs: np.concatenate([a.asnumpy() for a in arrs]) if arrs else np.zeros((0, 0))
     if stages is not None:

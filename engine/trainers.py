@@ -25,7 +25,7 @@ import numpy as np
 from mxnet import gluon
 
 from engine.distributed import GradientSync
-from engine.errors import plural
+from common.errors import plural
 from engine.mixed_precision import LossScaling
 
 LOG = logging.getLogger('vaa')

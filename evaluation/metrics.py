@@ -34,33 +34,6 @@ saturates at exactly 1.0 for logits above ~16.6 and would turn distinct scores i
 """
 import numpy as np
 
-# The paper's numbers (ResNet-101 + VAA), for `eval.py --compare paper`.
-PAPER_WIDER_AP = {
-    'Male': 96, 'longHair': 88, 'sunglass': 74, 'Hat': 93, 'Tshiirt': 83, 'longSleeve': 96,
-    'formal': 85, 'shorts': 93, 'jeans': 81, 'longPants': 96, 'skirt': 85, 'faceMask': 78,
-    'logo': 90, 'stripe': 68}
-PAPER_WIDER_MAP = 86.4
-PAPER_WIDER_RESNET101_MAP = 83.7
-PAPER_PETA = {'mA': 84.59, 'accuracy': 78.56, 'precision': 86.79, 'recall': 86.12, 'f1': 86.46}
-# The community baseline, for `eval.py --compare rethinking`: the "Pedestrian Attribute Recognition" table of
-# valencebond/Rethinking_of_PAR's README (256x192 input; trained on trainval, the model of the first lr drop,
-# picked on test; resnet50* with Tan et al.'s weighted loss). (dataset, model, mA, Acc, Prec, Rec, F1).
-RETHINKING_BASELINE = (
-    ('PA100k', 'resnet50', 80.21, 79.15, 87.79, 87.01, 87.40),
-    ('PA100k', 'resnet50*', 79.85, 79.13, 89.45, 85.40, 87.38),
-    ('PA100k', 'resnet50 + EMA', 81.97, 80.20, 88.06, 88.17, 88.11),
-    ('PA100k', 'bninception', 79.13, 78.19, 87.42, 86.21, 86.81),
-    ('PA100k', 'TresnetM', 74.46, 68.72, 79.82, 80.71, 80.26),
-    ('PA100k', 'swin_s', 82.19, 80.35, 87.85, 88.51, 88.18),
-    ('PA100k', 'vit_s', 79.40, 77.61, 86.41, 86.22, 86.32),
-    ('PA100k', 'vit_b', 81.01, 79.38, 87.60, 87.49, 87.55),
-    ('PETA', 'resnet50', 83.96, 78.65, 87.08, 85.62, 86.35),
-    ('PETAzs', 'resnet50', 71.43, 58.69, 74.41, 69.82, 72.04),
-    ('RAPv1', 'resnet50', 79.27, 67.98, 80.19, 79.71, 79.95),
-    ('RAPv2', 'resnet50', 78.52, 66.09, 77.20, 80.23, 78.68),
-    ('RAPzs', 'resnet50', 71.76, 64.83, 78.75, 76.60, 77.66),
-)
-
 
 def to_signed(labels, mask):
     """{0,1} labels + mask -> WIDER's 1 (positive) / -1 (negative) / 0 (unspecified)."""

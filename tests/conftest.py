@@ -27,7 +27,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from engine import machine  # noqa: E402
+from common import machine  # noqa: E402
 
 machine.thread_settings()           # as the scripts do, before mxnet is imported
 # No test touches the network or the user's caches: the model zoo and the WIDER crops go to a fresh
@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import mxnet as mx  # noqa: E402
 
-from engine import machine  # noqa: E402
+from common import machine  # noqa: E402
 
 WORKER = os.environ.get('PYTEST_XDIST_WORKER')
 

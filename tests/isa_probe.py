@@ -26,7 +26,7 @@ os.environ.setdefault('OMP_NUM_THREADS', '2')
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from engine.machine import cpu_flags  # noqa: E402  (imports nothing heavy)
+from common.machine import cpu_flags  # noqa: E402  (imports nothing heavy)
 
 # name -> train.py settings (by their config keys). Every system the project builds is here:
 # tests/test_portability.py fails when a --head choice or a related-system switch has no entry.
@@ -66,7 +66,8 @@ def probe(name, settings):
     from engine import config
     from engine import steps
     import train
-    from model import build_net
+    from engine import loop
+    from engine.build import build_net
 
     class Split(object):
         """What the losses and the ML-GCN graph read of a training split."""
@@ -85,7 +86,7 @@ def probe(name, settings):
     ctx = [mx.cpu()]
     net = build_net(cfg, ctx, labels=split.labels, mask=split.mask)
     loss, history = train.get_losses(cfg, split, ctx)
-    trainers, _ = train.get_trainers(cfg, net, ctx, None)
+    trainers, _ = train.get_trainers(cfg, net, loop.Place(ctx, None, 0, 1))
     net.hybridize(static_alloc=True, static_shape=True)
     loss.hybridize(static_alloc=True, static_shape=True)
     x_eval = nd.array(rng.normal(size=(BATCH, 3, SIZE, SIZE)).astype(np.float32))
@@ -97,6 +98,7 @@ def probe(name, settings):
         x = nd.array(rng.normal(size=(BATCH, 3, SIZE, SIZE)).astype(np.float32))
         y = nd.array((rng.rand(BATCH, CLASSES) < 0.4).astype(np.float32))
         batch = (x, y, nd.ones_like(y), nd.arange(BATCH * epoch, BATCH * (epoch + 1), dtype='int64'))
+        net.return_aux = loss.aux is not None             # as train.py's epochs
         step = steps.train_step(net, loss, trainers, history, batch, epoch, ctx)
         out['train%d_loss' % epoch] = step.loss.asnumpy()
         out['train%d_logits' % epoch] = step.logits[0].asnumpy()
@@ -120,7 +122,7 @@ def evaluate(net, x, when, out):
             out['%s_%s_tap%d' % (when, mode, i)] = tap.asnumpy()
     net.hybridize(static_alloc=True, static_shape=True)
     net.return_attention = True
-    for i, m in enumerate(net(x)[3]):
+    for i, m in enumerate(net(x).maps):
         out['%s_attention%d' % (when, i)] = m.asnumpy()
     net.return_attention = False
 

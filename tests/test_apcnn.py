@@ -9,7 +9,7 @@ from mxnet import autograd, nd
 
 from related.apcnn.net import APCNNNet, PyramidAttentions, PyramidFeatures
 from related.apcnn.roi import ROIPyramid, ROIZoom
-from engine.errors import UserError
+from common.errors import UserError
 
 
 # ------------------------------------------------------------------------------------------------
@@ -305,7 +305,7 @@ def test_pyramid_and_attention_gates_equal_numpy():
 # ------------------------------------------------------------------------------------------------
 
 def _net(backbone='resnet18_v1', size=64, classes=4):
-    from model import build_net
+    from engine.build import build_net
     return build_net(dict(backbone=backbone, num_classes=classes, preset='demo', input_size=size,
                           head='apcnn'))
 

@@ -15,7 +15,7 @@ from evaluation import metrics
 import predict
 from engine import steps
 import train
-from engine.errors import UserError
+from common.errors import UserError
 from tests import fixtures
 
 TINY = ['--limit', '48', '--input-size', '32', '--batch_size', '16', '--log-interval', '1']
@@ -199,7 +199,7 @@ def _graph_by_hand(labels, mask, t, p, reweight):
 
 @pytest.mark.parametrize('reweight', ['code', 'paper'])
 def test_the_gcn_head_is_built_from_the_masked_labels_in_the_form_asked_for(reweight):
-    from model import build_net
+    from engine.build import build_net
     rng = np.random.RandomState(3)
     labels = (rng.rand(60, 5) < 0.5).astype(np.float32)
     mask = (rng.rand(60, 5) > 0.3).astype(np.float32)

@@ -8,7 +8,7 @@ import mxnet as mx
 from mxnet import nd
 
 from engine import checkpoints
-from engine.errors import UserError
+from common.errors import UserError
 from model import get_vaa_net
 from tools.upstream_reference import UpstreamReference
 

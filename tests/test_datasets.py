@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 import datasets
-import eval as evaluation
+import eval as eval_script
 import train
 from datasets import wider
 from datasets.base import Transform, make_loader
 from datasets.recordio import prepare
-from engine.errors import UserError
+from common.errors import UserError
 from losses import class_prior_weights
 from tests import fixtures
 
@@ -339,7 +339,7 @@ def _one_epoch(tmp_path, dataset, data_path, extra=(), name=None):
             '--backbone', 'resnet18_v1', '--input-size', '32', '--num-workers', '0',
             '--no-pretrained'] + list(extra)
     result = train.main(argv)
-    again = evaluation.main([out, '--num-workers', '0'])
+    again = eval_script.main([out, '--num-workers', '0'])
     assert np.isfinite(result['mAP']) and again['mAP'] == pytest.approx(result['mAP'], abs=1e-9)
     assert [r['ap'] for r in again['per_attribute']] == [r['ap'] for r in result['per_attribute']]
     return out, result

@@ -13,8 +13,8 @@ from mxnet import gluon, nd
 import eval as evaluate
 from deploy import export
 import predict
-from engine.errors import UserError
-from model import build_net
+from common.errors import UserError
+from engine.build import build_net
 
 ort = pytest.importorskip('onnxruntime')
 onnx = pytest.importorskip('onnx')

@@ -12,11 +12,12 @@ import pytest
 
 from tools import compare
 from engine import config
-import eval as evaluation
+import eval as eval_script
 from evaluation import plots
 import predict
 import train
-from engine.errors import UserError, plural
+from engine import loop
+from common.errors import UserError, plural
 from tests import fixtures
 
 ROOT = fixtures.ROOT
@@ -148,7 +149,7 @@ def test_compare_shows_the_settings_and_names_every_one_in_which_the_runs_differ
 def test_the_export_upstream_hint_evaluates_the_files_as_printed(two_runs, tmp_path, capsys):
     run = two_runs[0]
     folder = str(tmp_path / 'saved_models')
-    evaluation.main([run, '--export-upstream', folder])
+    eval_script.main([run, '--export-upstream', folder])
     printed = capsys.readouterr().out
     hint = printed.split('evaluate them with:\n', 1)[1].strip().splitlines()[0]
     assert '--num_classes' not in hint and '--dataset demo' in hint
@@ -163,9 +164,9 @@ def test_the_export_upstream_hint_evaluates_the_files_as_printed(two_runs, tmp_p
 def test_the_authors_files_evaluated_directly_write_their_result_under_runs(
         two_runs, tmp_path, capsys, monkeypatch):
     folder = str(tmp_path / 'saved_models')
-    evaluation.main([two_runs[0], '--export-upstream', folder])
+    eval_script.main([two_runs[0], '--export-upstream', folder])
     monkeypatch.chdir(tmp_path)
-    evaluation.main([folder, '--preset', 'demo', '--backbone', 'resnet18_v1', '--input-size', '32',
+    eval_script.main([folder, '--preset', 'demo', '--backbone', 'resnet18_v1', '--input-size', '32',
                      '--dataset',
                      'demo', '--data_path', os.path.join(ROOT, 'data', 'demo'), '--limit', '16'])
     assert os.path.isfile(str(tmp_path / 'runs' / 'eval-saved_models' / 'eval_test.json'))
@@ -283,9 +284,9 @@ def test_the_paper_network_on_a_cpu_gets_a_hint_for_a_first_try(caplog):
     cfg = dict(dataset='csv', backbone='resnet101_v1', input_size=224)
     # (captures the 'vaa' logger, which does not propagate)
     with caplog.at_level(logging.INFO, logger='vaa'):
-        train.cpu_note(cfg, [], [mx.cpu()])
-        train.cpu_note(cfg, ['backbone'], [mx.cpu()])            # the user chose: no hint
-        train.cpu_note(dict(cfg, dataset='demo'), [], [mx.cpu()])
+        loop.cpu_note(cfg, [], [mx.cpu()])
+        loop.cpu_note(cfg, ['backbone'], [mx.cpu()])            # the user chose: no hint
+        loop.cpu_note(dict(cfg, dataset='demo'), [], [mx.cpu()])
     hints = [r.getMessage() for r in caplog.records if 'for a first try' in r.getMessage()]
     assert len(hints) == 1 and '--backbone resnet18_v1 --input-size 128' in hints[0]
 
@@ -354,30 +355,39 @@ def test_shared_scale_puts_every_image_of_a_call_on_one_colour_scale(two_runs, t
     real = plots.attention_overlay
     monkeypatch.setattr(plots, 'attention_overlay', lambda *a, **k: tops.setdefault(
         'shared' if k.get('top') is not None else 'own', []).append(k.get('top')) or real(*a, **k))
-    evaluation.main([two_runs[0], '--image'] + photos + ['--out-dir', str(tmp_path / 'own')])
-    evaluation.main([two_runs[0], '--image'] + photos + ['--shared-scale', '--out-dir', str(
+    eval_script.main([two_runs[0], '--image'] + photos + ['--out-dir', str(tmp_path / 'own')])
+    eval_script.main([two_runs[0], '--image'] + photos + ['--shared-scale', '--out-dir', str(
         tmp_path / 'shared')])
     assert tops['own'] == [None,
                            None] and len(tops['shared']) == 2 and tops['shared'][0] == tops['shared'][1] >= 1
     with pytest.raises(UserError, match='--shared-scale goes with --image'):
-        evaluation.main([two_runs[0], '--shared-scale'])
+        eval_script.main([two_runs[0], '--shared-scale'])
 
 
-def test_setup_installs_every_module_of_the_project():
-    """A module missing from py_modules works in the clone (editable install) and fails after pip install."""
-    import glob
-    import re
-    text = open(os.path.join(ROOT, 'setup.py')).read()
-    listed = set(re.findall(r"'(\w+)'", text[text.index('py_modules'):text.index('packages=')]))
-    modules = {os.path.basename(f)[:-3] for f in glob.glob(os.path.join(ROOT, '*.py'))} - {'setup'}
-    assert listed == modules
-    from setuptools import find_packages
-    packages = set(find_packages(ROOT,
-                                 include=text.split('find_packages(include=')[1].split(')')[0].strip('[]')
-                                 .replace("'", '').replace(' ', '').replace('\n', '').split(',')))
-    folders = {os.path.relpath(os.path.dirname(f), ROOT).replace(os.sep, '.')
-               for f in glob.glob(os.path.join(ROOT, '*', '**', '__init__.py'), recursive=True)} - {'tests'}
-    assert packages == folders, (packages, folders)
+def test_installing_the_project_puts_none_of_its_modules_into_the_environment(tmp_path):
+    """pip install -e . (what run.sh runs) into a fresh venv installs the distribution and no module: from
+    another folder, `import datasets` (also Hugging Face's package), `import train` and the rest find
+    nothing of the checkout."""
+    venv = str(tmp_path / 'venv')
+    base = getattr(sys, '_base_executable', sys.executable)
+    subprocess.run([base, '-m', 'venv', venv], check=True, timeout=300)
+    python = os.path.join(venv, 'bin', 'python')
+    proc = subprocess.run([python, '-m', 'pip', 'install', '--quiet', '--no-deps', '-e', ROOT],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    names = sorted({os.path.splitext(n)[0] for n in os.listdir(ROOT) if n.endswith('.py')} |
+                   {n for n in os.listdir(ROOT) if os.path.isfile(os.path.join(ROOT, n, '__init__.py'))})
+    assert {'datasets', 'train', 'model', 'engine', 'common', 'tools'} <= set(names)
+    probe = ('import importlib.util, json, sys; print(json.dumps({n: getattr(importlib.util.find_spec(n), '
+             '"origin", None) for n in sys.argv[1:]}))')
+    found = json.loads(subprocess.run([python, '-c', probe] + names, cwd=str(tmp_path), check=True,
+                                      stdout=subprocess.PIPE, universal_newlines=True).stdout)
+    ours = {n: origin for n, origin in found.items() if origin and origin.startswith(ROOT + os.sep)}
+    assert not ours, ours
+    shown = subprocess.run([python, '-m', 'pip', 'show', 'vaa-attributes'], stdout=subprocess.PIPE,
+                           universal_newlines=True)
+    assert shown.returncode == 0 and 'Name: vaa-attributes' in shown.stdout
 
 
 # Settings later commands must honour ---------------------------------------------------------------------
@@ -385,14 +395,14 @@ def _conventions(run):
     """Both conventions' metrics of the run's best checkpoint on its test split (computed here, from its
     logits), checked to differ: the demo's red_zero attribute has no positive label, which the community's
     mA counts at TNR / 2 and ours leaves out."""
-    from evaluation import inference
+    from engine import sources
     from evaluation import metrics
     from engine import steps
     import datasets
     from datasets import loaders
     from engine.distributed import parse_contexts
     ctx = parse_contexts(None)
-    net, cfg, names = inference.load_source(run, ctx)
+    net, cfg, names = sources.load_source(run, ctx)
     data = datasets.load_split(cfg['dataset'], cfg['data_path'], 'test', attribute_names=names,
                                **loaders.data_options(cfg))
     logits, labels, masks, _ = steps.predict(net, loaders.eval_loader(cfg, data), ctx)
@@ -409,7 +419,7 @@ def _same_as(result, expected):
 def test_compare_rethinking_reports_the_communitys_convention_whatever_the_runs(two_runs, tmp_path):
     run = two_runs[0]
     assert json.load(open(os.path.join(run, 'config.json')))['metrics'] == 'ours'
-    result = evaluation.main([run, '--compare', 'rethinking', '--out', str(tmp_path / 'r.json')])
+    result = eval_script.main([run, '--compare', 'rethinking', '--out', str(tmp_path / 'r.json')])
     assert result['metrics'] == 'rethinking'
     _same_as(result, _conventions(run)['rethinking'])
     assert json.load(open(str(tmp_path / 'r.json')))['metrics'] == 'rethinking'
@@ -435,8 +445,8 @@ def test_resume_test_reports_in_the_runs_convention_unless_metrics_is_given(two_
     assert changed['metrics'] == 'rethinking'
     _same_as(changed, _conventions(two_runs[0])['rethinking'])
     # eval.py alike: the run's convention by default, --metrics when given
-    assert evaluation.main([rethinking_run])['metrics'] == 'rethinking'
-    assert evaluation.main([rethinking_run, '--metrics', 'ours'])['metrics'] == 'ours'
+    assert eval_script.main([rethinking_run])['metrics'] == 'rethinking'
+    assert eval_script.main([rethinking_run, '--metrics', 'ours'])['metrics'] == 'ours'
 
 
 def test_resume_with_epochs_equal_to_those_done_reports_the_finished_run(two_runs, tmp_path, capsys):

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from engine import gpu
-from engine.errors import UserError
+from common.errors import UserError
 from tests import fixtures
 
 A100 = dict(index=0, name='NVIDIA A100-SXM4-40GB', capability=(8, 0), total_mib=40960)

@@ -12,12 +12,12 @@ import mxnet as mx
 from mxnet import autograd, nd
 
 from tools import compare
-import eval as evaluation
+import eval as eval_script
 import related.hgat as hgat
 import train
 from datasets.digits import ATTRIBUTES as DEMO_ATTRIBUTES
 from datasets.wider import WIDER_ATTRIBUTES
-from engine.errors import UserError
+from common.errors import UserError
 from related.hgat.head import BGATLayer, FlatLinear, HGATHead
 
 
@@ -274,7 +274,7 @@ def test_each_variant_trains_evaluates_and_rebuilds_from_its_run_folder(hgat_run
         cfg = json.load(open(os.path.join(out, 'config.json')))
         assert cfg['head'] == 'hgat' and cfg['hgat_layer'] == layer
         assert [g for g, _ in cfg['hgat_partition']] == list(hgat.GROUPS['demo'])
-        again = evaluation.main([out, '--limit', '64'])
+        again = eval_script.main([out, '--limit', '64'])
         assert again['mAP'] == pytest.approx(result['mAP'], abs=1e-9)
     printed = capsys.readouterr().out
     summary = compare.main([hgat_runs[k][0] for k in ('gat', 'fc', 'none')] + ['--limit', '32', '--out', str(
@@ -293,7 +293,7 @@ def test_a_hgat_run_resumes_predicts_and_exports(hgat_runs, demo_path, tmp_path)
     train.main(['--resume', run, '--epochs', '2'])
     assert len(json.load(open(os.path.join(run, 'metrics.json')))) == 2
     folder = str(tmp_path / 'export')
-    evaluation.main([run, '--export', folder])
+    eval_script.main([run, '--export', folder])
     from datasets import digits
     ds = digits.DigitsCanvas(demo_path, 'test')
     images = []
@@ -307,7 +307,7 @@ def test_a_hgat_run_resumes_predicts_and_exports(hgat_runs, demo_path, tmp_path)
     np.testing.assert_allclose(onnx_rows['probabilities'], gluon_rows['probabilities'], atol=2e-5)
     session = onnx_session(os.path.join(folder, 'model.onnx'))
     x = np.random.RandomState(0).normal(size=(2, 3, 48, 48)).astype(np.float32)
-    from evaluation.inference import load_source
+    from engine.sources import load_source
     net, _, _ = load_source(run, [mx.cpu()])
     np.testing.assert_allclose(session.run([OUTPUT_NAME], {INPUT_NAME: x})[0], net(nd.array(x))[2].asnumpy(),
                                rtol=1e-4, atol=1e-4)

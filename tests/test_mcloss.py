@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from mxnet import autograd, nd
 
-from engine.errors import UserError
+from common.errors import UserError
 from related.mcloss.head import MCHead, MutualChannelLoss
 
 
@@ -183,7 +183,7 @@ def test_channel_bookkeeping():
 # ------------------------------------------------------------------------------------------------
 
 def _mc_net(hybrid, **mc):
-    from model import build_net
+    from engine.build import build_net
     cfg = dict(backbone='resnet18_v1', num_classes=4, preset='demo', input_size=48, mc_loss=True, **mc)
     net = build_net(cfg)
     if hybrid:
@@ -196,7 +196,7 @@ def test_the_mc_head_reads_the_pooled_map_and_leaves_the_predictions_alone(hybri
     """The head sees the map that enters the global pooling (its logits are the CCMP + GAP of that map
     plus the bias), and the network's outputs are the same with the head on or off, and the same as
     a network without it holding the same weights."""
-    from model import build_net
+    from engine.build import build_net
     net = _mc_net(hybrid, mc_drop=0.0)                      # no channel masking: a deterministic head
     net.aux_head.bias.set_data(nd.array([0.5, -1.0, 0.25, 0.0]))
     x = nd.array(np.random.RandomState(0).randn(3, 3, 48, 48))
@@ -213,10 +213,10 @@ def test_the_mc_head_reads_the_pooled_map_and_leaves_the_predictions_alone(hybri
     xi = 512 // 4
     groups = fmap[:, :4 * xi].reshape(3, 4, xi, -1)
     expected = groups.max(axis=2).mean(axis=-1) + [0.5, -1.0, 0.25, 0.0]
-    np.testing.assert_allclose(outs[3][0].asnumpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(outs.aux[0].asnumpy(), expected, rtol=1e-5, atol=1e-6)
     soft = np.exp(groups - groups.max(-1, keepdims=True))
     soft /= soft.sum(-1, keepdims=True)
-    np.testing.assert_allclose(outs[3][1].asnumpy(), 1 - soft.max(axis=2).sum(-1).mean(-1) / xi, rtol=1e-5)
+    np.testing.assert_allclose(outs.aux[1].asnumpy(), 1 - soft.max(axis=2).sum(-1).mean(-1) / xi, rtol=1e-5)
     net.return_aux = False
     plain = build_net(dict(backbone='resnet18_v1', num_classes=4, preset='demo', input_size=48))
     mine = {n[len(net.prefix):]: p for n, p in net.collect_params().items()}
@@ -249,8 +249,7 @@ def test_the_training_step_adds_the_weighted_mc_terms_and_logs_them_unweighted()
     with autograd.train_mode():
         primary, taps, _ = net(x)
         net.return_aux = True
-        logits, div = [a.asnumpy().astype(np.float64) for a in net(x)[3]]
-        net.return_aux = False
+        logits, div = [a.asnumpy().astype(np.float64) for a in net(x).aux]
     vaa = VAALoss(gamma=0.5)
     expected_vaa = vaa(primary, taps, y, m).sum().asscalar()
     lr, w_dis, w_div = 0.1, 1.5, 20.0
@@ -258,7 +257,7 @@ def test_the_training_step_adds_the_weighted_mc_terms_and_logs_them_unweighted()
     bias = net.aux_head.bias.data().asnumpy().copy()
     loss = VAALoss(gamma=0.5, aux=MutualChannelLoss(w_dis, w_div))
     step = steps.train_step(net, loss, trainers, PredictionHistory(4, 4), (x, y, m, nd.arange(4)), 0,
-                            [mx.cpu()])
+                            [mx.cpu()])                 # (net.return_aux is on: the MC head's outputs)
     yy, mm = y.asnumpy(), m.asnumpy()
     bce = -(yy * -np.logaddexp(0, -logits) + (1 - yy) * -np.logaddexp(0, logits))
     assert step.loss.asscalar() == pytest.approx(expected_vaa, rel=1e-5)

@@ -8,9 +8,9 @@ from mxnet import autograd, nd
 from engine import checkpoints
 from related.mlgcn import head as mlgcn
 from engine import steps
-from engine.errors import UserError
+from common.errors import UserError
 from losses import PredictionHistory, VAALoss
-from model import build_net
+from engine.build import build_net
 from engine.trainers import StageTrainers
 
 

@@ -9,9 +9,10 @@ from mxnet import autograd, gluon, nd
 from mxnet.gluon.model_zoo import model_store, vision
 
 import attention
-from engine.errors import UserError
+from common.errors import UserError
 from backbone import model_zoo_file, tap_names
-from model import PRESETS, VAANet, get_vaa_net
+from common.presets import PRESETS
+from model import VAANet, get_vaa_net, vaa_net
 from engine.trainers import StageTrainers
 
 
@@ -64,23 +65,23 @@ def test_output_shapes_and_taps_match_model_zoo_graph(backbone, preset):
 
 
 def test_demo_preset_gives_attention_maps_of_at_least_6x6_on_the_demo_canvases():
-    net = VAANet('resnet18_v1', 12, 'demo', 48)
+    net = vaa_net('resnet18_v1', 12, 'demo', 48)
     assert tap_names('resnet18_v1', net.taps) == ['s1', 's2']
     assert net.tap_shapes == [(64, 12, 12), (128, 6, 6)]
 
 
 def test_resnet101_taps_at_224_are_the_spec_table():
-    net = VAANet('resnet101_v1', 14, 'upstream', 224)
+    net = vaa_net('resnet101_v1', 14, 'upstream', 224)
     assert tap_names('resnet101_v1', net.taps) == ['s3b20', 's3', 's4']
     assert net.tap_shapes == [(1024, 14, 14), (1024, 14, 14), (2048, 7, 7)]
     assert net.stage_numbers == [2, 3, 4]
-    paper = VAANet('resnet101_v1', 14, 'paper', 224)
+    paper = vaa_net('resnet101_v1', 14, 'paper', 224)
     assert paper.tap_shapes == [(1024, 14, 14), (2048, 7, 7)] and paper.stage_numbers == [3, 4]
 
 
 @pytest.mark.parametrize('preset', ['paper', 'upstream'])
 def test_head_architecture_follows_preset_and_input_size(preset):
-    net = VAANet('resnet18_v1', 5, preset, 96)        # taps 6x6 (s3) and 3x3 (s4)
+    net = vaa_net('resnet18_v1', 5, preset, 96)        # taps 6x6 (s3) and 3x3 (s4)
     cfg = PRESETS[preset]
     branch, classifier = net.branches[-1], net.classifiers[-1]
     convs = [b for b in branch.fatt if isinstance(b, gluon.nn.Conv2D)]
@@ -154,7 +155,7 @@ def test_attention_maps_sum_to_one_and_are_the_spatial_softmax():
     net = get_vaa_net('resnet18_v1', 4, 'upstream', 64)
     net.return_attention = True
     x = nd.random.normal(shape=(3, 3, 64, 64))
-    _, _, _, maps = net(x)
+    maps = net(x).maps
     assert len(maps) == 3
     for a, shape in zip(maps, net.tap_shapes):
         a = a.asnumpy()
@@ -216,7 +217,7 @@ def test_pretrained_missing_cache_fails_at_once_with_the_file_to_place(tmp_path,
     path, url = model_zoo_file('resnet18_v1')
     start = time.time()
     with pytest.raises(UserError) as err:
-        VAANet('resnet18_v1', 3, 'paper', 64, pretrained=True)
+        vaa_net('resnet18_v1', 3, 'paper', 64, pretrained=True)
     assert time.time() - start < 5 and tried == []
     message = str(err.value)
     assert os.path.basename(path) in message and str(tmp_path / 'models') in message and url in message
@@ -242,7 +243,7 @@ def test_a_failing_download_is_tried_and_its_retries_stay_off_the_console(tmp_pa
     monkeypatch.setattr(model_store, 'download', failing)
     path, url = model_zoo_file('resnet18_v1')
     with pytest.raises(UserError, match='Network is unreachable') as err:
-        VAANet('resnet18_v1', 3, 'paper', 64, pretrained=True)
+        vaa_net('resnet18_v1', 3, 'paper', 64, pretrained=True)
     assert tried == [url] and os.path.basename(path) in str(err.value)
     assert 'download failed' not in capsys.readouterr().out
 
@@ -290,7 +291,7 @@ def test_pretrained_missing_file_is_downloaded_through_the_model_zoo_with_its_sh
         os.remove(path)
         monkeypatch.setitem(model_store._model_sha1, 'resnet18_v1', sha1[:8] + '0' * 32)   # same file name
         with pytest.raises(UserError, match='different hash'):
-            VAANet('resnet18_v1', 3, 'paper', 64, pretrained=True)
+            vaa_net('resnet18_v1', 3, 'paper', 64, pretrained=True)
     finally:
         server.shutdown()
         server.server_close()
@@ -311,16 +312,29 @@ def test_pretrained_loads_the_cached_file(tmp_path, monkeypatch):
     with open(path, 'wb') as f:
         f.write(b'not a parameter file')
     with pytest.raises(UserError, match='could not read'):
-        VAANet('resnet18_v1', 3, 'paper', 64, pretrained=True)
+        vaa_net('resnet18_v1', 3, 'paper', 64, pretrained=True)
+
+
+def test_the_network_takes_numbers_and_the_factory_takes_a_presets():
+    """VAANet is built from the taps and widths it is given; vaa_net looks a preset's numbers up."""
+    net = VAANet('resnet18_v1', 3, taps=('s2',), att_channels=(8, 16), att_second_kernel=3,
+                 cls_channels=(8, 16, 32), input_size=64)
+    assert net.preset is None and tap_names('resnet18_v1', net.taps) == ['s2']
+    convs = [b for b in net.branches[0].fatt if isinstance(b, gluon.nn.Conv2D)]
+    assert [(c._channels, c._kwargs['kernel']) for c in convs] == [(8, (1, 1)), (16, (3, 3)), (3, (1, 1))]
+    convs = [b for b in net.classifiers[0].fsr if isinstance(b, gluon.nn.Conv2D)]
+    assert [c._channels for c in convs] == [8, 16]
+    demo = vaa_net('resnet18_v1', 3, 'demo', 48)
+    assert demo.preset == 'demo' and demo.taps == PRESETS['demo']['taps']
 
 
 def test_unknown_backbone_preset_and_tap_are_user_errors():
     with pytest.raises(UserError, match='unknown backbone'):
-        VAANet('vgg16', 3)
+        vaa_net('vgg16', 3)
     with pytest.raises(UserError, match='unknown preset'):
-        VAANet('resnet18_v1', 3, 'best')
+        vaa_net('resnet18_v1', 3, 'best')
     with pytest.raises(UserError, match='unknown tap'):
-        VAANet('resnet18_v1', 3, taps=('s9',))
+        vaa_net('resnet18_v1', 3, taps=('s9',))
 
 
 def test_stage_trainers_cover_every_parameter_once_and_freezing_skips_backbone():

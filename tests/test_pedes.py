@@ -15,7 +15,7 @@ import pytest
 
 import datasets
 from datasets import pedes
-from engine.errors import UserError
+from common.errors import UserError
 from tests import fixtures
 from tests import rethinking_reference as R
 
@@ -114,9 +114,10 @@ def test_zero_shot_files_have_one_partition_and_their_own_attributes(tmp_path):
     import mxnet as mx
     from engine import config
     import train
+    from engine import loop
     cfg, _ = config.parse_args(['--data_path', root, '--split-file', 'dataset_zs_run0.pkl', '--train-split',
                                 'trainval', '--val-split', 'test', '--no-pretrained', '--batch_size', '4'])
-    data = train.get_data(cfg, [mx.cpu()])
+    data = train.get_data(cfg, loop.Place([mx.cpu()], None, 0, 1))
     assert cfg['dataset'] == 'pedes' and (len(data.train), len(data.val), len(data.test)) == (15, 9, 9)
     np.testing.assert_array_equal(data.train.labels, expected(zs, 'trainval')[1])
 
@@ -278,8 +279,8 @@ def test_train_eval_and_predict_through_the_reader(tmp_path, capsys):
     """One epoch on the PETA file (told from the folder, numbered run 2, the report in the community's
     convention), then eval.py --compare rethinking and predict.py; the test report equals
     get_pedestrian_metrics (transcribed) on the best checkpoint's probabilities."""
-    import eval as evaluation
-    from evaluation import inference
+    import eval as eval_script
+    from engine import sources
     from evaluation import metrics
     import predict
     from engine import steps
@@ -297,7 +298,7 @@ def test_train_eval_and_predict_through_the_reader(tmp_path, capsys):
     assert (cfg['dataset'], cfg['partition'], cfg['metrics']) == ('pedes', 2, 'rethinking')
     report = json.load(open(os.path.join(out, 'test_metrics.json')))
     ctx = parse_contexts(None)
-    net, run_cfg, names = inference.load_source(out, ctx)
+    net, run_cfg, names = sources.load_source(out, ctx)
     test = datasets.get_split('pedes', root, 'test', partition=2)
     logits, labels, _, _ = steps.predict(net, loaders.eval_loader(run_cfg, test), ctx)
     files, gt, _ = expected(dataset, 'test', run=2)
@@ -308,15 +309,15 @@ def test_train_eval_and_predict_through_the_reader(tmp_path, capsys):
                          ('recall', 'instance_recall'), ('f1', 'instance_f1')):
         assert report[ours] == pytest.approx(oracle[theirs], abs=1e-12), ours
     capsys.readouterr()
-    evaluation.main([out, '--compare', 'rethinking', '--num-workers', '0'])
+    eval_script.main([out, '--compare', 'rethinking', '--num-workers', '0'])
     printed = capsys.readouterr().out
     assert re.search(r'PETA\s+resnet50\s+83\.96\s+78\.65\s+87\.08\s+85\.62\s+86\.35', printed), printed
     ours_line = next(line for line in printed.splitlines() if line.startswith('PETA     ours'))
     assert '%.2f' % (100 * oracle['ma']) in ours_line
     assert json.load(open(os.path.join(out, 'eval_test.json')))['metrics'] == 'rethinking'
-    assert 'drop --metrics ours' in _user_error(lambda: evaluation.main([out, '--compare', 'rethinking',
+    assert 'drop --metrics ours' in _user_error(lambda: eval_script.main([out, '--compare', 'rethinking',
                                                                          '--metrics', 'ours']))
-    plain = evaluation.main([out, '--metrics', 'ours', '--num-workers', '0'])
+    plain = eval_script.main([out, '--metrics', 'ours', '--num-workers', '0'])
     assert plain['metrics'] == 'ours'
     assert plain['mA'] == pytest.approx(metrics.label_based(metrics.sigmoid(logits), gt, np.ones_like(gt))[0],
                                         abs=1e-12)
@@ -341,15 +342,14 @@ def test_the_printed_hints_work(tmp_path):
 
 
 def test_the_baseline_table_for_data_it_has_no_numbers_for():
-    from evaluation import inference
-    from evaluation import metrics
+    from evaluation import tables
     result = dict(community_dataset=None, mA=0.5, accuracy=0.4, precision=0.3, recall=0.2, f1=0.1)
-    text = inference.rethinking_table(result, 'VAA (paper, resnet18_v1, 32)')
-    assert all(('%-8s %-16s %6.2f' % row[:3]) in text for row in metrics.RETHINKING_BASELINE)
+    text = tables.rethinking_table(result, 'VAA (paper, resnet18_v1, 32)')
+    assert all(('%-8s %-16s %6.2f' % row[:3]) in text for row in tables.RETHINKING_BASELINE)
     assert 'no baseline numbers for this data: they report PA100k, PETA, PETAzs, RAPv1, RAPv2, RAPzs' in text
     assert '50.00  40.00  30.00  20.00  10.00' in text
     result['community_dataset'] = 'RAPzs'
-    text = inference.rethinking_table(result, 'VAA')
+    text = tables.rethinking_table(result, 'VAA')
     assert 'PETA ' not in text and 'RAPzs    resnet50' in text
     assert '-21.76 -24.83 -48.75 -56.60 -67.66' in text                 # ours - their resnet50, in points
 

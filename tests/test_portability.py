@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from mxnet.gluon import nn
 
-from engine import machine
+from common import machine
 from tests import isa_probe
 from backbone import BatchNorm1D
 
@@ -133,7 +133,7 @@ def test_no_network_applies_a_plain_batchnorm_to_vectors():
     import mxnet as mx
     from mxnet import autograd
     from engine import config
-    from model import build_net
+    from engine.build import build_net
     rng = np.random.RandomState(0)
     labels = (rng.rand(16, isa_probe.CLASSES) < 0.4).astype(np.float32)
     x = mx.nd.array(rng.normal(size=(2, 3, isa_probe.SIZE, isa_probe.SIZE)))
@@ -193,8 +193,8 @@ def test_the_vector_batchnorms_keep_the_full_names_checkpoints_hold():
     assert list(second.collect_params()) == ['x_batchnorm1_gamma', 'x_batchnorm1_beta',
                                              'x_batchnorm1_running_mean', 'x_batchnorm1_running_var']
     from engine import config
-    import model
-    net = model.build_net(config.defaults(head='apcnn', input_size=64, num_classes=4))
+    from engine import build
+    net = build.build_net(config.defaults(head='apcnn', input_size=64, num_classes=4))
     heads = sorted(k[len(net.prefix):] for k in net.collect_params() if k[len(net.prefix):].startswith('cls'))
     expected = sorted('%s_%s' % (head, name) for head in ('cls3', 'cls4', 'cls5', 'cls_concate') for name in (
         'batchnorm0_gamma', 'batchnorm0_beta', 'batchnorm0_running_mean', 'batchnorm0_running_var',

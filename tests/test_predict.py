@@ -9,8 +9,8 @@ import cv2
 import predict
 from engine import steps
 from datasets import digits, loaders
-from engine.errors import UserError
-from evaluation.inference import load_source
+from common.errors import UserError
+from engine.sources import load_source
 import mxnet as mx
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from tools import compare
-import eval as evaluation
+import eval as eval_script
 import train
-from engine.errors import UserError
+from common.errors import UserError
 from tests import fixtures
 
 SYSTEMS = (('vaa', []), ('rga', ['--rga', 'sc']), ('gcn', ['--head', 'gcn']),
@@ -35,7 +35,7 @@ def test_each_system_trains_and_its_run_folder_rebuilds_the_same_network(related
                 'none', 'gcn', None, False),
             'gcn-alone': ('none', 'gcn', 'none', False), 'mc': ('none', 'vaa', None, True),
             'apcnn': ('none', 'apcnn', None, False)}[name]
-        again = evaluation.main([out, '--limit', '96'])
+        again = eval_script.main([out, '--limit', '96'])
         assert np.isfinite(result['mAP']) and again['mAP'] == pytest.approx(result['mAP'], abs=1e-9), name
     log = open(os.path.join(related_runs['gcn'][0], 'train.log')).read()
     assert 'label-graph edges' in log and 'onehot (an offline fallback' in log
@@ -49,16 +49,16 @@ def test_each_system_trains_and_its_run_folder_rebuilds_the_same_network(related
 
 
 def test_each_system_predicts_through_the_fused_inference_graph(related_runs, demo_path):
-    """predict.py's scorer (inference.fused_logits_block: oneDNN's fused graph on the CPU, BatchNorm
+    """predict.py's scorer (deploy.cpu_graph.fused_logits_block: oneDNN's fused graph on the CPU, BatchNorm
     folded) gives every system's fused logits as its training graph does, to float32 rounding."""
     import mxnet as mx
     from mxnet import nd
-    from evaluation import inference
+    from engine import sources
     import predict
     from datasets import digits, loaders
     ds = digits.DigitsCanvas(demo_path, 'test', limit=5)
     for name, (out, _) in related_runs.items():
-        net, cfg, _ = inference.load_source(out, [mx.cpu()])
+        net, cfg, _ = sources.load_source(out, [mx.cpu()])
         transform = loaders.transform(cfg)
         x = nd.array(np.stack([transform(image, 0) for image in ds.images]))
         net.hybridize(static_alloc=True, static_shape=True)
@@ -79,7 +79,7 @@ def test_apcnn_overlays_draw_the_gates_and_the_rois_the_network_chose(related_ru
     cv2.imwrite(img, ds.images[0][:, :, ::-1])
     from evaluation import plots
     with mock.patch.object(plots, 'apcnn_overlay', wraps=plots.apcnn_overlay) as drawn:
-        written = evaluation.main([out, '--image', img, '--out-dir', str(tmp_path / 'att')])
+        written = eval_script.main([out, '--image', img, '--out-dir', str(tmp_path / 'att')])
     assert os.path.isfile(written[0]) and 'AP-CNN gates and ROIs' in capsys.readouterr().out
     _, gates, rois, valid, box, stride, _ = drawn.call_args[0]
     assert [g.shape for g in gates] == [(8, 8), (4, 4), (2, 2)] and rois.shape == (9, 4) and stride == 8
@@ -116,7 +116,7 @@ def test_related_systems_on_a_wider_layout(tmp_path, flags):
                          '0'] + flags)
     cfg = json.load(open(os.path.join(out, 'config.json')))
     assert cfg['dataset'] == 'wider' and np.isfinite(result['mAP'])
-    assert evaluation.main([out])['mAP'] == pytest.approx(result['mAP'], abs=1e-9)
+    assert eval_script.main([out])['mAP'] == pytest.approx(result['mAP'], abs=1e-9)
 
 
 def test_compare_refuses_a_figure_name_matplotlib_cannot_write_before_any_work(tmp_path):

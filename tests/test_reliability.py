@@ -13,8 +13,9 @@ import mxnet as mx
 
 from engine import checkpoints
 import train
+from engine import loop
 from datasets import digits
-from engine.errors import UserError
+from common.errors import UserError
 from tests import fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,8 +114,8 @@ def test_sigterm_mid_epoch_leaves_a_checkpoint_that_resumes_exactly(straight_run
 def test_failed_checkpoint_write_keeps_the_previous_one(straight_run, tmp_path, monkeypatch):
     out, _ = straight_run
     meta, arrays = checkpoints.read_meta(os.path.join(out, 'checkpoints', 'last.params'))
-    from evaluation import inference
-    net, cfg, _ = inference.load_source(out, [mx.cpu()], 'last')
+    from engine import sources
+    net, cfg, _ = sources.load_source(out, [mx.cpu()], 'last')
     path = str(tmp_path / 'last.params')
     checkpoints.save_training(path, net, {}, None, meta)
     good = open(path, 'rb').read()
@@ -311,14 +312,15 @@ def test_a_checkpoint_in_the_file_shapes_resumes_bitwise(straight_run, tmp_path)
     """Loading a checkpoint restores every parameter and optimizer state bit for bit, and saving the restored
     state writes the same arrays: nothing is reshaped, rounded or left behind on the way."""
     from mxnet import nd
-    from evaluation import inference
+    from engine import sources
     out, _ = straight_run
     path = os.path.join(out, 'checkpoints', 'last.params')
     stored = nd.load(path)
     meta, arrays = checkpoints.read_meta(path)
-    net, cfg, _ = inference.load_source(out, [mx.cpu()], 'last')
-    trainers = train.get_trainers(cfg, net, [mx.cpu()], None)[0]
-    loss, history = train.get_losses(cfg, train.get_data(cfg, [mx.cpu()]).train, [mx.cpu()])
+    net, cfg, _ = sources.load_source(out, [mx.cpu()], 'last')
+    place = loop.Place([mx.cpu()], None, 0, 1)
+    trainers = train.get_trainers(cfg, net, place)[0]
+    loss, history = train.get_losses(cfg, train.get_data(cfg, place).train, [mx.cpu()])
     checkpoints.load_training(path, net, trainers.trainers, history, arrays)
     restored = 0
     for module, trainer in trainers.trainers.items():      # in memory: each state in its parameter's shape

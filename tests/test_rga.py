@@ -6,8 +6,8 @@ import mxnet as mx
 from mxnet import autograd, gluon, nd
 
 from engine import checkpoints
-from engine.errors import UserError
-from model import build_net
+from common.errors import UserError
+from engine.build import build_net
 from related.rga.modules import RGAModule
 
 

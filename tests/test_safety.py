@@ -9,11 +9,13 @@ import pytest
 import mxnet as mx
 
 from engine import checkpoints
-import eval as evaluation
+import eval as eval_script
 from engine import runfolder
 from engine import steps
+from engine import report
+from engine import sources
 import train
-from engine.errors import UserError
+from common.errors import UserError
 from losses import VAALoss
 from tests import fixtures
 
@@ -71,12 +73,12 @@ def test_diverged_validation_outputs_stop_the_run_and_never_become_best(demo_pat
 
 def test_evaluating_a_network_with_non_finite_outputs_is_refused(finished_run):
     out, _ = finished_run
-    net, cfg, names = evaluation.inference.load_source(out, [mx.cpu()])
+    net, cfg, names = sources.load_source(out, [mx.cpu()])
     for p in net.collect_params().values():
         if p.name.endswith('classifier0_fsr_dense0_bias'):
             p.set_data(p.data() * np.nan)
     with pytest.raises(UserError, match='inf/NaN outputs for'):
-        evaluation.inference.evaluate_split(net, dict(cfg, limit=16), names, 'val', [mx.cpu()])
+        report.evaluate_split(net, dict(cfg, limit=16), names, 'val', [mx.cpu()])
 
 
 @pytest.mark.parametrize('change', ['swapped', 'missing'])
@@ -213,7 +215,7 @@ def test_images_of_the_same_name_get_their_own_overlays(finished_run, tmp_path):
         os.makedirs(str(tmp_path / folder))
         paths.append(str(tmp_path / folder / 'x.png'))
         cv2.imwrite(paths[-1], np.full((48, 48, 3), colour, np.uint8))
-    written = evaluation.main([out, '--image'] + paths + ['--out-dir', str(tmp_path / 'att')])
+    written = eval_script.main([out, '--image'] + paths + ['--out-dir', str(tmp_path / 'att')])
     assert len(set(written)) == 2 and all(os.path.isfile(w) for w in written)
 
 

@@ -12,7 +12,8 @@ from mxnet import autograd, nd
 from engine import distributed
 from datasets.base import EpochSampler
 from losses import PredictionHistory, VAALoss
-from model import get_vaa_net, use_sync_batchnorm
+from model import get_vaa_net
+from engine.distributed import use_sync_batchnorm
 from engine.steps import train_step
 from engine.trainers import StageTrainers
 
@@ -184,7 +185,7 @@ def test_syncbn_on_cpu_contexts_is_a_clear_error(tmp_path, demo_path):
 
 
 def test_thread_settings_fill_in_only_what_the_user_did_not_set():
-    from engine import machine
+    from common import machine
     env = {}
     note = machine.thread_settings(env)
     assert env == {'OMP_NUM_THREADS': str(os.cpu_count() or 1), 'MXNET_CPU_PARALLEL_SIZE': '2147483647'}
@@ -196,7 +197,7 @@ def test_thread_settings_fill_in_only_what_the_user_did_not_set():
 _COPY_PROBE = '''
 import os, sys
 sys.path.insert(0, %r)
-from engine import machine
+from common import machine
 machine.thread_settings()
 import numpy as np
 import pytest

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from engine import config
-import eval as evaluation
-from evaluation import inference
+import eval as eval_script
+from evaluation import tables
 from evaluation import metrics
 import train
 from datasets import digits
@@ -80,7 +80,7 @@ def test_short_run_learns_and_writes_the_run_folder(tiny_run):
 
 def test_eval_reproduces_the_final_metrics(tiny_run, capsys):
     out, result = tiny_run
-    again = evaluation.main([out, '--limit', '480'])
+    again = eval_script.main([out, '--limit', '480'])
     assert again['mAP'] == pytest.approx(result['mAP'], abs=1e-6)
     assert again['mA'] == pytest.approx(result['mA'], abs=1e-6)
     aps = [r['ap'] for r in result['per_attribute']]
@@ -93,7 +93,7 @@ def test_eval_reproduces_the_final_metrics(tiny_run, capsys):
 
 def test_eval_compare_paper_and_images(tiny_run, tmp_path, capsys):
     out, _ = tiny_run
-    res = evaluation.main([out, '--split', 'val', '--limit', '64', '--compare', 'paper',
+    res = eval_script.main([out, '--split', 'val', '--limit', '64', '--compare', 'paper',
                            '--out', str(tmp_path / 'val.json')])
     # the paper reports nothing for the demo: no deltas, and the output says why
     assert res['paper'] is None
@@ -102,32 +102,32 @@ def test_eval_compare_paper_and_images(tiny_run, tmp_path, capsys):
     import cv2
     img = str(tmp_path / 'canvas.png')
     cv2.imwrite(img, ds.images[0][:, :, ::-1])
-    written = evaluation.main([out, '--image', img, '--out-dir', str(tmp_path / 'att')])
+    written = eval_script.main([out, '--image', img, '--out-dir', str(tmp_path / 'att')])
     assert os.path.isfile(written[0])
     text = capsys.readouterr().out
     assert 'many_digits' in text and 'attention maps' in text
 
 
 def test_paper_numbers_apply_only_where_the_paper_reported_them():
-    wider = inference.paper_reference('lst', list(WIDER_ATTRIBUTES))
+    wider = tables.paper_reference('lst', list(WIDER_ATTRIBUTES))
     assert wider['mAP'] == 86.4 and wider['per_attribute']['stripe'] == 68 and wider['resnet101_mAP'] == 83.7
-    assert inference.paper_reference('peta', ['a%d' % i for i in range(35)])['mA'] == 84.59
-    assert inference.paper_reference('peta', ['a%d' % i for i in range(105)]) is None
-    assert inference.paper_reference('demo', list(digits.ATTRIBUTES)) is None
-    assert inference.paper_reference('wider', list(WIDER_ATTRIBUTES)[::-1]) is None
+    assert tables.paper_reference('peta', ['a%d' % i for i in range(35)])['mA'] == 84.59
+    assert tables.paper_reference('peta', ['a%d' % i for i in range(105)]) is None
+    assert tables.paper_reference('demo', list(digits.ATTRIBUTES)) is None
+    assert tables.paper_reference('wider', list(WIDER_ATTRIBUTES)[::-1]) is None
 
 
 def test_export_to_the_authors_layout_and_evaluate_it_back(tiny_run, demo_path, tmp_path, capsys):
     out, result = tiny_run
     folder = str(tmp_path / 'saved_models')
-    written = evaluation.main([out, '--export-upstream', folder])
+    written = eval_script.main([out, '--export-upstream', folder])
     assert sorted(os.path.basename(p) for p in written) == sorted(
         ['backbone_resnet.params'] + ['%s_stage_%d.params' % (m, n)
                                       for m in ('fconv', 'fatt', 'fsr') for n in (3, 4)])
     printed = capsys.readouterr().out
     assert "cannot load these" in printed
     assert '--preset demo --backbone resnet18_v1 --input-size 48' in printed
-    again = evaluation.main([folder, '--preset', 'demo', '--backbone', 'resnet18_v1', '--input-size', '48',
+    again = eval_script.main([folder, '--preset', 'demo', '--backbone', 'resnet18_v1', '--input-size', '48',
                              '--dataset', 'demo', '--data_path', demo_path, '--limit', '480'])
     assert again['mAP'] == pytest.approx(result['mAP'], abs=1e-9)
 

@@ -9,9 +9,10 @@ import mxnet as mx
 from mxnet import autograd, nd
 
 from engine import config
+from engine import loop
 import datasets
 from engine import steps
-from engine.errors import UserError
+from common.errors import UserError
 from losses import PredictionHistory, VAALoss
 from model import get_vaa_net
 from tests import fixtures
@@ -222,11 +223,11 @@ def test_upstream_preset_reads_the_training_split_in_file_order(demo_path):
     import train
     cfg, _ = config.parse_args(['--data_path', demo_path, '--preset', 'upstream', '--limit', '64',
                                 '--batch_size', '16'])
-    data = train.get_data(cfg, [mx.cpu()])
+    data = train.get_data(cfg, loop.Place([mx.cpu()], None, 0, 1))
     data.sampler.set_epoch(3)
     assert [int(i) for batch in data.train_loader for i in batch[3].asnumpy()] == list(range(64))
     cfg, _ = config.parse_args(['--data_path', demo_path, '--limit', '64', '--batch_size', '16'])
-    data = train.get_data(cfg, [mx.cpu()])
+    data = train.get_data(cfg, loop.Place([mx.cpu()], None, 0, 1))
     data.sampler.set_epoch(3)
     order = [int(i) for batch in data.train_loader for i in batch[3].asnumpy()]
     assert sorted(order) == list(range(64)) and order != list(range(64))

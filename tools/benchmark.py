@@ -24,7 +24,7 @@ Rows (images/sec, higher is better):
   (what train.py uses) and, for comparison, with forked worker processes.
 
 * ``inference``: the fused logits of the network (``export.FusedLogits``) at batch 1 and 32 by four
-  paths: the fp32 Gluon graph as predict.py runs it (``inference.fused_logits_block``: oneDNN's fused
+  paths: the fp32 Gluon graph as predict.py runs it (``deploy.cpu_graph.fused_logits_block``: oneDNN's fused
   graph on the CPU); MXNet's INT8 post-training quantization
   (``quantize_net``, smart mode, naive calibration); onnxruntime on ``model.onnx`` (fp32); onnxruntime
   on ``model-int8.onnx`` (``export.quantize_onnx``: QDQ, per-tensor, min/max). Random weights, so
@@ -42,7 +42,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the checkout
-from engine import machine  # noqa: E402
+from common import machine  # noqa: E402
 
 machine.thread_settings()                       # must be set before mxnet is imported
 
@@ -64,10 +64,10 @@ from datasets import loaders  # noqa: E402
 from engine import flags  # noqa: E402
 import related  # noqa: E402
 from engine import steps  # noqa: E402
-from engine.errors import UserError, run_main  # noqa: E402
+from common.errors import UserError, run_main  # noqa: E402
 from engine.distributed import parse_contexts  # noqa: E402
 from losses import PredictionHistory, VAALoss  # noqa: E402
-from model import build_net  # noqa: E402
+from engine.build import build_net  # noqa: E402
 from engine.trainers import StageTrainers  # noqa: E402
 
 
@@ -101,11 +101,12 @@ def ours_steps(args, ctx, x, y, m, **system):
     batch = (x, y, m, idx)
 
     def train_step():
+        net.return_aux = loss.aux is not None         # as train.py's epochs (a no-op when it is on already)
         steps.train_step(net, loss, trainers, history, batch, 2, [ctx])
 
     def eval_step():
         net.return_aux = False
-        net(x)[2].wait_to_read()
+        net(x).fused.wait_to_read()
     return train_step, eval_step
 
 
@@ -268,8 +269,8 @@ def inference_paths(net, cfg, calibration, ctx, folder):
                                      calib_mode='naive', calib_data=calib, num_calib_examples=32 * len(calib),
                                      ctx=ctx)
     symbol_file, params_file = export.export_symbol(net, size, folder, [ctx])
-    from evaluation import inference
-    block = inference.fused_logits_block(net, size, ctx)        # what predict.py runs
+    from deploy import cpu_graph
+    block = cpu_graph.fused_logits_block(net, size, ctx)        # what predict.py runs
     fp32_onnx = export.export_onnx(symbol_file, params_file, size, os.path.join(folder, 'model.onnx'))
     int8_onnx = export.quantize_onnx(fp32_onnx, os.path.join(folder, 'model-int8.onnx'), calibration)
     sessions = [export.onnx_session(f) for f in (fp32_onnx, int8_onnx)]
@@ -284,13 +285,13 @@ def inference_paths(net, cfg, calibration, ctx, folder):
 def bench_inference(args, ctx):
     """Images/sec of each inference path at batch 1 and 32 (random weights), and with ``--accuracy RUN``
     each path's mAP on the run's test split."""
-    from evaluation import inference
+    from engine import sources
     import datasets
     from evaluation import metrics
     rows, accuracy, folder = {}, {}, tempfile.mkdtemp()
     try:
         if args.accuracy:
-            net, cfg, names = inference.load_source(args.accuracy, [ctx])
+            net, cfg, names = sources.load_source(args.accuracy, [ctx])
             from deploy import export
             calibration = export.calibration_images(cfg, names, 256)
         else:

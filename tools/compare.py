@@ -17,7 +17,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the checkout
-from engine import machine  # noqa: E402
+from common import machine  # noqa: E402
 
 machine.thread_settings()                       # must be set before mxnet is imported
 
@@ -36,12 +36,13 @@ from engine import config  # noqa: E402
 from engine import flags  # noqa: E402
 import datasets  # noqa: E402
 from datasets import loaders  # noqa: E402
-from evaluation import inference  # noqa: E402
+from engine import report  # noqa: E402
+from engine import sources  # noqa: E402
 from evaluation import metrics  # noqa: E402
 from evaluation import plots  # noqa: E402
 from engine import steps  # noqa: E402
 from engine.distributed import parse_contexts  # noqa: E402
-from engine.errors import UserError, plural, run_main  # noqa: E402
+from common.errors import UserError, plural, run_main  # noqa: E402
 
 
 def build_parser():
@@ -51,10 +52,10 @@ def build_parser():
 def evaluate_source(source, args, ctx, common, first=None):
     """One row: metrics on the split, parameter count, training and evaluation speed. ``first``: the
     first source's row; a network for other attributes is refused before it sees that source's data."""
-    kind = inference.resolve_source(source)[0]
+    kind = sources.resolve_source(source)[0]
     upstream = dict(preset=args.preset, backbone=args.backbone, input_size=args.input_size,
                     dataset=common.get('dataset'), data_path=common.get('data_path'), split=args.split)
-    net, cfg, names = inference.load_source(source, ctx, upstream=upstream,
+    net, cfg, names = sources.load_source(source, ctx, upstream=upstream,
                                             overrides=dict(common, limit=args.limit))
     if first is not None and list(names) != first['names']:
         if len(names) != len(first['names']):
@@ -83,7 +84,7 @@ def evaluate_source(source, args, ctx, common, first=None):
     settings = {key: cfg.get(key) for key, _ in PROTOCOL} if kind == 'ours' else {}
     if kind == 'ours':
         settings['epochs'] = epochs if epochs is not None else cfg['epochs']
-    return dict(source=source, system=inference.describe(cfg, kind), result=result, params=params,
+    return dict(source=source, system=sources.describe(cfg, kind), result=result, params=params,
                 eval_speed=speed,
                 train_speed=train_speed,
                 frequency=(data.labels * data.mask).sum(0) / np.maximum(data.mask.sum(0), 1),
@@ -159,7 +160,7 @@ def main(argv=None):
         args.out = os.path.join('runs', 'compare-%s.png' % time.strftime('%Y%m%d-%H%M%S'))
         os.makedirs('runs', exist_ok=True)
     config.check_ranges(vars(args), [r for r in config.RANGES if r[0] in ('limit', 'input_size')])
-    inference.check_output_file(args.out, '--out')
+    report.check_output_file(args.out, '--out')
     if not args.out.lower().endswith(('.png', '.pdf', '.svg', '.jpg')):
         raise UserError('--out %s: give the figure a .png (or .pdf, .svg, .jpg) name; the numbers go to a '
                         '.json beside it' % args.out)

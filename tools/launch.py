@@ -10,7 +10,7 @@ role). The workers' output is prefixed with their index. The exit status is the 
 worker's, or 0. (MXNet's own ``tools/launch.py`` needs ``dmlc_tracker``, whose local launcher calls
 ``Thread.isAlive()``, removed in Python 3.9.)
 
-For several machines, run the same variables by hand (README, "Several machines").
+For several machines, run the same variables by hand (docs/speed.md, "Several machines").
 """
 import argparse
 import os

@@ -4,7 +4,7 @@ own on the project's backbones (``net.py``; its ROI pyramid and zoom in ``roi.py
 ``model/resnet50.py``."""
 import collections
 
-from engine.errors import UserError
+from common.errors import UserError
 
 NAME = 'apcnn'
 HEAD = ('apcnn', 'AP-CNN: an attention pyramid on stages 2-4 and a second pass on the zoomed ROIs, instead '

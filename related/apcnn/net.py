@@ -24,7 +24,7 @@ from mxnet import gluon
 from mxnet.gluon import nn
 
 from backbone import Backbone, BatchNorm1D
-from engine.errors import UserError
+from common.errors import UserError
 from model import AttributeNet
 
 CONV_INIT = mx.init.MSRAPrelu(factor_type='out', slope=0)          # normal(0, sqrt(2 / (k * k * out)))

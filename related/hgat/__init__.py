@@ -11,7 +11,7 @@ import collections
 import json
 import os
 
-from engine.errors import UserError
+from common.errors import UserError
 
 NAME = 'hgat'
 HEAD = ('hgat', 'HGAT-FC: graph attention over attribute groups, then over the attributes of each group')
@@ -91,22 +91,27 @@ def describe(cfg):
     return 'HGAT-FC (%s)' % cfg['hgat_layer']
 
 
+def _contiguous(count_names, spec):
+    """``contiguous:G``: G consecutive groups; the first n mod G of them hold one attribute more
+    (numpy.array_split's rule)."""
+    try:
+        count = int(spec.split(':', 1)[1])
+    except ValueError:
+        count = 0
+    if not 1 <= count <= count_names:
+        raise UserError('--hgat-groups %s: G must be a whole number from 1 to the %d attributes' % (
+            spec, count_names))
+    size, larger = divmod(count_names, count)
+    bounds = [i * size + min(i, larger) for i in range(count + 1)]
+    return [('group %d' % (i + 1), list(range(bounds[i], bounds[i + 1]))) for i in range(count)]
+
+
 def partition(names, spec=None):
     """``[(group name, [attribute indices in the dataset's order])]`` for the dataset's attribute ``names``:
     from ``spec`` (a JSON file, or ``contiguous:G``) or the built-in groups whose names are exactly these."""
     names = list(names)
     if spec and spec.startswith('contiguous:'):
-        try:
-            count = int(spec.split(':', 1)[1])
-        except ValueError:
-            count = 0
-        if not 1 <= count <= len(names):
-            raise UserError('--hgat-groups %s: G must be a whole number from 1 to the %d attributes' % (
-                spec, len(names)))
-        # G consecutive groups; the first n mod G of them hold one attribute more (numpy.array_split's rule)
-        size, larger = divmod(len(names), count)
-        bounds = [i * size + min(i, larger) for i in range(count + 1)]
-        return [('group %d' % (i + 1), list(range(bounds[i], bounds[i + 1]))) for i in range(count)]
+        return _contiguous(len(names), spec)
     if spec:
         try:
             with open(spec) as f:
@@ -158,9 +163,9 @@ def plug(cfg, parts, labels=None, mask=None, names=None):
         cfg['hgat_partition'] = [[g, idx] for g, idx in partition(names, cfg['hgat_groups'])]
     groups = [idx for _, idx in cfg['hgat_partition']]
     s = settings(cfg)
-    parts.primary = (NAME, lambda width: head.HGATHead(width, groups, s.layer, s.group_channels,
-                                                       s.class_channels,
-                                                       prefix='hgat_'))
+    from model import Head
+    parts.primary = Head(NAME, lambda width: head.HGATHead(width, groups, s.layer, s.group_channels,
+                                                           s.class_channels, prefix='hgat_'))
     parts.pool = 'max'
     parts.notes.append('HGAT-FC head (%d groups, graph layers: %s)' % (len(groups), s.layer))
 

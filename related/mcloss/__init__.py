@@ -3,7 +3,7 @@ Fine-Grained Image Classification", TIP 2020): an extra term on the map that ent
 added to Eq. 7, never replacing it (``head.py``: the head, evaluated in training only, and the loss)."""
 import collections
 
-from engine.errors import UserError
+from common.errors import UserError
 
 NAME = 'mc'
 HEAD = None
@@ -63,7 +63,8 @@ def plug(cfg, parts, labels=None, mask=None, names=None):
         parts.notes.append('MC-Loss head (%d attributes x %d channels%s)' % (
             cfg['num_classes'], block.xi, ', projected' if block.projected else ''))
         return block
-    parts.aux = (NAME, ('mc_logits', 'mc_div'), build)
+    from model import AuxHead
+    parts.aux = AuxHead(NAME, ('mc_logits', 'mc_div'), build)
 
 
 def loss(cfg):

@@ -25,7 +25,7 @@ import numpy as np
 from mxnet import gluon, nd
 from mxnet.gluon.loss import Loss
 
-from engine.errors import UserError
+from common.errors import UserError
 from losses import _log_sigmoids
 
 

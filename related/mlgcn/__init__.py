@@ -55,7 +55,8 @@ def plug(cfg, parts, labels=None, mask=None, names=None):
                                   cfg.get('gcn_embedding_dim'))
         cfg['gcn_embedding_dim'] = dim           # (saved, so that evaluation rebuilds the head)
         return gcn
-    parts.primary, parts.pool = (NAME, build), settings(cfg).pool
+    from model import Head
+    parts.primary, parts.pool = Head(NAME, build), settings(cfg).pool
     parts.notes.append('ML-GCN head')
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import mxnet as mx
 from mxnet import gluon
 
-from engine.errors import UserError
+from common.errors import UserError
 
 LOG = logging.getLogger('vaa')
 EMBEDDINGS = ('onehot', 'cooc', 'random')

@@ -4,7 +4,7 @@ Re-identification", CVPR 2020): modules after chosen ResNet stages (``modules.py
 import collections
 import logging
 
-from engine.errors import UserError
+from common.errors import UserError
 
 LOG = logging.getLogger('vaa')
 NAME = 'rga'
@@ -57,7 +57,8 @@ def plug(cfg, parts, labels=None, mask=None, names=None):
     """RGA modules after the chosen stages of the backbone (warned when stage 1 is costly)."""
     from related.rga import modules
     rga = settings(cfg)
-    parts.blocks = (NAME, lambda shapes: modules.rga_blocks(rga.mode, shapes, rga.stages, rga.ratios))
+    from model import Blocks
+    parts.blocks = Blocks(NAME, lambda shapes: modules.rga_blocks(rga.mode, shapes, rga.stages, rga.ratios))
     parts.notes.append('rga %s after stages %s' % (rga.mode, ','.join(map(str, rga.stages))))
     parts.overlays.append(modules.overlay)
     if 1 in rga.stages and (cfg['input_size'] // 4) ** 2 >= 1024:

@@ -27,7 +27,7 @@ from mxnet import gluon
 from mxnet.gluon import nn
 
 from attention import ReturnsAttention
-from engine.errors import UserError
+from common.errors import UserError
 
 CONV_INIT = mx.init.Xavier(rnd_type='uniform', factor_type='in', magnitude=1)   # U(+-1/sqrt(fan_in))
 

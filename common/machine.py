@@ -4,7 +4,7 @@
 cap when one is set. Imports nothing heavy (``run.sh test`` prints it before the suite starts), so the
 scripts also take their thread settings from here before mxnet is imported (:func:`thread_settings`).
 
-    python -m engine.machine   # e.g. "CPU: Intel(R) Xeon(R) Processor, 2 cores, AVX-512 (avx512f ... ) + AMX"
+    python -m common.machine   # e.g. "CPU: Intel(R) Xeon(R) Processor, 2 cores, AVX-512 (avx512f ... ) + AMX"
 """
 import os
 import platform

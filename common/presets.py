@@ -36,8 +36,8 @@ PRESETS = {
 #   paper/pedes: Rethinking_of_PAR's configs for its own files (configs/pedes_baseline/*.yaml and train.py):
 #     Adam, lr 1e-4, weight decay 5e-4, batch 64, 30 epochs (its MAX_EPOCH), ReduceLROnPlateau(factor 0.1,
 #     patience 4), which has no cap: 30 epochs at patience 4 allow at most 6 drops. What we keep of our own
-#     protocol is in the README (the plateau watches the monitored metric, mA, not the validation loss; a
-#     square input; the validation split picks the checkpoint).
+#     protocol is in docs/datasets.md (the plateau watches the monitored metric, mA, not the validation
+#     loss; a square input; the validation split picks the checkpoint).
 #   demo/demo: ours, for the embedded 48-pixel dataset and a backbone that starts from random weights.
 SCHEDULES = {
     ('paper', 'wider'): dict(optimizer='sgd', lr=1e-3, lr_patience=3, lr_drops=2, batch_size=32, epochs=40),
