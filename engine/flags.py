@@ -323,7 +323,8 @@ def compare_parser():
     p = Parser(description='Compare trained systems side by side on the same split.',
                formatter_class=HelpFormatter)
     p.add_argument('sources', nargs='+', metavar='SOURCE',
-                   help='run folders, checkpoints or saved_models/ folders')
+                   help='run folders, checkpoints, saved_models/ folders, or study folders (tools/study.py: '
+                        'their runs)')
     a = group_adder(p, 'what to compare on')
     a('--split', default='test', help='split to evaluate every source on')
     a('--dataset', choices=datasets.names(), help="dataset (default: the first run's)")

@@ -233,3 +233,27 @@ def compare_bars(names, aps, labels, frequency, path):
     fig.tight_layout(rect=(0, 0.045 * k + 0.02, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def study_points(labels, done, keys, names, table, path):
+    """A study over seeds: per metric, one point per seed for every system, its mean (a bar) and 95%
+    interval (a line), in points."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys) + 1, 3.6), squeeze=False)
+    x = np.arange(len(labels))
+    for ax, key, name in zip(axes[0], keys, names):
+        for i, label in enumerate(labels):
+            seeds = done.get(label, {})
+            values = [100 * r[key] for r in seeds.values() if r[key] is not None]
+            ax.plot([i] * len(values), values, 'o', ms=4, alpha=.6, color='C0')
+            s = table[label][key]
+            if s['n']:
+                ax.plot([i - .25, i + .25], [100 * s['mean']] * 2, color='k', lw=2)
+            if s['n'] > 1:
+                ax.plot([i + .3] * 2, [100 * s['low'], 100 * s['high']], color='C3', lw=2)
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, rotation=45, ha='right', fontsize=7)
+        ax.set_title('test %s (%%)' % name, fontsize=9)
+        ax.grid(axis='y', alpha=.3)
+    fig.suptitle('one point per seed; black: the mean; red: its 95% interval (Student t)', fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)

@@ -49,6 +49,22 @@ def build_parser():
     return flags.compare_parser()
 
 
+def expand_studies(sources):
+    """A study folder (tools/study.py) stands for its finished run folders, each system's seeds in order."""
+    out = []
+    for source in sources:
+        if os.path.isfile(os.path.join(source, 'study-protocol.json')):
+            runs = os.path.join(source, 'runs')
+            found = sorted(os.path.join(runs, n) for n in (os.listdir(runs) if os.path.isdir(runs) else ())
+                           if os.path.isfile(os.path.join(runs, n, 'test_metrics.json')))
+            if not found:
+                raise UserError('%s is a study without a finished run yet' % source)
+            out += found
+        else:
+            out.append(source)
+    return out
+
+
 def evaluate_source(source, args, ctx, common, first=None):
     """One row: metrics on the split, parameter count, training and evaluation speed. ``first``: the
     first source's row; a network for other attributes is refused before it sees that source's data."""
@@ -167,7 +183,7 @@ def main(argv=None):
     ctx = parse_contexts(args.gpus)
     common = {k: v for k, v in (('dataset', args.dataset), ('data_path', args.data_path)) if v is not None}
     rows = []
-    for source in args.sources:
+    for source in expand_studies(args.sources):
         rows.append(evaluate_source(source, args, ctx, common, rows[0] if rows else None))
         common.setdefault('dataset', rows[0]['dataset'])             # every source on the first one's data
         common.setdefault('data_path', rows[0]['data_path'])
