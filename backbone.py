@@ -87,7 +87,15 @@ def _unreachable(url, timeout=5.0):
 
 class BatchNorm1D(nn.BatchNorm):
     """``nn.BatchNorm`` for (N, C) feature vectors (PyTorch's ``BatchNorm1d``), computed on the same
-    numbers viewed as (N, C, 1, 1) maps.
+    numbers viewed as (N, C, 1, 1) maps, keeping the running variance PyTorch keeps.
+
+    The running variance: MXNet's BatchNorm moves it towards the batch's biased variance (divided by n),
+    PyTorch's towards the unbiased one (divided by n - 1). Over images n = B*H*W and the two agree; over
+    vectors n is the batch size (n/(n-1) = 1.14 at batch 8). The related systems' released code is
+    PyTorch, so after each training step (:func:`torch_running_variance`) the update MXNet made,
+    v' = m v + (1 - m) s2, is moved to m v + (1 - m) s2 n / (n - 1) = v' + (v' - m v) / (n - 1), on
+    every device with its own n. The paper's network has no vector BatchNorm: its BatchNorms stay
+    MXNet's, as the authors' code had them.
 
     MXNet 1.9.1's oneDNN BatchNorm at the AVX-512 level crashes (segmentation fault, inference mode) on a
     2-D input when a BatchNorm with the same number of channels has already run on (N, C, 1, 1) maps in
@@ -100,11 +108,32 @@ class BatchNorm1D(nn.BatchNorm):
     def _alias(self):
         return 'batchnorm'          # the automatic names of nn.BatchNorm: batchnorm0_gamma...
 
+    def unbias(self, before, counts):
+        """After a training step: the running variance moved as PyTorch moves it (class docstring);
+        ``before``: each device's running variance before the step, ``counts``: each device's batch."""
+        momentum = self._kwargs['momentum']
+        for now, old, n in zip(self.running_var.list_data(), before, counts):
+            if n > 1:
+                now += (now - momentum * old) / (n - 1)
+
     def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var):
         # pylint: disable=arguments-differ
         maps = F.reshape(x, shape=(0, 0, 1, 1))
         out = super(BatchNorm1D, self).hybrid_forward(F, maps, gamma, beta, running_mean, running_var)
         return F.reshape(out, shape=(0, 0))
+
+
+@contextlib.contextmanager
+def torch_running_variance(net, counts):
+    """Around a training step of ``net`` on device batches of ``counts`` samples: every
+    :class:`BatchNorm1D`'s running variance ends as PyTorch's BatchNorm1d would keep it."""
+    layers = getattr(net, '_vector_batchnorms', None)
+    if layers is None:                  # (found once; not a SyncBatchNorm put in a BatchNorm1D's place)
+        layers = net._vector_batchnorms = [b for b in all_blocks(net) if type(b) is BatchNorm1D]
+    before = [[v.copy() for v in layer.running_var.list_data()] for layer in layers]
+    yield
+    for layer, old in zip(layers, before):
+        layer.unbias(old, counts)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -180,11 +180,14 @@ class VAALoss(gluon.Block):
             self.aux = aux
 
     def objective(self, primary, taps, label, mask=None, std_weight=None, aux=None):
-        """What training minimises, and its parts: ``(total, {'eq7': ..., <the auxiliary loss's terms>...})``,
-        each of shape (N,) (the auxiliary terms unweighted). ``aux``: the network's auxiliary outputs
-        (``net.return_aux``), needed when an auxiliary loss is set."""
-        eq7 = self(primary, taps, label, mask, std_weight)
-        parts = collections.OrderedDict(eq7=eq7)
+        """What training minimises, and its parts: ``(total, {'eq7': ..., 'primary': the focal term
+        (absent without it), 'tap0', 'tap1', ...: each tap's history-weighted term, <the auxiliary loss's
+        terms>...})``, each of shape (N,) (the auxiliary terms unweighted; Eq. 7 is the sum of the primary
+        and tap terms). ``aux``: the network's auxiliary outputs (``net.return_aux``), needed when an
+        auxiliary loss is set."""
+        parts = self.terms(primary, taps, label, mask, std_weight)
+        eq7 = self.sum_of(parts)
+        parts = collections.OrderedDict([('eq7', eq7)] + list(parts.items()))
         if self.aux is None:
             return eq7, parts
         term, terms = self.aux.objective_terms(aux, label, mask)
@@ -202,18 +205,34 @@ class VAALoss(gluon.Block):
                 self.focal._gamma, taps)
         return text + (' + %r' % self.aux if self.aux is not None else '')
 
-    def forward(self, primary, taps, label, mask=None, std_weight=None):  # pylint: disable=arguments-differ
+    def terms(self, primary, taps, label, mask=None, std_weight=None):
+        """The terms of Eq. 7, each of shape (N,): ``primary`` (Eq. 4; absent when ``primary`` is off) and
+        ``tap<i>`` (Eqs. 5-6), in the logits' dtype (float16 logits are cast to float32 first)."""
         dtype = np.float32 if primary.dtype == np.float16 else primary.dtype
         primary, taps, label, mask, std_weight = [
             [_as(t, dtype) for t in a] if isinstance(a, (list, tuple)) else _as(a, dtype)
             for a in (primary, taps, label, mask, std_weight)]
         if not (taps or self.primary):
             raise ValueError('VAALoss without the primary term needs at least one tap')
-        focal = self.focal(primary, label, mask) if self.primary else None                        # Eq. 4
+        parts = collections.OrderedDict()
+        if self.primary:
+            parts['primary'] = self.focal(primary, label, mask)                                     # Eq. 4
+        for i, tap in enumerate(taps):
+            parts['tap%d' % i] = self.attention(tap, label, mask, std_weight)                     # Eqs. 5-6
+        return parts
+
+    @staticmethod
+    def sum_of(terms):
+        """Eq. 7 from :meth:`terms`: the primary term plus the sum of the tap terms."""
+        focal = terms.get('primary')
+        taps = [v for k, v in terms.items() if k != 'primary']
         if not taps:
             return focal
-        attention = nd.add_n(*[self.attention(t, label, mask, std_weight) for t in taps])           # Eqs. 5-6
+        attention = nd.add_n(*taps)
         return attention if focal is None else focal + attention
+
+    def forward(self, primary, taps, label, mask=None, std_weight=None):  # pylint: disable=arguments-differ
+        return self.sum_of(self.terms(primary, taps, label, mask, std_weight))
 
 
 class PredictionHistory(object):

@@ -16,6 +16,7 @@ from mxnet import autograd, nd
 
 from evaluation import metrics
 from engine.distributed import split_batch
+from backbone import torch_running_variance
 from common.errors import UserError
 
 Step = collections.namedtuple('Step', 'loss logits labels masks terms')
@@ -24,8 +25,8 @@ Step = collections.namedtuple('Step', 'loss logits labels masks terms')
 def train_step(net, loss_fn, trainers, history, batch, epoch, ctx):
     """Train on ``batch`` = (data, label, mask, index); returns a :class:`Step` with the loss of Eq. 7
     summed over the batch (an NDArray of shape (1,) on ``ctx[0]``), the per-device fused logits, labels
-    and masks, and ``terms``: the batch sums of the objective's further parts (MC-Loss: ``mc_dis``,
-    ``mc_div``, unweighted), ``{}`` without them.
+    and masks, and ``terms``: the batch sums of the objective's parts (Eq. 7's ``primary`` and ``tap<i>``
+    terms, and a related system's, unweighted: MC-Loss ``mc_dis``, ``mc_div``).
 
     ``loss_fn``: a ``losses.VAALoss``, whose :meth:`~losses.VAALoss.objective` is minimised (with an
     auxiliary loss, on the network's auxiliary outputs: ``net.return_aux`` must be on); ``trainers``: a
@@ -36,18 +37,19 @@ def train_step(net, loss_fn, trainers, history, batch, epoch, ctx):
     parts = split_batch(batch, ctx)
     weights = [history.weights(idx, epoch, ctx=x.context) for x, _, _, idx in parts]     # 1 + std_s
     losses, objectives, fused, terms = [], [], [], collections.defaultdict(list)
-    with autograd.record():
-        for (x, y, m, _), w in zip(parts, weights):
-            out = net(x)
-            total, named = loss_fn.objective(out.primary, out.taps, y, m, w, out.aux)
-            losses.append(named.pop('eq7'))                                             # Eq. 7
-            for key, value in named.items():
-                terms[key].append(value)
-            objectives.append(total)
-            fused.append(out.fused)
-        scaled = trainers.scale(objectives)
-    autograd.backward(scaled)
-    trainers.step(batch[0].shape[0])
+    with torch_running_variance(net, [x.shape[0] for x, _, _, _ in parts]):    # the related systems' vectors
+        with autograd.record():
+            for (x, y, m, _), w in zip(parts, weights):
+                out = net(x)
+                total, named = loss_fn.objective(out.primary, out.taps, y, m, w, out.aux)
+                losses.append(named.pop('eq7'))                                         # Eq. 7
+                for key, value in named.items():
+                    terms[key].append(value)
+                objectives.append(total)
+                fused.append(out.fused)
+            scaled = trainers.scale(objectives)
+        autograd.backward(scaled)
+        trainers.step(batch[0].shape[0])
     logits = [f.detach().astype('float32') for f in fused]
     for (_, _, _, idx), f in zip(parts, logits):
         history.update(idx, nd.sigmoid(f), epoch)               # read by the next epochs' weights
@@ -91,7 +93,7 @@ class EpochTotals(object):
         return float((self.loss_sum / max(self.seen, 1)).asscalar())
 
     def mean_terms(self):
-        """``{term: mean per sample}`` of the objective's further terms (MC-Loss), ``{}`` without them."""
+        """``{term: mean per sample}`` of the objective's parts (``primary``, ``tap<i>``, MC-Loss's)."""
         return {k: float(v.asscalar()) / max(self.seen, 1) for k, v in sorted(self.term_sums.items())}
 
     def arrays(self):

@@ -202,3 +202,56 @@ def test_the_vector_batchnorms_keep_the_full_names_checkpoints_hold():
         'batchnorm1_gamma', 'batchnorm1_beta', 'batchnorm1_running_mean', 'batchnorm1_running_var',
         'dense1_weight', 'dense1_bias'))
     assert heads == expected
+
+
+def _torch_batchnorm1d_update(mean, var, x, momentum=0.1):
+    """torch.nn.BatchNorm1d's running statistics after a training-mode forward of the batch ``x``
+    (transcribed: the running variance moves towards the unbiased batch variance)."""
+    n = x.shape[0]
+    return ((1 - momentum) * mean + momentum * x.mean(0),
+            (1 - momentum) * var + momentum * x.var(0) * n / (n - 1))
+
+
+@pytest.mark.parametrize('devices', [1, 2])
+def test_the_vector_batchnorms_keep_pytorchs_running_statistics(devices):
+    """Three training steps of the HGAT-FC network (BatchNorm1D in every BasicLinear and residual block):
+    every vector BatchNorm's running mean and variance equal torch.nn.BatchNorm1d's update on the inputs it
+    saw, on each device (batch 7 over two devices: 4 and 3); the paper's network has no such layer, so its
+    BatchNorms keep MXNet's update."""
+    import mxnet as mx
+    from mxnet import nd
+    from backbone import all_blocks
+    from engine import config, steps
+    from engine.build import build_net
+    from engine.trainers import StageTrainers
+    from losses import PredictionHistory, VAALoss
+    ctx = [mx.cpu(i) for i in range(devices)]
+    cfg = config.defaults(head='hgat', num_classes=4, hgat_groups='contiguous:2', input_size=48,
+                          hgat_group_channels=16, hgat_class_channels=8)
+    net = build_net(cfg, ctx)
+    layers = [b for b in all_blocks(net) if type(b) is BatchNorm1D]
+    assert len(layers) > 10
+    seen = {id(b): [] for b in layers}
+    for b in layers:
+        b.register_forward_hook(lambda block, inputs, output: seen[id(block)].append(inputs[0].asnumpy()))
+    expected = {id(b): [(p.running_mean.data(c).asnumpy().astype(np.float64),
+                         p.running_var.data(c).asnumpy().astype(np.float64)) for c in ctx] for p, b in
+                zip(layers, layers)}
+    trainers = StageTrainers(net, ctx, 'sgd', {'learning_rate': 0.01})
+    rng = np.random.RandomState(0)
+    for step in range(3):
+        x = nd.array(rng.normal(size=(7, 3, 48, 48)))
+        y = nd.array((rng.rand(7, 4) < 0.5).astype(np.float32))
+        steps.train_step(net, VAALoss(), trainers, PredictionHistory(7, 4), (x, y, nd.ones_like(y),
+                                                                            nd.arange(7)), 0, ctx)
+    mx.nd.waitall()
+    for b in layers:
+        inputs = seen[id(b)]                       # per step, the devices in order
+        for k, c in enumerate(ctx):
+            mean, var = expected[id(b)][k]
+            for x in inputs[k::devices]:
+                mean, var = _torch_batchnorm1d_update(mean, var, x.astype(np.float64))
+            np.testing.assert_allclose(b.running_mean.data(c).asnumpy(), mean, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(b.running_var.data(c).asnumpy(), var, rtol=1e-5, atol=1e-6)
+    paper = build_net(config.defaults(num_classes=4, input_size=48))
+    assert not [b for b in all_blocks(paper) if isinstance(b, BatchNorm1D)]
