@@ -31,13 +31,13 @@ if __name__ == '__main__':                     # --help and flag errors answer b
 import shlex  # noqa: E402
 
 import cv2  # noqa: E402
-from mxnet import nd  # noqa: E402
 
 from common.errors import UserError, plural, run_main  # noqa: E402
 from datasets import loaders  # noqa: E402
 from deploy import export  # noqa: E402
 from engine import checkpoints, config, flags, report, runfolder, sources  # noqa: E402
 from engine.distributed import parse_contexts  # noqa: E402
+from evaluation import attention_maps  # noqa: E402
 
 
 def build_parser():
@@ -67,13 +67,7 @@ def explain_images(net, cfg, names, paths, out_dir, ctx, source='RUN', shared_sc
     images = [read_image(path, source) for path in paths]     # every image checked before any work
     os.makedirs(out_dir, exist_ok=True)
     transform = loaders.transform(cfg)
-    net.return_attention = True
-    seen = []
-    for path, image in zip(paths, images):
-        x = nd.array(transform(image, 0)[None], ctx=ctx[0])
-        out = net(x)
-        seen.append((x, nd.sigmoid(out.fused)[0].asnumpy(), [m[0].asnumpy() for m in out.maps]))
-    net.return_attention = False
+    seen = attention_maps.attention_of(net, cfg, images, ctx)
     top = net.shared_scale([maps for _, _, maps in seen]) if shared_scale else None
     written = []
     for path, image, out, (x, probs, maps) in zip(paths, images, overlay_names(paths, out_dir), seen):

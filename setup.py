@@ -36,6 +36,9 @@ setup(
         'matplotlib>=3.5,<3.11',
         'tqdm>=4.60',
         'scikit-learn>=1.1,<1.8',     # its bundled digits make the embedded demo dataset
+        'pyyaml>=5.4',                # train.py --config, config.yaml
+        'tensorboardX>=2.6,<3',       # <run>/tb: TensorBoard's event files without TensorFlow
+        'tensorboard>=2.11,<3',       # the server: tensorboard --logdir runs
     ],
     extras_require={
         'cpu': ['mxnet==1.9.1'],

@@ -38,7 +38,7 @@ import datasets  # noqa: E402
 import related  # noqa: E402
 from common.errors import UserError, plural, run_main  # noqa: E402
 from datasets import loaders  # noqa: E402
-from engine import config, loop, report, runfolder, steps  # noqa: E402
+from engine import board, config, loop, report, runfolder, steps  # noqa: E402
 from engine.build import build_net  # noqa: E402
 from engine.distributed import use_sync_batchnorm  # noqa: E402
 from engine.trainers import PlateauSchedule, StageTrainers  # noqa: E402
@@ -127,6 +127,7 @@ def train_epoch(cfg, epoch, run, data, place, stop, start=0, saved=None):
         progress.update(batch[0].shape[0], totals.mean_loss)
         if progress.count % progress.interval == 0:
             guard.check()
+            run.folder.board.batch(epoch, batch_no, totals.mean_loss(), totals.mean_terms())
         if stop.requested(run.trainers.sync):
             break
     guard.check()
@@ -162,6 +163,7 @@ def test(cfg, run, data, place):
         LOG.info(steps.stage_line(result))
     LOG.info('test mAP %.2f%% (chance level from the label priors: %.2f%%); run folder %s',
              100 * result['mAP'], 100 * result['chance_mAP'], run.folder.path)
+    run.folder.board.finish(cfg, result, cfg['epochs'])
     return result
 
 
@@ -174,6 +176,7 @@ def fit(cfg, explicit, place, resumed, folder, stop):
     trainers, schedule = get_trainers(cfg, net, place)                          # a Trainer per stage
     run = loop.Training(cfg, folder, data.names, net, loss, history, trainers, schedule)
     first, start, saved = run.restore(resumed) if resumed else (0, 0, None)
+    folder.board = board.Board(folder, cfg['tensorboard'], len(data.train_loader), first, start)
     loop.first_notes(cfg, explicit, place.ctx, resumed)
     folder.write_config(cfg)
     if cfg['hybridize']:
@@ -190,6 +193,7 @@ def fit(cfg, explicit, place, resumed, folder, stop):
         trainers.sync.average_aux_states()
         verdict = validate(cfg, run, data, place, epoch, totals) if folder.lead else None
         run.end_epoch(epoch, verdict, data.sampler.indices, speed, tic)
+        folder.board.attention(net, cfg, data.val, data.names, place.ctx, epoch)    # TensorBoard's images
     return run, data
 
 

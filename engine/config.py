@@ -22,7 +22,7 @@ from common.presets import BACKBONES, FALLBACKS, PRESETS, PRESET_SETTINGS, SCHED
 
 # What a resumed run may change; everything else comes from the run's saved config.
 RESUME_OVERRIDES = ('epochs', 'data_path', 'gpus', 'cpus', 'num_workers', 'log_interval', 'debug', 'kvstore',
-                    'metrics')
+                    'metrics', 'tensorboard')
 # What a resumed run must not change (the weights and the schedule depend on them), the related systems'
 # settings included.
 RESUME_FIXED = ('dataset', 'preset', 'backbone', 'input_size', 'num_classes', 'lr', 'batch_size', 'optimizer',
@@ -32,9 +32,13 @@ RESUME_FIXED = ('dataset', 'preset', 'backbone', 'input_size', 'num_classes', 'l
 
 
 def parse_args(argv=None):
-    """-> (resolved config, names of the flags the user gave with a value other than the default)."""
+    """-> (resolved config, names of the flags the user gave with a value other than the default). With
+    ``--config FILE``, the file's settings where the command line gives none (``engine/config_files.py``)."""
+    import sys
+    from engine import config_files
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = config_files.apply(parser.parse_args(argv), argv, parser)
     explicit = [k for k, v in vars(args).items() if v is not None and v != parser.get_default(k)]
     return resolve_config(args), explicit
 

@@ -172,6 +172,8 @@ def _data_flags(a):
 
 
 def _run_flags(a):
+    a('--config', metavar='FILE', help="settings from a YAML file (configs/*.yaml) or a run folder's "
+                                       'config.yaml / config.json; flags given beside it win')
     a('--out', help='run folder (default: runs/<dataset>-<backbone>-<preset>-<time>)')
     a('--resume', help='run folder to continue from its last checkpoint (with --test: to evaluate)')
     a('--upstream-weights', help="with --test: the authors' saved_models/ folder")
@@ -187,6 +189,8 @@ def _run_flags(a):
     a('--syncbn', action='store_true', help='batch-norm statistics over all devices of a machine '
                                             '(SyncBatchNorm)')
     a('--amp', action='store_true', help='float16 training with dynamic loss scaling (GPU only)')
+    a('--no-tensorboard', dest='tensorboard', action='store_false',
+      help='write no TensorBoard logs (default: <run>/tb, for tensorboard --logdir runs)')
     a('--save-all-ranks', action='store_true',
       help='distributed check: every worker writes its final weights to <out>/rank<k>.params')
     a('--debug', action='store_true', help='show tracebacks')
@@ -330,7 +334,7 @@ def compare_parser():
     a('--dataset', choices=datasets.names(), help="dataset (default: the first run's)")
     a('--data_path', help="dataset root (default: the first run's)")
     a('--limit', type=int, help='evaluate only the first N samples')
-    a('--metrics', choices=METRIC_CONVENTIONS, default='ours', help=METRICS_HELP)
+    a('--metrics', choices=METRIC_CONVENTIONS, help=METRICS_HELP + " (default: the first run's, else ours)")
     a('--out', help='PNG of the per-attribute APs, with a .json of the numbers beside it (default: '
                     'runs/compare-<date>-<time>.png)')
     a('--gpus', help="GPU ids, e.g. '0' (default: the CPU)")
@@ -383,6 +387,9 @@ def preparse(script, argv=None):
     names = [r[0] for r in RANGES] if script == 'train' else SCRIPT_RANGES.get(script, ())
     try:
         check_ranges(vars(args), [r for r in RANGES if r[0] in names])
+        if getattr(args, 'config', None):           # a settings file: its keys, types and ranges too
+            from engine import config_files
+            config_files.read(args.config)
     except UserError as err:
         if '--debug' in argv:
             raise

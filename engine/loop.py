@@ -116,6 +116,7 @@ class Training(object):
         if improved:
             self.folder.save('best', self.net, meta)
         self.folder.add_row(row)
+        self.folder.board.epoch(row, {m: t.learning_rate for m, t in self.trainers.trainers.items()})
 
     def _log(self, epoch, row, improved, speed):
         LOG.info('Epoch [%d]: train loss %.4f  val loss %.4f  train mAP %.2f%%  val mAP %.2f%%  '

@@ -84,6 +84,8 @@ class FolderLock(object):
                     os.remove(os.path.join(folder, name))
 
     def close(self):
+        if getattr(self, 'board', None) is not None:
+            self.board.close()
         if self._lock is not None:
             self._lock.close()
             self._lock = None
@@ -103,6 +105,7 @@ class RunFolder(FolderLock):
     def __init__(self, path, lead=True):
         super(RunFolder, self).__init__(path)
         self.lead, self.rows, self.created = lead, [], False
+        self.board = None           # the run's TensorBoard writer (engine.board), closed with the folder
 
     @classmethod
     def prepare(cls, cfg, lead=True):
@@ -161,9 +164,19 @@ class RunFolder(FolderLock):
         return 'The last good checkpoint is %s (%s)' % (self.checkpoint('last'), resume_command(self.path))
 
     def write_config(self, cfg):
+        """config.json (the whole resolved config, which rebuilds the network) and config.yaml (the
+        settings, which train.py --config replays)."""
         self.cfg = cfg
         if self.lead:
             write_json(os.path.join(self.path, 'config.json'), cfg, sort_keys=True)
+            from engine import config_files
+            path = os.path.join(self.path, 'config.yaml')
+            text = config_files.yaml_text(path, cfg)
+
+            def write(tmp):
+                with open(tmp, 'w') as f:
+                    f.write(text)
+            checkpoints.atomic_write(path, write)
 
     def read_rows(self):
         path = os.path.join(self.path, 'metrics.json')

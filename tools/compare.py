@@ -86,6 +86,8 @@ def evaluate_source(source, args, ctx, common, first=None):
     loader = loaders.eval_loader(cfg, data)
     steps.predict(net, [next(iter(loader))], ctx)                      # warm up (graph, memory)
     start = time.time()
+    if args.metrics is None:                       # the first run's convention, for every source
+        args.metrics = cfg.get('metrics') or 'ours'
     result = steps.evaluate(net, loader, ctx, names, args.metrics)
     speed = len(data) / (time.time() - start)
     params = sum(int(np.prod(p.shape)) for n, p in net.collect_params().items()

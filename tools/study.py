@@ -297,10 +297,13 @@ def _where(slot):
 
 
 def failure(run):
-    """Why ``run`` has no result: the error line of its log, or its last line."""
+    """Why ``run`` has no result: not trained yet, interrupted, or the error line of its log (else its last
+    line of output)."""
+    if state(run) == 'interrupted':
+        return 'interrupted; it resumes from its last checkpoint when the study runs again'
     if not os.path.isfile(run.log):
         return 'not trained'
-    lines = [l.strip() for l in open(run.log, errors='replace') if l.strip()]
+    lines = [l.strip() for l in open(run.log, errors='replace') if l.strip() and not l.startswith('$ ')]
     errors = [l for l in lines if l.startswith('error:') or 'Error' in l.split(':')[0]]
     return (errors or lines or ['no output'])[-1][:300]
 
