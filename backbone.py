@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import urllib.parse
+import weakref
 
 import mxnet as mx
 from mxnet import gluon
@@ -123,15 +124,32 @@ class BatchNorm1D(nn.BatchNorm):
         return F.reshape(out, shape=(0, 0))
 
 
+_VECTOR_BATCHNORMS = weakref.WeakKeyDictionary()       # network -> its BatchNorm1D layers
+
+
 @contextlib.contextmanager
 def torch_running_variance(net, counts):
     """Around a training step of ``net`` on device batches of ``counts`` samples: every
-    :class:`BatchNorm1D`'s running variance ends as PyTorch's BatchNorm1d would keep it."""
-    layers = getattr(net, '_vector_batchnorms', None)
+    :class:`BatchNorm1D`'s running variance ends as PyTorch's BatchNorm1d would keep it.
+
+    MXNet 1.9.1 moves a BatchNorm's running statistics in the backward pass, and in a hybridized network
+    (static_alloc, as train.py runs it) the threaded engine does not order that write with later reads and
+    writes of the same arrays: a correction pushed after the step could run before MXNet's own update or
+    after it, by chance (a quarter of the runs of the portability probe differed). So the copies are waited
+    for before the step and the whole step before the correction: one synchronisation per step, only in a
+    network with vector BatchNorms (the related systems')."""
+    layers = _VECTOR_BATCHNORMS.get(net)
     if layers is None:                  # (found once; not a SyncBatchNorm put in a BatchNorm1D's place)
-        layers = net._vector_batchnorms = [b for b in all_blocks(net) if type(b) is BatchNorm1D]
+        layers = _VECTOR_BATCHNORMS[net] = [b for b in all_blocks(net) if type(b) is BatchNorm1D]
+    if not layers:
+        yield
+        return
     before = [[v.copy() for v in layer.running_var.list_data()] for layer in layers]
+    for copies in before:               # taken before the step's BatchNorms move the statistics ...
+        for copy in copies:
+            copy.wait_to_read()
     yield
+    mx.nd.waitall()                     # ... and corrected after they have (docstring)
     for layer, old in zip(layers, before):
         layer.unbias(old, counts)
 

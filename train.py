@@ -130,7 +130,8 @@ def train_epoch(cfg, epoch, run, data, place, stop, start=0, saved=None):
             run.folder.board.batch(epoch, batch_no, totals.mean_loss(), totals.mean_terms())
         if stop.requested(run.trainers.sync):
             break
-    guard.check()
+    mx.nd.waitall()     # MXNet moves the BatchNorm statistics in the backward pass, unordered with reads
+    guard.check()       # of them: validation and checkpoints must see the last batch's (backbone.py)
     return totals, batch_no, progress.close() * place.workers
 
 

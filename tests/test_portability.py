@@ -255,3 +255,40 @@ def test_the_vector_batchnorms_keep_pytorchs_running_statistics(devices):
             np.testing.assert_allclose(b.running_var.data(c).asnumpy(), var, rtol=1e-5, atol=1e-6)
     paper = build_net(config.defaults(num_classes=4, input_size=48))
     assert not [b for b in all_blocks(paper) if isinstance(b, BatchNorm1D)]
+
+
+def test_the_pytorch_running_variance_holds_in_the_hybridized_network_train_py_runs():
+    """train.py hybridizes with static_alloc and MXNet's threaded engine runs the step's operators as their
+    inputs are ready: the correction must wait for the BatchNorm update it corrects (MXNet writes the running
+    statistics in the backward pass). The HGAT-FC network hybridized as train.py runs it, four steps: every
+    vector BatchNorm's running statistics equal those of the same network run imperatively (checked against
+    torch's update above). An unordered correction lands before or after MXNet's own update by chance."""
+    import mxnet as mx
+    from mxnet import nd
+    from backbone import all_blocks
+    from engine import config, steps
+    from engine.build import build_net
+    from engine.trainers import StageTrainers
+    from losses import PredictionHistory, VAALoss
+    cfg = config.defaults(head='hgat', num_classes=4, hgat_groups='contiguous:2', input_size=48,
+                          hgat_group_channels=16, hgat_class_channels=8)
+    stats = []
+    for hybrid in (False, True):
+        mx.random.seed(3)
+        net = build_net(cfg, [mx.cpu()])
+        if hybrid:
+            net.hybridize(static_alloc=True, static_shape=True)
+        trainers = StageTrainers(net, [mx.cpu()], 'sgd', {'learning_rate': 0.01})
+        rng, history = np.random.RandomState(0), PredictionHistory(6, 4)
+        for _ in range(4):
+            x = nd.array(rng.normal(size=(6, 3, 48, 48)))
+            y = nd.array((rng.rand(6, 4) < 0.5).astype(np.float32))
+            steps.train_step(net, VAALoss(), trainers, history, (x, y, nd.ones_like(y), nd.arange(6)), 0,
+                             [mx.cpu()])
+        mx.nd.waitall()
+        stats.append([(b.running_mean.data().asnumpy(), b.running_var.data().asnumpy())
+                      for b in all_blocks(net) if type(b) is BatchNorm1D])
+    for (mean, var), (hybrid_mean, hybrid_var) in zip(*stats):
+        np.testing.assert_allclose(hybrid_mean, mean, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(hybrid_var, var, rtol=1e-4, atol=1e-5)
+
