@@ -106,14 +106,18 @@ class BatchNorm1D(nn.BatchNorm):
     their names are those of ``nn.BatchNorm`` (checkpoints are unchanged); it costs two reshapes.
     """
 
+    rows_per_sample = 1             # vectors per sample (a layer applied to each of K nodes: K)
+
     def _alias(self):
         return 'batchnorm'          # the automatic names of nn.BatchNorm: batchnorm0_gamma...
 
     def unbias(self, before, counts):
         """After a training step: the running variance moved as PyTorch moves it (class docstring);
-        ``before``: each device's running variance before the step, ``counts``: each device's batch."""
+        ``before``: each device's running variance before the step, ``counts``: each device's batch (its
+        samples; n is that times :attr:`rows_per_sample`)."""
         momentum = self._kwargs['momentum']
-        for now, old, n in zip(self.running_var.list_data(), before, counts):
+        for now, old, samples in zip(self.running_var.list_data(), before, counts):
+            n = samples * self.rows_per_sample
             if n > 1:
                 now += (now - momentum * old) / (n - 1)
 

@@ -101,6 +101,8 @@ def complete(cfg):
     """Fill, in place, the keys a config lacks with their defaults: the flags' (what an older run's config
     did not have yet) and its preset's settings. The one place where a saved config is upgraded, so that
     the code reads ``cfg['key']``. Returns ``cfg``."""
+    if 'hgat_fc_layer2' not in cfg:                 # runs from before --hgat-fc-layer2: the flat layer 2
+        cfg['hgat_fc_layer2'] = 'flat'
     for key, value in vars(build_parser().parse_args([])).items():
         cfg.setdefault(key, value)
     for key, value in PRESET_SETTINGS.get(cfg['preset'], {}).items():
@@ -108,6 +110,8 @@ def complete(cfg):
             cfg[key] = value
     if cfg.get('metrics') is None:                  # runs from before --metrics
         cfg['metrics'] = FALLBACKS['metrics']
+    if cfg.get('hgat_fc_layer2') is None:           # a new run: the declared form
+        cfg['hgat_fc_layer2'] = 'node'
     return cfg
 
 

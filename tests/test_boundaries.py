@@ -139,7 +139,8 @@ CHANGES = {
     'apcnn_anchors': (['--apcnn-anchors', '32,64,128'], '32,64,128'), 'apcnn_iou': ([
         '--apcnn-iou', '0.1'], '0.1'),
     'apcnn_drop': (['--apcnn-drop', '0.2,0.2'], '0.2,0.2'),
-    'hgat_layer': (['--hgat-layer', 'fc'], 'fc'), 'hgat_groups': (['--hgat-groups', 'contiguous:2'],
+    'hgat_layer': (['--hgat-layer', 'fc'], 'fc'), 'hgat_fc_layer2': (['--hgat-fc-layer2', 'flat'], 'flat'),
+    'hgat_groups': (['--hgat-groups', 'contiguous:2'],
                                                                   'contiguous:2'),
     'hgat_group_channels': (['--hgat-group-channels', '64'], '64'),
     'hgat_class_channels': (['--hgat-class-channels', '32'], '32'),

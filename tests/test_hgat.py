@@ -18,6 +18,7 @@ import train
 from datasets.digits import ATTRIBUTES as DEMO_ATTRIBUTES
 from datasets.wider import WIDER_ATTRIBUTES
 from common.errors import UserError
+from backbone import all_blocks
 from related.hgat.head import BGATLayer, FlatLinear, HGATHead
 
 
@@ -59,27 +60,32 @@ def np_residual(z, block):
 
 
 def np_layer(nodes, layer, kind):
+    """``kind``: gat, fc-flat (a sample's nodes flattened), fc-node (each node alone), none."""
+    b, k, c = nodes.shape
     if kind == 'gat':
         return np_bgat(nodes, _np(layer.weight), _np(layer.a), _np(layer.beta))[0]
-    if kind == 'fc':
-        b, k, c = nodes.shape
+    if kind == 'fc-flat':
         return np_basic(nodes.reshape(b, k * c), layer.fc).reshape(b, k, c)       # per sample
+    if kind == 'fc-node':
+        return np.stack([np_basic(nodes[:, i], layer.fc) for i in range(k)], axis=1)  # per node
     return nodes
 
 
 def np_head(fmap, head, kind):
     """The public Head.forward on a (B, D, H, W) map: GMP, reduce_fc, group FCs, layer 1, class FCs per
-    group, layer 2 per group, per-class residual + Linear; each attribute's logit at its own index."""
+    group, layer 2 per group, per-class residual + Linear; each attribute's logit at its own index.
+    ``kind``: gat, none, or fc with ``head.fc_layer2`` (layer 1 flat, layer 2 flat or node by node)."""
+    kinds = (kind, kind) if kind != 'fc' else ('fc-flat', 'fc-' + head.fc_layer2)
     x = fmap.max(axis=(2, 3))
     for block in head.reduce_fc:
         x = np_basic(x, block)
     nodes = np.stack([np_residual(x, block) for block in head.group_fcs], axis=1)
-    nodes = np_layer(nodes, head.layer1, kind)
+    nodes = np_layer(nodes, head.layer1, kinds[0])
     out = np.zeros((x.shape[0], sum(head.sizes)))
     k = 0
     for g, members in enumerate(head.groups):
         inside = np.stack([np_basic(nodes[:, g], head.class_fcs[k + j]) for j in range(len(members))], axis=1)
-        inside = np_layer(inside, head.layer2[g] if head.layer2 is not None else None, kind)
+        inside = np_layer(inside, head.layer2[g] if head.layer2 is not None else None, kinds[1])
         for j, attribute in enumerate(members):
             res, fc = head.fcs[k + j]
             out[:, attribute] = np_dense(np_residual(inside[:, j], res), fc)[:, 0]
@@ -145,11 +151,13 @@ def test_bgat_gradients_match_finite_differences():
 
 
 # ------------------------------------------------------------------------------------------ the head
-@pytest.mark.parametrize('kind', ['gat', 'fc', 'none'])
-def test_the_head_equals_the_public_head_on_a_2048_channel_map(kind):
+@pytest.mark.parametrize('kind,fc_layer2', [('gat', 'node'), ('fc', 'node'), ('fc', 'flat'),
+                                            ('none', 'node')])
+def test_the_head_equals_the_public_head_on_a_2048_channel_map(kind, fc_layer2):
     rng = np.random.RandomState(2)
     groups = [[3, 0], [4], [1, 5, 2]]                          # group order differs from the dataset's
-    head = HGATHead(2048, groups, kind, group_channels=16, class_channels=8, prefix='hgat_')
+    head = HGATHead(2048, groups, kind, group_channels=16, class_channels=8, fc_layer2=fc_layer2,
+                    prefix='hgat_')
     head.initialize()
     _randomise_bn(head, rng)
     fmap = rng.normal(size=(2, 2048, 3, 3)).astype(np.float32)
@@ -252,6 +260,51 @@ def test_group_files_are_checked_by_name(tmp_path):
         hgat.partition(names)
     with pytest.raises(UserError, match='contiguous:9: G must be a whole number from 1 to the 4 attributes'):
         hgat.partition(names, 'contiguous:9')
+
+
+def test_the_node_form_of_layer_2_has_the_declared_shape_and_treats_each_node_alone():
+    """--hgat-layer fc, layer 2: one BasicLinear C -> C per group (the public file's fc_replace_GALayer2,
+    65,536 weights at C = 256), each node's output depends on that node alone; the flat form's layer is
+    (n_g * C)^2 (6,553,600 weights for a 10-attribute group at 256); layer 1 is flat in both."""
+    from related.hgat.head import NodeLinear
+    groups = [list(range(10)), [10, 11]]
+    sizes = {}
+    for form in ('node', 'flat'):
+        head = HGATHead(64, groups, 'fc', group_channels=16, class_channels=256, fc_layer2=form, prefix='h_')
+        assert isinstance(head.layer1, FlatLinear)
+        assert [type(layer) for layer in head.layer2] == [NodeLinear if form == 'node' else FlatLinear] * 2
+        sizes[form] = [layer.fc.fc.weight.shape for layer in head.layer2]
+    assert sizes == {'node': [(256, 256), (256, 256)], 'flat': [(2560, 2560), (512, 512)]}
+    rng = np.random.RandomState(5)
+    layer = NodeLinear(3, 4, prefix='node_')
+    layer.initialize()
+    _randomise_bn(layer, rng)
+    x = rng.normal(size=(2, 3, 4)).astype(np.float32)
+    want = np.stack([np_basic(x[:, i].astype(np.float64), layer.fc) for i in range(3)], axis=1)
+    np.testing.assert_allclose(layer(nd.array(x)).asnumpy(), want, rtol=1e-4, atol=1e-5)
+    moved = x.copy()
+    moved[:, 1] += 1                                            # node 1 changes; nodes 0 and 2 do not
+    np.testing.assert_allclose(layer(nd.array(moved)).asnumpy()[:, [0, 2]], want[:, [0, 2]], rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_a_run_from_before_the_option_keeps_its_flat_layer_2_and_new_runs_get_the_declared_one():
+    """A config.json without hgat_fc_layer2 (every fc run made before it) rebuilds the flat layer 2 its
+    checkpoints hold; a new run's config resolves to node, and the flag chooses."""
+    from engine import config
+    from engine.build import build_net
+    from related.hgat.head import NodeLinear
+    new = config.defaults(head='hgat', hgat_layer='fc', num_classes=5, hgat_groups='contiguous:2',
+                          input_size=32, pretrained=False, hgat_group_channels=8, hgat_class_channels=4)
+    old = {k: v for k, v in new.items() if k != 'hgat_fc_layer2'}
+    chosen = dict(new, hgat_fc_layer2='flat')
+    kinds = {}
+    for name, cfg in (('new', new), ('old', old), ('chosen', chosen)):
+        net = build_net(cfg)
+        head = [b for b in all_blocks(net) if isinstance(b, HGATHead)][0]
+        kinds[name] = (cfg['hgat_fc_layer2'], {type(layer) for layer in head.layer2})
+    assert kinds == {'new': ('node', {NodeLinear}), 'old': ('flat', {FlatLinear}),
+                     'chosen': ('flat', {FlatLinear})}
 
 
 # ------------------------------------------------------------------------------------------ end to end

@@ -212,12 +212,13 @@ def _torch_batchnorm1d_update(mean, var, x, momentum=0.1):
             (1 - momentum) * var + momentum * x.var(0) * n / (n - 1))
 
 
-@pytest.mark.parametrize('devices', [1, 2])
-def test_the_vector_batchnorms_keep_pytorchs_running_statistics(devices):
+@pytest.mark.parametrize('devices,layer', [(1, 'gat'), (2, 'gat'), (2, 'fc')])
+def test_the_vector_batchnorms_keep_pytorchs_running_statistics(devices, layer):
     """Three training steps of the HGAT-FC network (BatchNorm1D in every BasicLinear and residual block):
     every vector BatchNorm's running mean and variance equal torch.nn.BatchNorm1d's update on the inputs it
-    saw, on each device (batch 7 over two devices: 4 and 3); the paper's network has no such layer, so its
-    BatchNorms keep MXNet's update."""
+    saw, on each device (batch 7 over two devices: 4 and 3); with --hgat-layer fc, layer 2's BatchNorms see
+    every node of a sample (n = batch x nodes). The paper's network has no such layer, so its BatchNorms keep
+    MXNet's update."""
     import mxnet as mx
     from mxnet import nd
     from backbone import all_blocks
@@ -227,9 +228,10 @@ def test_the_vector_batchnorms_keep_pytorchs_running_statistics(devices):
     from losses import PredictionHistory, VAALoss
     ctx = [mx.cpu(i) for i in range(devices)]
     cfg = config.defaults(head='hgat', num_classes=4, hgat_groups='contiguous:2', input_size=48,
-                          hgat_group_channels=16, hgat_class_channels=8)
+                          hgat_group_channels=16, hgat_class_channels=8, hgat_layer=layer)
     net = build_net(cfg, ctx)
     layers = [b for b in all_blocks(net) if type(b) is BatchNorm1D]
+    assert (layer == 'fc') == any(b.rows_per_sample == 2 for b in layers)   # 2 attributes per group
     assert len(layers) > 10
     seen = {id(b): [] for b in layers}
     for b in layers:
@@ -292,3 +294,55 @@ def test_the_pytorch_running_variance_holds_in_the_hybridized_network_train_py_r
         np.testing.assert_allclose(hybrid_mean, mean, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(hybrid_var, var, rtol=1e-4, atol=1e-5)
 
+
+
+def _input_gradient_calls(root):
+    """(file:line, call) of every place in the project's code (not its tests) that records or takes a
+    gradient outside training mode: ``autograd.record(train_mode=False)``, ``autograd.predict_mode()``,
+    ``autograd.grad(...)`` or ``x.attach_grad()`` (an input's gradient)."""
+    import ast
+    import subprocess
+    files = subprocess.run(['git', 'ls-files', '*.py'], cwd=root, stdout=subprocess.PIPE,
+                           universal_newlines=True, check=True).stdout.split()
+    found = []
+    for name in files:
+        if name.startswith('tests/'):
+            continue
+        for node in ast.walk(ast.parse(open(os.path.join(root, name)).read(), name)):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, 'id', '')
+            inference = func == 'record' and any(
+                k.arg == 'train_mode' and not (isinstance(k.value, ast.Constant) and k.value.value is True)
+                for k in node.keywords)
+            if inference or func in ('predict_mode', 'attach_grad') or (
+                    func == 'grad' and isinstance(node.func, ast.Attribute)
+                    and getattr(node.func.value, 'id', '') == 'autograd'):
+                found.append('%s:%d %s' % (name, node.lineno, func))
+    return found
+
+
+def test_no_code_takes_gradients_in_inference_mode_where_max_pooling_routes_them_wrong():
+    """A known MXNet 1.9.1 trap (docs/cpus.md): with oneDNN on, the gradient of GlobalMaxPool2D recorded
+    with ``autograd.record(train_mode=False)`` does not go to the maximum (in training mode, and with
+    oneDNN off, it does). The networks max-pool (HGAT-FC's head, ML-GCN's), so a saliency map or an export
+    check that takes input gradients in inference mode would be silently wrong. Pinned: the trap as this
+    MXNet has it, and no code path of the project takes such gradients."""
+    import mxnet as mx
+    from mxnet import autograd, nd
+    from mxnet.gluon import nn
+    x = nd.array(np.random.RandomState(0).rand(1, 2, 3, 3))
+    at = {}
+    for train_mode in (True, False):
+        xx = x.copy()
+        xx.attach_grad()
+        with autograd.record(train_mode=train_mode):
+            y = nn.GlobalMaxPool2D()(xx)
+        y.backward()
+        at[train_mode] = xx.grad.asnumpy().reshape(2, 9).argmax(1).tolist()
+    argmax = x.asnumpy().reshape(2, 9).argmax(1).tolist()
+    assert at[True] == argmax
+    if mx.runtime.Features().is_enabled('MKLDNN') and os.environ.get('MXNET_MKLDNN_ENABLED', '1') != '0':
+        assert at[False] != argmax, 'MXNet routes these gradients right now: update docs/cpus.md and here'
+    assert _input_gradient_calls(ROOT) == [], (
+        'gradients taken outside training mode (wrong through max pooling with oneDNN: docs/cpus.md)')

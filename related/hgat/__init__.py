@@ -2,9 +2,10 @@
 ``HGAT_FC``, a modification of ML-GCN's training code): the paper's primary classifier replaced by a head
 that reasons over attribute groups, then over the attributes of each group (``head.py``).
 
-``--hgat-layer``: ``gat`` (both graph-attention layers: the write-up's exp1), ``fc`` (each replaced by a
-BasicLinear over the flattened nodes: its FC replacement, with the axes right), ``none`` (both left out:
-exp2, the baseline, and what the public file runs, its calls commented out). The attribute groups come from
+``--hgat-layer``: ``gat`` (both graph-attention layers: the write-up's exp1 and design), ``fc`` (each
+replaced by a BasicLinear: layer 1 over the flattened group nodes, layer 2 node by node as the file
+declares it, or flattened with ``--hgat-fc-layer2 flat``), ``none`` (both left out: exp2, the baseline, and
+what the public file runs, its calls commented out). The attribute groups come from
 :data:`GROUPS` (by body region, for the datasets' own attribute names) or ``--hgat-groups FILE.json``.
 """
 import collections
@@ -15,10 +16,10 @@ from common.errors import UserError
 
 NAME = 'hgat'
 HEAD = ('hgat', 'HGAT-FC: graph attention over attribute groups, then over the attributes of each group')
-FIXED = ('hgat_layer', 'hgat_groups', 'hgat_group_channels', 'hgat_class_channels')
+FIXED = ('hgat_layer', 'hgat_fc_layer2', 'hgat_groups', 'hgat_group_channels', 'hgat_class_channels')
 RANGES = (('hgat_group_channels', lambda v: v >= 2, 'at least 2'),
           ('hgat_class_channels', lambda v: v >= 2, 'at least 2'))
-Settings = collections.namedtuple('Settings', 'layer group_channels class_channels')
+Settings = collections.namedtuple('Settings', 'layer group_channels class_channels fc_layer2')
 
 # The attribute groups by body region, written once, with the names each dataset uses (its own order is
 # kept in the network's outputs: the head permutes into group order and back).
@@ -60,8 +61,13 @@ GROUPS = {
 
 def add_flags(a):
     a('--hgat-layer', choices=['gat', 'fc', 'none'], default='gat',
-      help='HGAT-FC: the two graph-attention layers (gat), each replaced by a fully connected layer over the '
-           'flattened nodes (fc), or left out (none: the baseline)')
+      help='HGAT-FC: the two graph-attention layers (gat), each replaced by a fully connected layer (fc: '
+           'see --hgat-fc-layer2), or left out (none: the baseline, what the public file runs)')
+    a('--hgat-fc-layer2', choices=['node', 'flat'], default=None,
+      help="with --hgat-layer fc, layer 2's replacement: one BasicLinear C -> C per group applied to each "
+           "attribute node (node, default: as the public file declares it) or one over the group's "
+           "flattened nodes, n*C -> n*C (flat: this project's reading before; runs made before the option "
+           "keep it)")
     a('--hgat-groups', help="HGAT-FC attribute groups: a JSON file {group: [attribute names]} covering every "
                             "attribute once, or contiguous:G (G consecutive groups in the dataset's order, "
                             "the first n mod G of the n attributes one larger: 14 in 4 groups: 4, 4, 3, 3); "
@@ -76,7 +82,8 @@ def active(cfg):
 
 
 def settings(cfg):
-    return Settings(cfg['hgat_layer'], int(cfg['hgat_group_channels']), int(cfg['hgat_class_channels']))
+    return Settings(cfg['hgat_layer'], int(cfg['hgat_group_channels']), int(cfg['hgat_class_channels']),
+                    cfg.get('hgat_fc_layer2') or 'node')
 
 
 def check(cfg):
@@ -88,6 +95,8 @@ def check(cfg):
 
 
 def describe(cfg):
+    if cfg['hgat_layer'] == 'fc' and cfg.get('hgat_fc_layer2') == 'flat':
+        return 'HGAT-FC (fc, flat layer 2)'
     return 'HGAT-FC (%s)' % cfg['hgat_layer']
 
 
@@ -165,9 +174,11 @@ def plug(cfg, parts, labels=None, mask=None, names=None):
     s = settings(cfg)
     from model import Head
     parts.primary = Head(NAME, lambda width: head.HGATHead(width, groups, s.layer, s.group_channels,
-                                                           s.class_channels, prefix='hgat_'))
+                                                           s.class_channels, fc_layer2=s.fc_layer2,
+                                                           prefix='hgat_'))
     parts.pool = 'max'
-    parts.notes.append('HGAT-FC head (%d groups, graph layers: %s)' % (len(groups), s.layer))
+    parts.notes.append('HGAT-FC head (%d groups, graph layers: %s%s)' % (
+        len(groups), s.layer, ', layer 2 %s' % s.fc_layer2 if s.layer == 'fc' else ''))
 
 
 def loss(cfg):

@@ -89,9 +89,11 @@ class BGATLayer(gluon.HybridBlock):
 
 
 class FlatLinear(gluon.HybridBlock):
-    """The FC replacement of a graph-attention layer: x (N, K, C) flattened per sample to (N, K * C), a
-    BasicLinear K * C -> K * C, and back to (N, K, C). (The write-up's version takes the batch size from
-    the channel axis, ``batch_size = x.size(2)``, and mixes samples: see the tests.)"""
+    """The FC replacement of a graph-attention layer over a sample's flattened nodes: x (N, K, C) to
+    (N, K * C), a BasicLinear K * C -> K * C, and back to (N, K, C). The public file's layer-1 replacement
+    (``fc_replace_GALayer1``, G * C -> G * C). Its commented-out call reads ``batch_size = x.size(2)`` and
+    ``group_channels = x.size(0)``: run as written it raises unless the batch size equals the group width,
+    and then its reshape is this one (see the tests)."""
 
     def __init__(self, nodes, channels, **kwargs):
         super().__init__(**kwargs)
@@ -103,18 +105,40 @@ class FlatLinear(gluon.HybridBlock):
         return F.reshape(self.fc(F.reshape(x, shape=(0, -1))), shape=(0, self.nodes, self.channels))
 
 
+class NodeLinear(gluon.HybridBlock):
+    """The FC replacement of a graph-attention layer node by node: one BasicLinear C -> C applied to each
+    of the K nodes of x (N, K, C), its BatchNorm over the N * K node vectors. The public file's layer-2
+    replacement as declared (``fc_replace_GALayer2``: a ``BasicLinear(class_channels, class_channels)`` per
+    group; never called there)."""
+
+    def __init__(self, nodes, channels, **kwargs):
+        super().__init__(**kwargs)
+        self.nodes, self.channels = nodes, channels
+        with self.name_scope():
+            self.fc = BasicLinear(channels, channels, prefix='fc_')
+        self.fc.bn.rows_per_sample = nodes          # PyTorch's running variance: n = N * K (BatchNorm1D)
+
+    def hybrid_forward(self, F, x):
+        rows = self.fc(F.reshape(x, shape=(-1, self.channels)))                   # N * K, C
+        return F.reshape(rows, shape=(-1, self.nodes, self.channels))
+
+
 class HGATHead(gluon.HybridBlock):
     """Pooled features (N, ``feat_dim``) -> logits (N, C) in the dataset's order (module docstring).
 
     ``groups``: one list of attribute indices (the dataset's order) per group; ``layer``: ``gat``, ``fc`` or
-    ``none``. The permutation back to the dataset's order is a product with a constant 0/1 matrix (exact).
+    ``none``; ``fc_layer2``: with ``fc``, layer 2 as :class:`NodeLinear` (``node``, the declared form) or
+    :class:`FlatLinear` (``flat``); layer 1 is always flat. The permutation back to the dataset's order is a
+    product with a constant 0/1 matrix (exact).
     """
 
     def __init__(self, feat_dim, groups, layer='gat', group_channels=512, class_channels=256, reduce_to=1024,
-                 **kwargs):
+                 fc_layer2='node', **kwargs):
         super().__init__(**kwargs)
+        if fc_layer2 not in ('node', 'flat'):
+            raise ValueError('fc_layer2 is node or flat, not %r' % (fc_layer2,))
         self.groups = [list(map(int, g)) for g in groups]
-        self.layer, self.sizes = layer, [len(g) for g in self.groups]
+        self.layer, self.sizes, self.fc_layer2 = layer, [len(g) for g in self.groups], fc_layer2
         order = [i for g in self.groups for i in g]
         count = len(order)
         if sorted(order) != list(range(count)):
@@ -133,7 +157,8 @@ class HGATHead(gluon.HybridBlock):
             self.class_fcs = self._list(
                 lambda i: BasicLinear(group_channels, class_channels, prefix='class%d_' % i), count,
                 'classes_')
-            self.layer2 = self._list(lambda i: self._layer(self.sizes[i], class_channels, 'group%d_' % i),
+            self.layer2 = self._list(lambda i: self._layer(self.sizes[i], class_channels, 'group%d_' % i,
+                                                           self.fc_layer2),
                                      len(self.groups), 'layer2_') if layer != 'none' else None
             self.fcs = self._list(lambda i: self._out(class_channels, i), count, 'out_')
 
@@ -145,11 +170,11 @@ class HGATHead(gluon.HybridBlock):
                 seq.add(make(i))
         return seq
 
-    def _layer(self, nodes, channels, prefix):
+    def _layer(self, nodes, channels, prefix, form='flat'):
         if self.layer == 'gat':
             return BGATLayer(channels, channels, prefix=prefix)
         if self.layer == 'fc':
-            return FlatLinear(nodes, channels, prefix=prefix)
+            return (NodeLinear if form == 'node' else FlatLinear)(nodes, channels, prefix=prefix)
         return None
 
     @staticmethod
