@@ -25,8 +25,8 @@ machine.thread_settings()                       # must be set before mxnet is im
 
 
 if __name__ == '__main__':                     # --help and flag errors answer before mxnet is imported
-    from engine import flags
-    flags.preparse('eval')
+    from engine import startup
+    startup.preparse('eval')
 
 import shlex  # noqa: E402
 
@@ -44,15 +44,33 @@ def build_parser():
     return flags.eval_parser()
 
 
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+
+
+def folder_hint(path):
+    """``--image`` arguments that name the images in the folder ``path``: a glob per extension found there
+    (most frequent first), or None when it holds no image file."""
+    counts = {}
+    for name in os.listdir(path):
+        ext = os.path.splitext(name)[1]
+        if ext.lower() in IMAGE_EXTENSIONS and os.path.isfile(os.path.join(path, name)):
+            counts[ext] = counts.get(ext, 0) + 1
+    if not counts:
+        return None
+    return ' '.join(shlex.quote(path.rstrip(os.sep)) + os.sep + '*' + ext
+                    for ext in sorted(counts, key=lambda e: (-counts[e], e)))
+
+
 def read_image(path, source='RUN'):
     if os.path.isdir(path):
         out = os.path.join(source, 'predictions.csv') if os.path.isfile(os.path.join(source, 'config.json')) \
             else 'predictions.csv'
-        raise UserError('--image %s is a folder; give image files (--image %s), or predict every image in it '
-                        'with: %s predict.py %s %s --out %s' % (
-                            path, os.path.join(path, '*.jpg'), runfolder.python_command(),
-                                shlex.quote(source),
-                            shlex.quote(path), shlex.quote(out)))
+        files = folder_hint(path)
+        given = ('give image files (--image %s)' % files if files else
+                 'and it holds no image file (%s)' % ', '.join(IMAGE_EXTENSIONS))
+        raise UserError('--image %s is a folder; %s, or predict every image in it with: %s predict.py %s %s '
+                        '--out %s' % (path, given, runfolder.python_command(), shlex.quote(source),
+                                      shlex.quote(path), shlex.quote(out)))
     if not os.path.isfile(path):
         raise UserError('--image %s: no such file' % path)
     image = cv2.imread(path, cv2.IMREAD_COLOR)

@@ -121,6 +121,15 @@ class AttributeNet(ReturnsAttention, gluon.HybridBlock):
         own); returns [(file, what it shows)]."""
         raise NotImplementedError
 
+    def board_image(self, crop, x, maps, names, probs, folder):
+        """The RGB array TensorBoard shows for one image after every epoch: the first figure of
+        :meth:`overlays`, drawn into ``folder`` and read back (a network may draw it faster)."""
+        import os
+        import cv2
+        import numpy as np
+        first = self.overlays(crop, x, maps, names, probs, os.path.join(folder, 'board.png'))[0][0]
+        return np.ascontiguousarray(cv2.imread(first, cv2.IMREAD_COLOR)[:, :, ::-1])
+
     def shared_scale(self, maps):
         """The ``top`` of :meth:`overlays` that puts the attention maps of several images (``maps``: one
         list per image) on one scale, or None where the maps have a fixed scale."""
@@ -234,6 +243,11 @@ class VAANet(AttributeNet):
     def shared_scale(self, maps):
         from evaluation import plots
         return plots.attention_scale(maps)
+
+    def board_image(self, crop, x, maps, names, probs, folder):
+        """The attention maps as :meth:`overlays` draws them, as one array drawn without matplotlib."""
+        from evaluation import plots
+        return plots.attention_grid(crop, maps, names, probs, tap_names(self.backbone_name, self.taps))
 
     def overlays(self, crop, x, maps, names, probs, path, top=None):
         from evaluation import plots

@@ -26,8 +26,8 @@ machine.thread_settings()                       # must be set before mxnet is im
 
 
 if __name__ == '__main__':                     # --help and flag errors answer before mxnet is imported
-    from engine import flags
-    flags.preparse('predict')
+    from engine import startup
+    startup.preparse('predict')
 
 import csv  # noqa: E402
 import logging  # noqa: E402

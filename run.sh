@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command from a fresh clone: make .venv, install the project, run a job.
 #
+#   ./run.sh setup                   install (with the test tools) and nothing else: then source .venv/bin/activate
 #   ./run.sh test [pytest args]      install with the test tools and run the test suite
 #   ./run.sh train [train.py args]   install and train (default: the embedded demo dataset, CPU)
 #   ./run.sh eval [eval.py args]     install and evaluate
@@ -16,8 +17,8 @@ cd "$(dirname "$0")"
 
 job="${1:-}"
 case "$job" in
-  test|train|eval|gpu-check) shift ;;
-  *) echo "usage: ./run.sh test|train|eval|gpu-check [args...]" >&2; exit 2 ;;
+  setup|test|train|eval|gpu-check) shift ;;
+  *) echo "usage: ./run.sh setup|test|train|eval|gpu-check [args...]" >&2; exit 2 ;;
 esac
 
 pick_python() {
@@ -50,6 +51,11 @@ case "$flavour" in
   cpu|cu112) ;;
   *) echo "run.sh: error: VAA_MXNET=$flavour: choose cpu or cu112" >&2; exit 2 ;;
 esac
+# Before the GPU build's few GB are downloaded: can a GPU here run it? (nvidia-smi; one line if not)
+if [ "$flavour" = cu112 ] && [ ! -f "$venv/.flavour" -o "$(cat "$venv/.flavour" 2>/dev/null)" != cu112 ]; then
+  pick_python
+  "$python" -m engine.gpu --before-install || exit 2
+fi
 if [ ! -x "$venv/bin/python" ]; then
   pick_python
   echo "run.sh: creating $venv with $("$python" --version 2>&1)"
@@ -86,6 +92,7 @@ fi
 # MXNet uses one OpenMP thread unless told otherwise; default to every core.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)}"
 case "$job" in
+  setup) echo "run.sh: ready in $venv: source $venv/bin/activate (or run $venv/bin/python SCRIPT ...)" ;;
   test)  "$venv/bin/python" -m common.machine           # which CPU (and SIMD level) a failure report came from
          exec "$venv/bin/python" -m pytest tests "$@" ;;
   train) VAA_LAUNCHER="$0 train" exec "$venv/bin/python" train.py "$@" ;;   # (the resume hint uses it)

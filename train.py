@@ -23,8 +23,8 @@ _THREADS = machine.thread_settings()            # must be set before mxnet is im
 
 
 if __name__ == '__main__':                     # --help and flag errors answer before mxnet is imported
-    from engine import flags
-    flags.preparse('train')
+    from engine import startup
+    startup.preparse('train')
 
 import collections  # noqa: E402
 import logging  # noqa: E402
@@ -36,7 +36,7 @@ import mxnet as mx  # noqa: E402
 
 import datasets  # noqa: E402
 import related  # noqa: E402
-from common.errors import UserError, plural, run_main  # noqa: E402
+from common.errors import Interrupted, UserError, plural, run_main  # noqa: E402
 from datasets import loaders  # noqa: E402
 from engine import board, config, loop, report, runfolder, steps  # noqa: E402
 from engine.build import build_net  # noqa: E402
@@ -132,15 +132,18 @@ def train_epoch(cfg, epoch, run, data, place, stop, start=0, saved=None):
             break
     mx.nd.waitall()     # MXNet moves the BatchNorm statistics in the backward pass, unordered with reads
     guard.check()       # of them: validation and checkpoints must see the last batch's (backbone.py)
-    return totals, batch_no, progress.close() * place.workers
+    speed = progress.close() * place.workers
+    if batch_no == start and saved and saved.get('speed'):         # nothing left to train: the saved figure
+        speed = saved['speed']
+    return totals, batch_no, speed
 
 
-def validate(cfg, run, data, place, epoch, totals):
+def validate(cfg, run, data, place, epoch, totals, stop=None):
     """Train mAP from the epoch's predictions; validation metrics and loss (the objective training
     minimises); the schedule's verdict. Returns (metrics row, new best?, per-attribute val AP)."""
     out = totals.arrays()
     train_result = metrics.evaluate(out['logits'], out['labels'], out['masks'], data.names)
-    logits, labels, masks, val_loss = steps.predict(run.net, data.val_loader, place.ctx, run.loss)
+    logits, labels, masks, val_loss = steps.predict(run.net, data.val_loader, place.ctx, run.loss, stop=stop)
     val = metrics.evaluate(logits, labels, masks, data.names)
     finite = np.isfinite(logits).all() and np.isfinite(val_loss)                # else: diverged
     improved = run.schedule.update(epoch, val[cfg['monitor']] if finite else float('nan'))
@@ -150,16 +153,24 @@ def validate(cfg, run, data, place, epoch, totals):
     return row, improved, {r['name']: r['ap'] for r in val['per_attribute']}
 
 
-def test(cfg, run, data, place):
-    """The test split with the best checkpoint; writes test_metrics.json and prints the table."""
-    best = run.folder.checkpoint('best')
+def test(cfg, run, data, place, stop=None):
+    """The test split with the best checkpoint (with --keep last, the last epoch's weights); writes
+    test_metrics.json and prints the table. A stop signal ends it after the batch in progress: the run has
+    finished training, and its resume runs the test."""
+    which = 'best' if cfg['keep'] == 'all' else 'last'
+    best = run.folder.checkpoint(which)
     run.load_weights(best)
-    result = steps.evaluate(run.net, data.test_loader, place.ctx, data.names, cfg['metrics'])
-    epoch = run.schedule.best_epoch
+    try:
+        result = steps.evaluate(run.net, data.test_loader, place.ctx, data.names, cfg['metrics'], stop)
+    except Interrupted:
+        stop.exit('during the test of the %s checkpoint (training is complete: resume runs the test)' % which,
+                  run.folder, written=False)
+    epoch = run.schedule.best_epoch if which == 'best' else cfg['epochs'] - 1
     result.update(split=cfg['test_split'], checkpoint=best, best_epoch=epoch)
     report.report(result, os.path.join(run.folder.path, 'test_metrics.json'), os.path.join(
-        run.folder.path, 'test_ap.png'), 'Test split, best checkpoint (epoch %d of %s):' % (
-            epoch, run.folder.path), 'test (epoch %d)' % epoch, show=LOG.info)
+        run.folder.path, 'test_ap.png'), 'Test split, %s checkpoint (epoch %d of %s):' % (
+            which, epoch, run.folder.path), '%s, test split, epoch %d' % (os.path.basename(
+                os.path.normpath(os.path.abspath(run.folder.path))), epoch), show=LOG.info)
     if steps.stage_line(result):
         LOG.info(steps.stage_line(result))
     LOG.info('test mAP %.2f%% (chance level from the label priors: %.2f%%); run folder %s',
@@ -189,10 +200,15 @@ def fit(cfg, explicit, place, resumed, folder, stop):
         totals, batch_no, speed = train_epoch(cfg, epoch, run, data, place, stop, start, saved)
         start, saved = 0, None
         if batch_no < len(data.train_loader):                                   # a stop signal came
-            run.save_interrupted(data.sampler.indices, epoch, totals, batch_no)
-            stop.exit(epoch, batch_no, len(data.train_loader), folder)
+            run.save_interrupted(data.sampler.indices, epoch, totals, batch_no, speed)
+            stop.exit('in epoch %d after batch %d of %d' % (epoch, batch_no, len(data.train_loader)), folder)
         trainers.sync.average_aux_states()
-        verdict = validate(cfg, run, data, place, epoch, totals) if folder.lead else None
+        try:
+            verdict = validate(cfg, run, data, place, epoch, totals, stop) if folder.lead else None
+        except Interrupted:             # the epoch's training is saved whole; resume redoes the validation
+            run.save_interrupted(data.sampler.indices, epoch, totals, batch_no, speed)
+            stop.exit('in epoch %d during the validation (all %d training batches done: resume validates)'
+                      % (epoch, batch_no), folder)
         run.end_epoch(epoch, verdict, data.sampler.indices, speed, tic)
         folder.board.attention(net, cfg, data.val, data.names, place.ctx, epoch)    # TensorBoard's images
     return run, data
@@ -213,7 +229,7 @@ def train(cfg, explicit=()):
             loop.start_log(folder, place, cfg, _THREADS)
             run, data = fit(cfg, explicit, place, resumed, folder, stop)
             run.finish(place)
-            return test(cfg, run, data, place) if folder.lead else None
+            return test(cfg, run, data, place, stop) if folder.lead else None
         except BaseException:
             folder.abandon()                    # a run that failed before its first checkpoint leaves nothing
             raise

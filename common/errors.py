@@ -12,6 +12,11 @@ class UserError(Exception):
     """A problem with the user's input, reported as one line without a traceback."""
 
 
+class Interrupted(Exception):
+    """A stop signal (SIGINT, SIGTERM) arrived during an evaluation pass (validation, the test split):
+    raised after the batch in progress, so that the caller saves what resume needs and exits."""
+
+
 def plural(count, word, many=None):
     """'1 epoch', '2 epochs' (``many``: the plural when it is not ``word + 's'``)."""
     return '%d %s' % (count, word if count == 1 else many or word + 's')

@@ -61,7 +61,7 @@ class Board(object):
         self.writer.add_scalar('time/epoch_seconds', row['seconds'], step)
 
     def attention(self, net, cfg, data, names, ctx, epoch):
-        """The attention overlays of the first :data:`IMAGES` validation images, as eval.py draws them."""
+        """The attention maps of the first :data:`IMAGES` validation images (net.board_image)."""
         if self.writer is None:
             return
         from evaluation.attention_maps import overlay_images

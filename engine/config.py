@@ -22,7 +22,7 @@ from common.presets import BACKBONES, FALLBACKS, PRESETS, PRESET_SETTINGS, SCHED
 
 # What a resumed run may change; everything else comes from the run's saved config.
 RESUME_OVERRIDES = ('epochs', 'data_path', 'gpus', 'cpus', 'num_workers', 'log_interval', 'debug', 'kvstore',
-                    'metrics', 'tensorboard')
+                    'metrics', 'tensorboard', 'keep')
 # What a resumed run must not change (the weights and the schedule depend on them), the related systems'
 # settings included.
 RESUME_FIXED = ('dataset', 'preset', 'backbone', 'input_size', 'num_classes', 'lr', 'batch_size', 'optimizer',

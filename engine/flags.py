@@ -1,5 +1,5 @@
 """Every script's flags, in one module that imports nothing heavy: ``--help`` and a mistyped flag answer
-before mxnet is loaded (:func:`preparse`, called first thing by each script).
+before mxnet is loaded (``engine.startup.preparse``, called first thing by each script).
 
 * :func:`build_parser`: train.py's flags, in groups. The authors' flag names keep their meanings; every
   flag answers to both spellings (``--batch_size`` and ``--batch-size``, ``--input-size`` and
@@ -11,10 +11,8 @@ before mxnet is loaded (:func:`preparse`, called first thing by each script).
 import argparse
 import copy
 import os
-import sys
 
 import datasets                   # (its package module only: the registry of names)
-from engine import gpu                        # (the standard library only)
 import related                    # (the systems' interfaces: they import nothing heavy)
 from common.errors import UserError
 from common.presets import BACKBONES, PRESETS
@@ -189,6 +187,10 @@ def _run_flags(a):
     a('--syncbn', action='store_true', help='batch-norm statistics over all devices of a machine '
                                             '(SyncBatchNorm)')
     a('--amp', action='store_true', help='float16 training with dynamic loss scaling (GPU only)')
+    a('--keep', choices=['all', 'last'], default='all',
+      help='checkpoints kept: all (last.params to resume, best.params of the best validation epoch, which '
+           'the test split is scored with) or last (only last.params: a third to half less disk; the test '
+           "split and eval.py then use the last epoch's weights)")
     a('--no-tensorboard', dest='tensorboard', action='store_false',
       help='write no TensorBoard logs (default: <run>/tb, for tensorboard --logdir runs)')
     a('--save-all-ranks', action='store_true',
@@ -362,9 +364,10 @@ def benchmark_parser():
     a('--workers', type=int, default=os.cpu_count() or 1, help='data-loader workers')
     a('--data-images', type=int, default=256, help='images for the data-pipeline rows')
     a = group_adder(p, 'what to time')
-    a('--only', choices=['model', 'data', 'inference', 'systems'],
+    a('--only', choices=['model', 'data', 'inference', 'systems', 'startup'],
       help='one part only: model (ours, the reference and the bare backbone), data (the loaders), inference '
-           '(the CPU inference paths) or systems (VAA and each related system); default: model and data')
+           '(the CPU inference paths), systems (VAA and each related system) or startup (the seconds each '
+           "command's --help takes, as a whole process); default: model and data")
     a('--accuracy', metavar='RUN', help='--only inference: also the test mAP of each path, with the trained '
                                         'network of RUN')
     a('--debug', action='store_true', help='show tracebacks')
@@ -376,24 +379,3 @@ PARSERS = {'train': build_parser, 'eval': eval_parser, 'predict': predict_parser
 # The numbers each script checks before any work (train.py checks all of RANGES while resolving).
 SCRIPT_RANGES = {'eval': ('batch_size', 'limit', 'num_workers', 'input_size', 'partition'),
                  'predict': ('batch_size', 'num_workers', 'input_size'), 'compare': ('limit', 'input_size')}
-
-
-def preparse(script, argv=None):
-    """Parse ``script``'s command line before anything heavy is imported: ``--help`` prints and a wrong
-    flag or number stops (status 2) in well under a second; the script parses again for real afterwards.
-    Then :func:`gpu.prepare` imports mxnet (with a GPU build, after making its CUDA libraries visible)."""
-    argv = sys.argv[1:] if argv is None else argv
-    args = PARSERS[script]().parse_args(argv)
-    names = [r[0] for r in RANGES] if script == 'train' else SCRIPT_RANGES.get(script, ())
-    try:
-        check_ranges(vars(args), [r for r in RANGES if r[0] in names])
-        if getattr(args, 'config', None):           # a settings file: its keys, types and ranges too
-            from engine import config_files
-            config_files.read(args.config)
-    except UserError as err:
-        if '--debug' in argv:
-            raise
-        sys.stderr.write('error: %s\n' % err)
-        sys.exit(2)
-    gpu.prepare()               # the CUDA libraries of a GPU build visible, then mxnet imported (or one line)
-    return args

@@ -8,7 +8,7 @@ Its machine code is for compute capabilities 5.0, 6.0, 7.0, 8.0 and 8.6 and it c
 runs it when the build has code of its major version at or below its minor version (8.9 runs the 8.6
 code) and cannot run it otherwise (Hopper, 9.0).
 
-* :func:`prepare` (first thing in every script, via ``flags.preparse``): with a GPU build installed, makes
+* :func:`prepare` (first thing in every script, via ``startup.preparse``): with a GPU build installed, makes
   the wheels' libraries visible (``LD_LIBRARY_PATH``, set and the script started again once) and imports
   mxnet, turning a library that cannot be loaded into one line naming it and the set-up command.
 * :func:`preflight` (``distributed.parse_contexts`` whenever ``--gpus`` is given): the GPUs mxnet sees,
@@ -25,6 +25,8 @@ import os
 import re
 import subprocess
 import sys
+
+from common.errors import UserError
 
 # The pip wheels that provide what mxnet-cu112 1.9.1's libmxnet.so links (readelf -d), newest CUDA 11 ones;
 # cuDNN pinned to 8.x for libcudnn.so.8 (nvidia-cudnn-cu11's newest is 9.x).
@@ -85,10 +87,26 @@ def prepare(argv=None):
             argv = sys.argv if argv is None else argv
             os.execv(sys.executable, [sys.executable] + list(argv))
     try:
-        import mxnet  # noqa: F401
+        import_mxnet()
     except (OSError, ImportError) as err:
         sys.stderr.write('error: %s\n' % explain_import_error(err, build))
         sys.exit(2)
+
+
+def import_mxnet():
+    """``import mxnet`` without scikit-learn: mxnet.model imports it only for the base class of its legacy
+    FeedForward estimator (``object`` without it), 0.8 of the 2.9 s mxnet takes to import. The demo dataset
+    imports scikit-learn itself when it needs its digits."""
+    if 'mxnet' in sys.modules:
+        return
+    block = 'sklearn' not in sys.modules
+    if block:
+        sys.modules['sklearn'] = None           # import sklearn raises ImportError, which mxnet catches
+    try:
+        import mxnet  # noqa: F401
+    finally:
+        if block and sys.modules.get('sklearn', 0) is None:
+            del sys.modules['sklearn']
 
 
 def explain_import_error(err, build=None):
@@ -103,8 +121,28 @@ def explain_import_error(err, build=None):
         return ('mxnet (%s) cannot load %s: the CUDA libraries are installed by the set-up command, %s '
                 '(it installs them as pip wheels; python -m engine.gpu lists what is there)'
                 % (build or 'the installed build', missing.group(1), SETUP))
-    return 'mxnet cannot be imported (%s: %s); reinstall with ./run.sh train (or %s)' % (
+    if isinstance(err, ImportError) and getattr(err, 'name', None) == 'mxnet':
+        return not_in_environment()
+    return 'mxnet cannot be imported (%s: %s); install it again with ./run.sh setup (or %s)' % (
         type(err).__name__, text.splitlines()[0] if text else '', SETUP)
+
+
+def not_in_environment(argv=None):
+    """The line for a script started by an interpreter that lacks mxnet: the project lives in the checkout's
+    .venv (run.sh makes it), so say so, with this very command as that environment runs it."""
+    import shlex
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    venv = os.path.join(checkout, '.venv', 'bin', 'python')
+    here = os.path.relpath(venv) if os.path.abspath(os.getcwd()) == checkout else venv
+    argv = sys.argv if argv is None else argv
+    again = ' '.join(shlex.quote(w) for w in [here] + list(argv))
+    if os.path.isfile(venv):
+        folder = os.path.dirname(os.path.dirname(here))
+        return ('this Python (%s) has no mxnet: the project is installed in %s; run %s (or `source %s` '
+                'first, and then python as before)' % (sys.executable, folder, again,
+                                                         os.path.join(folder, 'bin', 'activate')))
+    return ('this Python (%s) has no mxnet and the project is not set up yet: ./run.sh setup installs it '
+            'into .venv; then run %s' % (sys.executable, again))
 
 
 # ---------------------------------------------------------------------------------------------- the GPUs
@@ -150,6 +188,54 @@ def query():
                           capability=(major.value, minor.value),
                           total_mib=total.value // 2 ** 20))
     return found
+
+
+# What a CPU costs instead, for the refusal below (2 cores, training images/s of `tools/benchmark.py --only
+# model --batch 32`, validation not counted): ResNet-101 at 224 from docs/speed.md; ResNet-18 at 128 measured
+# on an AMD EPYC (AVX2): 17.4 images/s.
+CPU_SMALL = 'about 17 images/s: 22 minutes per epoch and 15 h for the 40'
+CPU_ALTERNATIVE = ("train on the CPU instead (VAA_MXNET=cpu ./run.sh train ...): the paper's network "
+                   '(ResNet-101 at 224) trains about 4.8 images/s on 2 cores, 1.3 h per WIDER epoch of '
+                   '23,000 crops and 53 h for the 40 epochs; with --backbone resnet18_v1 --input-size 128, %s'
+                   % CPU_SMALL)
+
+
+def _nvidia_smi(smi):
+    """[(index, name, (major, minor))] of the GPUs nvidia-smi lists; UserError without nvidia-smi or GPUs."""
+    try:
+        out = subprocess.run([smi, '--query-gpu=name,compute_cap', '--format=csv,noheader'],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                             timeout=60)
+    except OSError:
+        raise UserError('VAA_MXNET=cu112 installs the GPU build, which needs an NVIDIA GPU and its driver: '
+                        'nvidia-smi was not found, so nothing was installed; %s' % CPU_ALTERNATIVE)
+    gpus = []
+    for line in (l for l in out.stdout.splitlines() if l.strip()):
+        name, _, cap = line.rpartition(',')
+        try:
+            gpus.append((len(gpus), name.strip(), tuple(int(v) for v in cap.strip().split('.'))))
+        except ValueError:
+            continue
+    if not gpus:
+        raise UserError('nvidia-smi lists no GPU (%s), so nothing was installed; %s'
+                        % ((out.stderr or out.stdout).strip()[:200] or 'no output', CPU_ALTERNATIVE))
+    return gpus
+
+
+def before_install(build='mxnet-cu112', smi='nvidia-smi'):
+    """Before the GPU build is installed (run.sh): the GPUs nvidia-smi lists and whether ``build`` runs on
+    each. Returns the lines to print; UserError when none can run it (nothing has been downloaded yet)."""
+    gpus = [(i, name, cap, runs_on(cap, build)) for i, name, cap in _nvidia_smi(smi)]
+    if not any(how for _, _, _, how in gpus):
+        i, name, cap, _ = gpus[0]
+        codes = ', '.join('%d.%d' % a for a in BUILDS[build]['arches'])
+        raise UserError('GPU %d, %s, has compute capability %d.%d; %s 1.9.1 has machine code for %s and no '
+                        'PTX, and no MXNet CUDA wheel (cu110-cu117 1.9.1, cu112 2.0.0b1) has code for Hopper '
+                        '(9.0) or Blackwell (10.x, 12.x): nothing was installed. Use a GPU of compute '
+                        'capability 5.0 to 8.9, or %s'
+                        % (i, name, cap[0], cap[1], build, codes, CPU_ALTERNATIVE))
+    return ['gpu: GPU %d, %s (compute capability %d.%d): %s %s' % (
+        i, name, cap[0], cap[1], 'runs' if how else 'cannot run', build) for i, name, cap, how in gpus]
 
 
 def check(ids, build, devices, visible, free_mib=None):
@@ -343,8 +429,17 @@ if __name__ == '__main__':
     parser.add_argument('--check-install', metavar='DIR', nargs='?', const='',
                         help='install the GPU build into a throwaway venv (DIR, default a temporary folder) '
                              'and check its libraries with ldd (downloads a few GB)')
+    parser.add_argument('--before-install', action='store_true',
+                        help="the GPUs nvidia-smi lists and whether the GPU build runs on each (run.sh's "
+                             'check before it installs the build)')
     args = parser.parse_args()
-    if args.library_path:
+    if args.before_install:
+        try:
+            print('\n'.join(before_install()))
+        except UserError as err:
+            sys.stderr.write('error: %s\n' % err)
+            sys.exit(2)
+    elif args.library_path:
         print(os.pathsep.join(library_dirs()))
     elif args.check_install is not None:
         import tempfile

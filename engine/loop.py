@@ -84,15 +84,16 @@ class Training(object):
         if not batch:
             return epoch, 0, None
         return epoch, batch, dict({k: v.asnumpy() for k, v in extra.items()}, loss_sum=state['loss_sum'],
-                                  seen=state['seen'], terms=state.get('terms', {}))
+                                  seen=state['seen'], terms=state.get('terms', {}), speed=state.get('speed'))
 
-    def save_interrupted(self, indices, epoch, totals, batch_no):
-        """Checkpoint a partial epoch so that --resume continues after its last finished batch."""
+    def save_interrupted(self, indices, epoch, totals, batch_no, speed=None):
+        """Checkpoint a partial epoch so that --resume continues after its last finished batch (after the
+        last one: with the validation, which a stop interrupted). ``speed``: the epoch's samples/s so far."""
         saved = totals.state()
         merged = self.trainers.sync.merged_history(self.history, indices)
         extra = {k: saved[k] for k in ('logits', 'labels', 'masks')}
         meta = self.meta(epoch, batch_no, loss_sum=saved['loss_sum'], seen=saved['seen'],
-                         terms=saved['terms'])
+                         terms=saved['terms'], speed=speed)
         self.folder.save('last', self.net, meta, self.trainers.trainers, merged, extra)
 
     def end_epoch(self, epoch, verdict, indices, speed, tic):
@@ -113,7 +114,7 @@ class Training(object):
         self._log(epoch, row, improved, speed)
         meta = self.meta(epoch + 1, 0)
         self.folder.save('last', self.net, meta, self.trainers.trainers, merged)
-        if improved:
+        if improved and self.cfg['keep'] == 'all':
             self.folder.save('best', self.net, meta)
         self.folder.add_row(row)
         self.folder.board.epoch(row, {m: t.learning_rate for m, t in self.trainers.trainers.items()})

@@ -65,9 +65,10 @@ def report_split(net, cfg, names, split, ctx, source, out=None, compare=None, co
         result['paper'] = tables.paper_reference(cfg['dataset'], names)
     out = out or os.path.join(cfg['run_dir'], 'eval_%s.json' % split)
     per_attribute = (result.get('paper') or {}).get('per_attribute')
+    name = os.path.basename(os.path.normpath(os.path.abspath(cfg.get('run_dir') or source)))
     report(result, out, os.path.splitext(out)[0] + '_ap.png',
            '%s split of %s, %s:' % (split, cfg['dataset'], source),
-           split, per_attribute)
+           '%s, %s split' % (name, split), per_attribute)
     if compare == 'paper':
         print(tables.paper_line(result, cfg['dataset']))
     if compare == 'rethinking':

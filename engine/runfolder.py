@@ -330,11 +330,13 @@ class StopSignals(object):
             flag = float(sync.allreduce_array('stop', nd.array([flag], ctx=sync.ctx[0])).asscalar())
         return flag > 0
 
-    def exit(self, epoch, batches_done, batches, folder):
-        """Say how to resume (once: on stderr, and in train.log) and exit with status 128 + the signal."""
+    def exit(self, where, folder, written=True):
+        """Say how to resume (once: on stderr, and in train.log) and exit with status 128 + the signal.
+        ``where``: when it came ("in epoch 1 after batch 2 of 6"); ``written``: whether a checkpoint was
+        written now (else the last one stands: a stop during the test of a finished run)."""
         name = signal.Signals(self.received[0]).name if self.received else 'a stop request'
-        message = ('stopped by %s in epoch %d after batch %d of %d; checkpoint %s written. Resume with:\n  %s'
-                   % (name, epoch, batches_done, batches, folder.checkpoint('last'),
+        message = ('stopped by %s %s; checkpoint %s %s. Resume with:\n  %s'
+                   % (name, where, folder.checkpoint('last'), 'written' if written else 'kept',
                       resume_command(folder.path)))
         log_to_file(message.replace('\n ', ''))
         sys.stderr.write(message + '\n')

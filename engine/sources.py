@@ -28,6 +28,8 @@ def resolve_source(source, which='best'):
     if os.path.isdir(source):
         if os.path.isfile(checkpoint_path(source, which)):
             return 'ours', checkpoint_path(source, which), source
+        if which == 'best' and os.path.isfile(checkpoint_path(source, 'last')):    # (a run with --keep last)
+            return 'ours', checkpoint_path(source, 'last'), source
         if any(os.path.isfile(os.path.join(source, 'backbone_%s.params' % f)) for f in (
                 'resnet', 'densenet')):
             return 'upstream', source, None

@@ -17,7 +17,7 @@ from mxnet import autograd, nd
 from evaluation import metrics
 from engine.distributed import split_batch
 from backbone import torch_running_variance
-from common.errors import UserError
+from common.errors import Interrupted, UserError
 
 Step = collections.namedtuple('Step', 'loss logits labels masks terms')
 
@@ -107,11 +107,12 @@ class EpochTotals(object):
                     terms={k: float(v.asscalar()) for k, v in self.term_sums.items()})
 
 
-def predict(net, loader, ctx, loss_fn=None, stages=None):
+def predict(net, loader, ctx, loss_fn=None, stages=None, stop=None):
     """The fused logits for a whole split (float64 NumPy; rank by them, threshold their sigmoid), with
     labels and masks, and the mean of ``loss_fn`` (the training objective, with history weights 1) when
     given, else NaN. ``stages``: a dict that receives ``{name: logits}`` of each stage of a network that
-    has them (``net.stage_logits``: AP-CNN's two passes)."""
+    has them (``net.stage_logits``: AP-CNN's two passes). ``stop``: a ``runfolder.StopSignals``; when a
+    signal has arrived, :class:`~common.errors.Interrupted` is raised after the batch in progress."""
     logits, labels, masks, total, count = [], [], [], 0.0, 0
     parts = collections.defaultdict(list)
     net.return_aux = False                      # the auxiliary head is for training only
@@ -127,6 +128,8 @@ def predict(net, loader, ctx, loss_fn=None, stages=None):
             if loss_fn is not None:
                 total += float(loss_fn(out.primary, out.taps, y, m).sum().asscalar())
                 count += x.shape[0]
+        if stop is not None and stop.received:
+            raise Interrupted('a stop signal during the evaluation of a split')
     to_np = lambda arrs: np.concatenate([a.asnumpy() for a in arrs]) if arrs else np.zeros((0, 0))
     if stages is not None:
         stages.update({name: to_np(v).astype(np.float64) for name, v in parts.items()})
@@ -134,11 +137,11 @@ def predict(net, loader, ctx, loss_fn=None, stages=None):
     return to_np(logits).astype(np.float64), to_np(labels), to_np(masks), mean_loss
 
 
-def evaluate(net, loader, ctx, names, convention='ours'):
+def evaluate(net, loader, ctx, names, convention='ours', stop=None):
     """Every metric of ``metrics.evaluate`` on a split (mA and the instance metrics in ``convention``),
-    plus the chance-level mAP of its labels."""
+    plus the chance-level mAP of its labels. ``stop``: as :func:`predict`'s."""
     stages = {}
-    logits, labels, masks, _ = predict(net, loader, ctx, stages=stages)
+    logits, labels, masks, _ = predict(net, loader, ctx, stages=stages, stop=stop)
     if not np.isfinite(logits).all():
         raise UserError('the network gives inf/NaN outputs for %d of %d samples: its weights are broken (a '
                         'diverged run?); evaluate another checkpoint'

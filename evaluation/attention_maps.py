@@ -3,7 +3,6 @@
 attention images of a run's TensorBoard logs."""
 import os
 
-import numpy as np
 from mxnet import nd
 
 from datasets import loaders
@@ -26,15 +25,15 @@ def attention_of(net, cfg, images, ctx):
 
 
 def overlay_images(net, cfg, data, names, ctx, count, folder):
-    """RGB arrays of the overlays of the first ``count`` images of the split ``data`` (drawn into
-    ``folder``)."""
-    import cv2
+    """RGB arrays of the attention maps of the first ``count`` images of the split ``data`` as the network
+    draws them for TensorBoard (``board_image``; any file it needs goes into ``folder``)."""
     images = [data.image(i) for i in range(min(count, len(data)))]
     crop = loaders.transform(cfg).eval_view
     out = []
     for i, (image, (x, probs, maps)) in enumerate(zip(images, attention_of(net, cfg, images, ctx))):
         if not maps:                            # a network without attention (--taps none)
             return []
-        first = net.overlays(crop(image), x, maps, names, probs, os.path.join(folder, '%d.png' % i))[0][0]
-        out.append(np.ascontiguousarray(cv2.imread(first, cv2.IMREAD_COLOR)[:, :, ::-1]))
+        sub = os.path.join(folder, str(i))
+        os.makedirs(sub, exist_ok=True)
+        out.append(net.board_image(crop(image), x, maps, names, probs, sub))
     return out

@@ -1,10 +1,13 @@
-"""Test setup: the scripts' thread settings for MXNet (both cores; before mxnet is imported), private
-caches, no network, and seed every test.
+"""Test setup: the scripts' thread settings for MXNet (the cores shared among the workers; before mxnet
+is imported), private caches, no network, and seed every test.
 
-One crash fails one test: the suite runs in a worker process (``-n 1`` in pytest.ini, pytest-xdist), so a
-segmentation fault or abort in native code (MXNet, oneDNN) ends the worker, not the run; the failed
-test's report names the signal and shows where the test was (Python's fault handler writes into a file
-per worker, read back here), a new worker takes the rest of the suite, and the summary line still comes.
+Two worker processes (``-n 2 --dist loadfile`` in pytest.ini, pytest-xdist) each run whole test files
+with ``OMP_NUM_THREADS`` = the cores / 2: the tests' networks are small, and on 2 cores one thread per
+worker in two workers finished the suite in half the time of two threads in one (one thread alone was
+faster than two: 122 s against 147 s for two test files). One crash fails one test: a segmentation fault
+or abort in native code (MXNet, oneDNN) ends a worker, not the run; the failed test's report names the
+signal and shows where the test was (Python's fault handler writes into a file per worker, read back
+here), a new worker takes the rest of its files, and the summary line still comes.
 
 Hangs fail too, slowness does not: a test whose process and child processes use less than 1 s of CPU
 time over ``VAA_TEST_HANG_SECONDS`` (default 300) s of wall time is deadlocked; its threads' stacks are
@@ -29,6 +32,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from common import machine  # noqa: E402
 
+_WORKERS = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT') or 1)
+if os.environ.get('PYTEST_XDIST_WORKER') and _WORKERS > 1:       # the cores shared (module docstring)
+    _CORES = int(os.environ.get('OMP_NUM_THREADS') or os.cpu_count() or 1)
+    os.environ['OMP_NUM_THREADS'] = str(max(1, _CORES // _WORKERS))
 machine.thread_settings()           # as the scripts do, before mxnet is imported
 # No test touches the network or the user's caches: the model zoo and the WIDER crops go to a fresh
 # folder, and a model-zoo download fails at once (connection refused on the loopback discard port).
@@ -208,9 +215,32 @@ class _HangWatch(threading.Thread):
 
 
 _WATCH = []
+_CHECKOUT = []
+_NOT_THE_CHECKOUTS = ('.venv', '.git', '__pycache__', '.pytest_cache')
+
+
+def _checkout_files():
+    """Every file of the checkout (its environment, git's folder and Python's caches left out)."""
+    found = set()
+    for folder, subfolders, files in os.walk(ROOT):
+        subfolders[:] = [d for d in subfolders if d not in _NOT_THE_CHECKOUTS and not d.endswith('.egg-info')]
+        found.update(os.path.relpath(os.path.join(folder, f), ROOT) for f in files)
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Tests write only into their temporary folders: a file the suite left in the checkout fails it."""
+    if _CHECKOUT:
+        written = sorted(_checkout_files() - _CHECKOUT[0])
+        if written:
+            sys.stderr.write('\nthe tests wrote into the checkout (they must write only under their '
+                             'temporary folders): %s\n' % ', '.join(written[:20]))
+            session.exitstatus = 1
 
 
 def pytest_sessionstart(session):
+    if not WORKER:
+        _CHECKOUT.append(_checkout_files())
     limit = float(os.environ.get('VAA_TEST_HANG_SECONDS', 300))
     if limit > 0 and (WORKER or not getattr(session.config.option, 'numprocesses', None)):
         watch = _HangWatch(limit, getattr(session.config, '_vaa_crash_log', None))

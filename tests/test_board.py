@@ -11,6 +11,7 @@ import time
 import urllib.parse
 import urllib.request
 
+import numpy as np
 import pytest
 
 import train
@@ -71,7 +72,7 @@ def _free_port():
 
 
 def _get(url):
-    with urllib.request.urlopen(url, timeout=10) as response:
+    with urllib.request.urlopen(url, timeout=120) as response:
         return response.read()
 
 
@@ -102,13 +103,13 @@ def test_the_tensorboard_server_shows_the_scalars_images_and_hyperparameters(boa
         assert png[:8] == b'\x89PNG\r\n\x1a\n'
         request = urllib.request.Request(base + '/hparams/experiment', data=json.dumps(
             {'experimentName': ''}).encode(), headers={'Content-Type': 'application/json'})
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=120) as response:
             experiment = json.loads(response.read())
         names = {h['name'] for h in experiment['hparamInfos']}
         assert {'lr', 'batch_size', 'preset', 'seed'} <= names
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        server.wait(timeout=120)
 
 
 def test_a_resumed_run_continues_the_steps_without_repeating_them(board_run, tmp_path):
@@ -127,3 +128,33 @@ def test_no_tensorboard_writes_no_logs(demo_path, tmp_path):
     out = str(tmp_path / 'quiet')
     train.main(['--data_path', demo_path, '--out', out, '--epochs', '1', '--no-tensorboard'] + TINY)
     assert not os.path.exists(os.path.join(out, 'tb')) and os.path.isfile(os.path.join(out, 'metrics.json'))
+
+
+def test_the_attention_grid_puts_each_map_where_its_tap_and_attribute_are():
+    """TensorBoard's image of one input (drawn without matplotlib): one row per tap, the input then each
+    attribute; a map whose weight sits in one corner is hot (red) there and cold (blue) elsewhere, a uniform
+    map is one colour, blended 0.45 image + 0.55 colour as the eval.py figure blends them."""
+    from evaluation import plots
+    tile, image = 112, np.full((40, 40, 3), 128, np.uint8)
+    corner = np.zeros((4, 4), np.float32)
+    corner[3, 0] = 1.0                                            # bottom-left cell
+    uniform = np.full((4, 4), 1 / 16.0, np.float32)
+    maps = [np.stack([uniform, corner, uniform]), np.stack([corner, uniform, uniform])]
+    grid = plots.attention_grid(image, maps, ['a', 'b', 'c'], [0.1, 0.5, 0.9], ['s3', 's4'], top=4.0)
+    assert grid.shape == (2 * tile, 4 * tile, 3) and grid.dtype == np.uint8
+
+    def at(tap, column, y, x):
+        return grid[tap * tile + y, column * tile + x].astype(int)
+    for tap, hot_column in ((0, 2), (1, 1)):                       # the corner map: attribute b, then a
+        red, green, blue = at(tap, hot_column, 100, 8)
+        assert red > blue + 50 and red > green + 50, (tap, red, green, blue)
+        red, green, blue = at(tap, hot_column, 60, 100)
+        assert blue > red + 30, (tap, red, green, blue)
+    # a uniform map is 1 x uniform everywhere: the colour of 1/4 of the scale, the same in every pixel
+    flat = grid[tile + 40:2 * tile, 2 * tile:3 * tile].reshape(-1, 3)
+    assert (flat.max(0) - flat.min(0)).max() <= 2
+    import cv2
+    jet = cv2.applyColorMap(np.array([[int(255 * 0.25)]], np.uint8), cv2.COLORMAP_JET)[0, 0, ::-1]
+    np.testing.assert_allclose(flat[0], 0.45 * 128 + 0.55 * jet, atol=1.5)
+    # the input tiles are the image
+    assert (grid[40:tile, 30:tile] == 128).all() and (grid[tile + 40:2 * tile, 30:tile] == 128).all()

@@ -406,11 +406,11 @@ def test_both_ends_of_every_flag_range(flag):
 
 def test_the_fifth_run_of_a_file_is_reached_through_every_script(tmp_path):
     """--partition 4 (the fifth of PETA's and RAP's runs) passes each script's early check, 5 does not."""
-    from engine import flags
+    from engine import startup
     import sys
     for script, argv in (('train', []), ('eval', ['RUN'])):
-        assert flags.preparse(script, argv + ['--partition', '4']).partition == 4
+        assert startup.preparse(script, argv + ['--partition', '4']).partition == 4
         with pytest.raises(SystemExit) as stop:
-            flags.preparse(script, argv + ['--partition', '5'])
+            startup.preparse(script, argv + ['--partition', '5'])
         assert stop.value.code == 2
     assert sys.modules['mxnet']

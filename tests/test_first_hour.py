@@ -42,7 +42,7 @@ def _printed(command):
     assert words[1].endswith('.py'), command
     return subprocess.run([sys.executable] + words[1:], cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT,
-                          universal_newlines=True, timeout=600)
+                          universal_newlines=True, timeout=fixtures.SUBPROCESS_TIMEOUT)
 
 
 # 1 ---------------------------------------------------------------------------------------------------------
@@ -162,13 +162,12 @@ def test_the_export_upstream_hint_evaluates_the_files_as_printed(two_runs, tmp_p
 
 
 def test_the_authors_files_evaluated_directly_write_their_result_under_runs(
-        two_runs, tmp_path, capsys, monkeypatch):
+        two_runs, tmp_path, capsys, monkeypatch, demo_path):
     folder = str(tmp_path / 'saved_models')
     eval_script.main([two_runs[0], '--export-upstream', folder])
     monkeypatch.chdir(tmp_path)
     eval_script.main([folder, '--preset', 'demo', '--backbone', 'resnet18_v1', '--input-size', '32',
-                     '--dataset',
-                     'demo', '--data_path', os.path.join(ROOT, 'data', 'demo'), '--limit', '16'])
+                      '--dataset', 'demo', '--data_path', demo_path, '--limit', '16'])
     assert os.path.isfile(str(tmp_path / 'runs' / 'eval-saved_models' / 'eval_test.json'))
     assert all(f.endswith('.params') for f in os.listdir(folder))
 
@@ -242,7 +241,7 @@ def test_help_and_flag_errors_answer_before_mxnet_is_imported(script, args, stat
                 script, args, script)
     proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE,
-                          universal_newlines=True, timeout=120)
+                          universal_newlines=True, timeout=fixtures.SUBPROCESS_TIMEOUT)
     assert proc.stdout.strip().splitlines()[-1] == 'EXIT %d False' % status, (proc.stdout[-500:], proc.stderr[
         -500:])
 
@@ -320,14 +319,35 @@ def test_ap_bars_go_from_the_most_to_the_least_positive_with_their_rate_and_chan
     per = [dict(name='rare', ap=0.3, positives=5, specified=100),
            dict(name='common', ap=0.9, positives=60, specified=100),
            dict(name='middle', ap=0.5, positives=20, specified=80)]
-    fig = plots.ap_bars_figure(dict(mAP=0.57, per_attribute=per), 'test')
+    per.append(dict(name='never', ap=None, positives=0, specified=90))
+    fig = plots.ap_bars_figure(dict(mAP=0.57, per_attribute=per), 'demo-run, test split, epoch 3')
     ax = fig.axes[0]
     labels = [t.get_text() for t in ax.get_xticklabels()]
-    assert labels == ['common\n60.0% pos', 'middle\n25.0% pos', 'rare\n5.0% pos']
+    assert labels == ['common (60.0%)', 'middle (25.0%)', 'rare (5.0%)', 'never (0.0%)']     # one line each
+    assert ax.get_title() == 'demo-run, test split, epoch 3: mAP 57.00'
     chance = [l for l in ax.get_lines() if 'chance' in l.get_label()][0]
-    np.testing.assert_allclose(chance.get_ydata(), [60, 25, 5])
-    np.testing.assert_allclose([b.get_height() for b in ax.patches], [90, 50, 30])
+    np.testing.assert_allclose(chance.get_ydata(), [60, 25, 5, 0])
+    np.testing.assert_allclose([b.get_height() for b in ax.patches], [90, 50, 30, np.nan])
+    assert [t.get_text() for t in ax.texts] == ['n/a'] and ax.texts[0].get_position()[0] == 3
     plots.plt.close('all')
+
+
+def test_the_comparison_chart_marks_an_attribute_without_ap_as_not_available():
+    fig = plots.compare_bars_figure(['a', 'b'], [[0.5, None], [0.7, 0.2]], ['#1 one', '#2 two'], [0.5, 0.01])
+    ax = fig.axes[0]
+    heights = [p.get_height() for p in ax.patches]
+    np.testing.assert_allclose(heights, [50, np.nan, 70, 20])
+    assert [t.get_text() for t in ax.texts] == ['n/a']
+    plots.plt.close('all')
+
+
+def test_a_runs_ap_bars_are_titled_with_the_runs_name(two_runs, tmp_path, monkeypatch):
+    titles = []
+    real = plots.ap_bars_figure
+    monkeypatch.setattr(plots, 'ap_bars_figure', lambda result, title='', compare=None: titles.append(
+        title) or real(result, title, compare))
+    eval_script.main([two_runs[0], '--split', 'val', '--out', str(tmp_path / 'v.json')])
+    assert titles == ['one-epoch, val split']
 
 
 # 15 --------------------------------------------------------------------------------------------------------
@@ -370,11 +390,11 @@ def test_installing_the_project_puts_none_of_its_modules_into_the_environment(tm
     nothing of the checkout."""
     venv = str(tmp_path / 'venv')
     base = getattr(sys, '_base_executable', sys.executable)
-    subprocess.run([base, '-m', 'venv', venv], check=True, timeout=300)
+    subprocess.run([base, '-m', 'venv', venv], check=True, timeout=fixtures.SUBPROCESS_TIMEOUT)
     python = os.path.join(venv, 'bin', 'python')
     proc = subprocess.run([python, '-m', 'pip', 'install', '--quiet', '--no-deps', '-e', ROOT],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
-                          timeout=600)
+                          timeout=fixtures.SUBPROCESS_TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:]
     names = sorted({os.path.splitext(n)[0] for n in os.listdir(ROOT) if n.endswith('.py')} |
                    {n for n in os.listdir(ROOT) if os.path.isfile(os.path.join(ROOT, n, '__init__.py'))})
@@ -475,3 +495,73 @@ def test_compare_refuses_runs_for_as_many_attributes_with_other_names(tmp_path):
     fixtures.one_line_error(['tools/compare.py', runs[0], runs[1], '--out', str(tmp_path / 'c.png')],
                             '%s predicts other attributes than %s (attribute 2: coat, not bag)'
                             % (runs[1], runs[0]))
+
+
+def test_the_image_folder_hint_names_the_files_there_and_works_as_printed(two_runs, tmp_path):
+    """A folder of PNG files (and one BMP): the hint's --image arguments are globs of the extensions found
+    there; given to a shell as printed, they name every image and eval.py draws them all."""
+    run = two_runs[0]
+    photos = tmp_path / 'my photos'
+    photos.mkdir()
+    for i in range(3):
+        fixtures._write(str(photos / ('p%d.png' % i)), fixtures.solid(fixtures.COLOURS[i]))
+    fixtures._write(str(photos / 'q.bmp'), fixtures.solid(fixtures.COLOURS[4]))
+    (photos / 'notes.txt').write_text('not an image')
+    line = fixtures.one_line_error(['eval.py', run, '--image', str(photos)], 'is a folder')
+    given = line.split('give image files (--image ', 1)[1].split('), or predict', 1)[0]
+    assert given == '%s %s' % (shlex.quote(str(photos)) + '/*.png', shlex.quote(str(photos)) + '/*.bmp')
+    out = str(tmp_path / 'drawn')
+    proc = subprocess.run('%s eval.py %s --image %s --out-dir %s' % (sys.executable, shlex.quote(run), given,
+                                                                    shlex.quote(out)),
+                          shell=True, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          universal_newlines=True, timeout=fixtures.SUBPROCESS_TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert sorted(os.listdir(out)) == ['p0_attention.png', 'p1_attention.png', 'p2_attention.png',
+                                       'q_attention.png']
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    fixtures.one_line_error(['eval.py', run, '--image', str(empty)], 'and it holds no image file')
+
+
+def test_a_python_without_mxnet_is_told_to_use_the_projects_environment_as_printed(two_runs):
+    """The commonest slip after ./run.sh: the system's python. The line names .venv and this command as its
+    python runs it; run as printed, it works."""
+    base = getattr(sys, '_base_executable', sys.executable)
+    probe = subprocess.run([base, '-c', 'import mxnet'], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if probe.returncode == 0:
+        pytest.skip('the base interpreter has mxnet installed: it cannot show the slip')
+    proc = subprocess.run([base, 'eval.py', two_runs[0], '--split', 'val'], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True,
+                          timeout=fixtures.SUBPROCESS_TIMEOUT)
+    errors = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert 'has no mxnet: the project is installed in .venv' in errors[0]
+    assert 'reinstall' not in errors[0] and 'run.sh train' not in errors[0]
+    command = errors[0].split('; run ', 1)[1].split(' (or `source', 1)[0]
+    assert command == '.venv/bin/python eval.py %s --split val' % shlex.quote(two_runs[0])
+    again = subprocess.run(shlex.split(command), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           universal_newlines=True, timeout=fixtures.SUBPROCESS_TIMEOUT)
+    assert again.returncode == 0 and 'val split of demo' in again.stdout, again.stdout[-2000:]
+
+
+def test_compare_names_a_source_that_is_no_model_before_it_scores_any(two_runs, tmp_path, monkeypatch):
+    from tools import compare
+    from engine import steps
+    monkeypatch.setattr(steps, 'evaluate', lambda *a, **k: pytest.fail('a run was scored first'))
+    with pytest.raises(UserError, match='is neither a run folder') as info:
+        compare.main([two_runs[0], str(tmp_path), '--out', str(tmp_path / 'c.png')])
+    assert str(tmp_path) in str(info.value)
+
+
+def test_keep_last_holds_one_checkpoint_and_still_resumes_exactly(demo_path, tmp_path):
+    """--keep last: no best.params; the test split and eval.py use the last epoch's weights; 1 epoch + resume
+    equals 2 epochs straight."""
+    straight, part = str(tmp_path / 'straight'), str(tmp_path / 'part')
+    flags = ['--data_path', demo_path, '--keep', 'last'] + TINY
+    result = train.main(flags + ['--out', straight, '--epochs', '2'])
+    assert os.listdir(os.path.join(straight, 'checkpoints')) == ['last.params']
+    assert result['best_epoch'] == 1 and result['checkpoint'].endswith('last.params')
+    train.main(flags + ['--out', part, '--epochs', '1'])
+    resumed = train.main(['--resume', part, '--epochs', '2'])
+    assert resumed['mAP'] == result['mAP']
+    assert eval_script.main([part, '--out', str(tmp_path / 'e.json')])['mAP'] == result['mAP']

@@ -1,6 +1,7 @@
 """The GPU set-up without a GPU: the preflight's verdicts for faked GPUs, the CPU build's refusal, a CUDA
 library that cannot be loaded, and the scripts started again with the CUDA wheels' folders visible."""
 import os
+import subprocess
 import sys
 
 import pytest
@@ -8,6 +9,8 @@ import pytest
 from engine import gpu
 from common.errors import UserError
 from tests import fixtures
+
+ROOT = fixtures.ROOT
 
 A100 = dict(index=0, name='NVIDIA A100-SXM4-40GB', capability=(8, 0), total_mib=40960)
 RTX4090 = dict(index=1, name='NVIDIA GeForce RTX 4090', capability=(8, 9), total_mib=24564)
@@ -107,3 +110,45 @@ def test_the_wheels_pin_what_libmxnet_links():
                           'nvidia-cudnn-cu11', 'nvidia-nccl-cu11', 'nvidia-nvtx-cu11'}
     assert names['nvidia-cudnn-cu11'].startswith('8.')
     assert all(v.split('.')[0] in ('11', '10', '8', '2') for v in names.values())
+
+
+def _fake_smi(folder, lines):
+    path = os.path.join(str(folder), 'nvidia-smi')
+    with open(path, 'w') as f:
+        f.write('#!/bin/sh\n' + ''.join('echo "%s"\n' % line for line in lines))
+    os.chmod(path, 0o755)
+    return str(folder)
+
+
+def test_run_sh_refuses_a_gpu_the_build_cannot_run_before_it_installs_anything(tmp_path):
+    """VAA_MXNET=cu112 on an H100: one line naming the GPU, its compute capability and the CPU alternative,
+    before any download (the environment keeps its CPU build)."""
+    flavour = open(os.path.join(ROOT, '.venv', '.flavour')).read() if os.path.isfile(
+        os.path.join(ROOT, '.venv', '.flavour')) else None
+    smi = _fake_smi(tmp_path, ['NVIDIA H100 80GB HBM3, 9.0'])
+    proc = subprocess.run(['./run.sh', 'train', '--gpus', '0'], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True,
+                          timeout=fixtures.SUBPROCESS_TIMEOUT,
+                          env=dict(os.environ, VAA_MXNET='cu112', PATH=smi + os.pathsep + os.environ['PATH']))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [l for l in proc.stderr.splitlines() if l.startswith('error: ')]
+    assert len(errors) == 1 and 'GPU 0, NVIDIA H100 80GB HBM3, has compute capability 9.0' in errors[0]
+    assert 'nothing was installed' in errors[0] and 'train on the CPU instead' in errors[0]
+    assert 'installing' not in proc.stdout + proc.stderr
+    after = open(os.path.join(ROOT, '.venv', '.flavour')).read() if flavour is not None else None
+    assert after == flavour
+
+
+def test_the_check_before_install_names_each_gpu_and_what_it_runs(tmp_path):
+    smi = os.path.join(_fake_smi(tmp_path, ['NVIDIA A100-SXM4-40GB, 8.0', 'NVIDIA H100 PCIe, 9.0',
+                                            'NVIDIA GeForce RTX 4090, 8.9']), 'nvidia-smi')
+    assert gpu.before_install(smi=smi) == [
+        'gpu: GPU 0, NVIDIA A100-SXM4-40GB (compute capability 8.0): runs mxnet-cu112',
+        'gpu: GPU 1, NVIDIA H100 PCIe (compute capability 9.0): cannot run mxnet-cu112',
+        'gpu: GPU 2, NVIDIA GeForce RTX 4090 (compute capability 8.9): runs mxnet-cu112']
+    with pytest.raises(UserError, match='nvidia-smi was not found, so nothing was installed'):
+        gpu.before_install(smi=str(tmp_path / 'missing' / 'nvidia-smi'))
+    (tmp_path / 'none').mkdir()
+    empty = os.path.join(_fake_smi(tmp_path / 'none', []), 'nvidia-smi')
+    with pytest.raises(UserError, match='nvidia-smi lists no GPU'):
+        gpu.before_install(smi=empty)

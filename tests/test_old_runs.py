@@ -31,7 +31,7 @@ def old_run(demo_path, tmp_path_factory):
     proc = subprocess.run([sys.executable, 'train.py', '--data_path', demo_path, '--out', run, '--epochs',
                            '2', '--limit', '64', '--input-size', '32', '--batch_size', '16'], cwd=old,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
-                          timeout=900, env=dict(os.environ, PYTHONPATH=old))
+                          timeout=fixtures.SUBPROCESS_TIMEOUT, env=dict(os.environ, PYTHONPATH=old))
     assert proc.returncode == 0, proc.stdout[-3000:]
     return run
 

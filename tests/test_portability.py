@@ -18,7 +18,7 @@ import pytest
 from mxnet.gluon import nn
 
 from common import machine
-from tests import isa_probe
+from tests import fixtures, isa_probe
 from backbone import BatchNorm1D
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -117,7 +117,7 @@ def test_the_minimal_crash_pattern_runs_with_the_vector_batchnorm_at_every_level
     files = [str(tmp_path / n) for n in ('out.npy', 'z.npy', 'params.npy')]
     proc = subprocess.run([sys.executable, str(script), 'BatchNorm1D'] + files, env=env,
                           stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, timeout=300)
+                          stderr=subprocess.STDOUT, timeout=fixtures.SUBPROCESS_TIMEOUT)
     assert proc.returncode == 0, 'exit status %d at %s:\n%s' % (proc.returncode, level, proc.stdout.decode()[
         -2000:])
     out, z, params = (np.load(f) for f in files)

@@ -87,7 +87,8 @@ def test_sigterm_mid_epoch_leaves_a_checkpoint_that_resumes_exactly(straight_run
     proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, universal_newlines=True,
                             env=dict(os.environ, PYTHONUNBUFFERED='1'))
-    watchdog = threading.Timer(600, proc.kill)    # a hung child must not hang the suite (reading its stdout)
+    # a hung child must not hang the suite (reading its stdout)
+    watchdog = threading.Timer(fixtures.WATCHDOG_SECONDS, proc.kill)
     watchdog.start()
     for line in proc.stdout:
         if line.strip() == 'paused':
@@ -97,7 +98,7 @@ def test_sigterm_mid_epoch_leaves_a_checkpoint_that_resumes_exactly(straight_run
             break
     stdout = proc.stdout.read()
     stderr = proc.stderr.read()
-    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, stderr[-3000:]
+    assert proc.wait(timeout=fixtures.SUBPROCESS_TIMEOUT) == 128 + signal.SIGTERM, stderr[-3000:]
     watchdog.cancel()
     assert 'stopped by SIGTERM in epoch 1 after batch 2 of 6;' in stderr, stderr[-3000:]
     assert 'python train.py --resume %s' % run in stderr
@@ -109,6 +110,93 @@ def test_sigterm_mid_epoch_leaves_a_checkpoint_that_resumes_exactly(straight_run
     resumed = train.main(['--resume', run])
     assert _rows(run) == _rows(out)
     assert resumed['mAP'] == result['mAP']
+
+
+# The same for an evaluation pass: the child pauses at the second batch of the N-th split it evaluates (in
+# a 3-epoch run: 1-3 the validations, 4 the test) and waits for a line on stdin.
+PAUSED_EVAL_CHILD = """
+import os, runpy, sys
+from engine import steps
+real_predict, real_split, calls, batches = steps.predict, steps.split_batch, [], []
+def predict(*args, **kwargs):
+    calls.append(1)
+    del batches[:]
+    return real_predict(*args, **kwargs)
+def split_batch(batch, ctx):
+    batches.append(1)
+    if len(calls) == int(os.environ['PAUSE_IN_SPLIT']) and len(batches) == 2:
+        print('paused', flush=True)
+        sys.stdin.readline()
+    return real_split(batch, ctx)
+steps.predict, steps.split_batch = predict, split_batch
+sys.argv = sys.argv[1:]
+runpy.run_path('train.py', run_name='__main__')
+"""
+
+
+def _signal_when_paused(child, args, env, sig):
+    """Run ``child`` (a script above) with train.py's ``args``; send ``sig`` when it pauses; return
+    (exit status, stdout, stderr, seconds from the signal to the exit)."""
+    import time
+    proc = subprocess.Popen([sys.executable, '-c', child, 'train.py'] + args, cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED='1', **env))
+    watchdog = threading.Timer(fixtures.WATCHDOG_SECONDS, proc.kill)
+    watchdog.start()
+    sent = None
+    for line in proc.stdout:
+        if line.strip() == 'paused':
+            proc.send_signal(sig)
+            sent = time.time()
+            proc.stdin.write('go on\n')
+            proc.stdin.flush()
+            break
+    stdout, stderr = proc.stdout.read(), proc.stderr.read()
+    code = proc.wait(timeout=fixtures.SUBPROCESS_TIMEOUT)
+    watchdog.cancel()
+    assert sent is not None, stderr[-3000:]
+    return code, stdout, stderr, time.time() - sent
+
+
+def test_a_stop_during_validation_ends_the_run_at_once_and_resume_redoes_the_validation(
+        straight_run, demo_path, tmp_path):
+    """SIGINT at the second batch of epoch 1's validation: the run stops after that batch (not after the
+    validation, the epoch or the test), the checkpoint holds epoch 1 with all its training batches, and the
+    resumed run validates epoch 1 and goes on to the straight run's numbers."""
+    out, result = straight_run
+    run = str(tmp_path / 'stopped')
+    code, stdout, stderr, _ = _signal_when_paused(
+        PAUSED_EVAL_CHILD, ['--data_path', demo_path, '--out', run, '--epochs', '3'] + TINY,
+        {'PAUSE_IN_SPLIT': '2'}, signal.SIGINT)
+    assert code == 128 + signal.SIGINT, stderr[-3000:]
+    assert 'stopped by SIGINT in epoch 1 during the validation (all 6 training batches done' in stderr, stderr
+    assert 'Epoch [1]' not in open(os.path.join(run, 'train.log')).read()         # not validated to the end
+    meta, _ = checkpoints.read_meta(os.path.join(run, 'checkpoints', 'last.params'))
+    assert (meta['state']['epoch'], meta['state']['batch']) == (1, 6)
+    assert len(_rows(run)) == 1
+    command = stderr.split('Resume with:')[1].split()
+    assert command[1:3] == ['train.py', '--resume'], command  # the interpreter that ran it, then train.py
+    resumed = train.main(command[2:])                     # the printed command's flags, as printed
+    assert _rows(run) == _rows(out)
+    assert resumed['mAP'] == result['mAP']
+
+
+def test_a_stop_during_the_test_ends_at_once_and_resume_runs_the_test(straight_run, demo_path, tmp_path):
+    """SIGTERM at the second batch of the test split after the last epoch: the process ends after that
+    batch, with no test result; the resumed run trains nothing and writes the straight run's test result."""
+    out, result = straight_run
+    run = str(tmp_path / 'stopped')
+    code, stdout, stderr, _ = _signal_when_paused(
+        PAUSED_EVAL_CHILD, ['--data_path', demo_path, '--out', run, '--epochs', '3'] + TINY,
+        {'PAUSE_IN_SPLIT': '4'}, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, stderr[-3000:]
+    assert 'stopped by SIGTERM during the test of the best checkpoint (training is complete' in stderr, stderr
+    assert not os.path.exists(os.path.join(run, 'test_metrics.json'))
+    assert len(_rows(run)) == 3
+    resumed = train.main(['--resume', run])
+    assert _rows(run) == _rows(out)
+    assert resumed['mAP'] == result['mAP'] and resumed['per_attribute'] == result['per_attribute']
+    assert os.path.exists(os.path.join(run, 'test_metrics.json'))
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(straight_run, tmp_path, monkeypatch):

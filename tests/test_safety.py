@@ -54,8 +54,8 @@ def test_diverged_validation_outputs_stop_the_run_and_never_become_best(demo_pat
     naming the epoch, and neither last.params nor best.params takes anything from that epoch."""
     predict = steps.predict
 
-    def diverging(net, loader, ctx, loss_fn=None):
-        logits, labels, masks, loss = predict(net, loader, ctx, loss_fn)
+    def diverging(net, loader, ctx, loss_fn=None, **kwargs):
+        logits, labels, masks, loss = predict(net, loader, ctx, loss_fn, **kwargs)
         if diverging.calls == 1:
             logits[3, 2] = np.nan
         diverging.calls += 1

@@ -16,6 +16,7 @@ from model import get_vaa_net
 from engine.distributed import use_sync_batchnorm
 from engine.steps import train_step
 from engine.trainers import StageTrainers
+from tests import fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -140,7 +141,7 @@ def test_sharded_sampler_gives_disjoint_equal_fixed_shards():
         assert all(i % 3 == r for r, idx in enumerate(seen) for i in idx)
 
 
-def _run(args, env=None, timeout=600):
+def _run(args, env=None, timeout=fixtures.SUBPROCESS_TIMEOUT):
     return subprocess.run([sys.executable] + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           universal_newlines=True, timeout=timeout, env=dict(os.environ, **(env or {})))
 

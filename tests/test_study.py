@@ -23,7 +23,8 @@ PROTOCOL = ['--epochs', '1', '--limit', '64', '--input-size', '32', '--batch_siz
 
 def _study(args, **kwargs):
     return subprocess.run([sys.executable, 'tools/study.py'] + args, cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, universal_newlines=True, timeout=900, **kwargs)
+                          stderr=subprocess.PIPE, universal_newlines=True,
+                          timeout=fixtures.SUBPROCESS_TIMEOUT, **kwargs)
 
 
 @pytest.fixture(scope='module')
@@ -121,7 +122,7 @@ def test_a_study_stopped_mid_run_resumes_it_to_the_same_result(demo_path, tmp_pa
     args = ['--systems', 'vaa', '--seeds', '0', '--out', mine] + protocol
     proc = subprocess.Popen([sys.executable, 'tools/study.py'] + args, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, universal_newlines=True)
-    watchdog = threading.Timer(600, proc.kill)
+    watchdog = threading.Timer(fixtures.WATCHDOG_SECONDS, proc.kill)
     watchdog.start()
     log = os.path.join(mine, 'runs', 'vaa-seed0', 'train.log')
     while proc.poll() is None and not (os.path.isfile(log) and 'epoch 0 [1/' in open(log).read()):

@@ -117,8 +117,10 @@ def test_paper_numbers_apply_only_where_the_paper_reported_them():
     assert tables.paper_reference('wider', list(WIDER_ATTRIBUTES)[::-1]) is None
 
 
-def test_export_to_the_authors_layout_and_evaluate_it_back(tiny_run, demo_path, tmp_path, capsys):
+def test_export_to_the_authors_layout_and_evaluate_it_back(tiny_run, demo_path, tmp_path, capsys,
+                                                           monkeypatch):
     out, result = tiny_run
+    monkeypatch.chdir(tmp_path)             # the authors' files' result goes to ./runs/eval-saved_models
     folder = str(tmp_path / 'saved_models')
     written = eval_script.main([out, '--export-upstream', folder])
     assert sorted(os.path.basename(p) for p in written) == sorted(

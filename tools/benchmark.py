@@ -48,8 +48,8 @@ machine.thread_settings()                       # must be set before mxnet is im
 
 
 if __name__ == '__main__':                     # --help and flag errors answer before mxnet is imported
-    from engine import flags
-    flags.preparse('benchmark')
+    from engine import startup
+    startup.preparse('benchmark')
 
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
@@ -328,6 +328,8 @@ def main(argv=None):
                         ('workers', 0)):
         if getattr(args, flag) < least:
             p.error('--%s must be at least %d, got %d' % (flag.replace('_', '-'), least, getattr(args, flag)))
+    if args.only == 'startup':
+        return bench_startup(args)
     ctx = parse_contexts(args.gpus)[0] if args.gpus else mx.cpu()
     if args.only == 'inference':
         return report_inference(*bench_inference(args, ctx))
@@ -363,6 +365,28 @@ def main(argv=None):
             for name in rows:
                 if name.startswith('data'):
                     print('%s / ours train: %.1fx' % (name, rows[name] / rows['ours train']))
+    return rows
+
+
+STARTUP = ('train.py', 'eval.py', 'predict.py', 'tools/compare.py', 'tools/benchmark.py', 'tools/study.py')
+
+
+def bench_startup(args):
+    """Seconds until each command's --help has answered, as a whole process (the median of --rounds runs):
+    --help and flag errors answer before mxnet is imported."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rows = {}
+    for script in STARTUP:
+        times = []
+        for _ in range(args.rounds):
+            start = time.time()
+            subprocess.run([sys.executable, script, '--help'], cwd=root, stdout=subprocess.DEVNULL,
+                           check=True)
+            times.append(time.time() - start)
+        rows[script] = float(np.median(times))
+        print('%-22s --help: %.2f s (median of %d)' % (script, rows[script], args.rounds))
     return rows
 
 

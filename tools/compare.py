@@ -23,8 +23,8 @@ machine.thread_settings()                       # must be set before mxnet is im
 
 
 if __name__ == '__main__':                     # --help and flag errors answer before mxnet is imported
-    from engine import flags
-    flags.preparse('compare')
+    from engine import startup
+    startup.preparse('compare')
 
 import json  # noqa: E402
 import time  # noqa: E402
@@ -182,10 +182,13 @@ def main(argv=None):
     if not args.out.lower().endswith(('.png', '.pdf', '.svg', '.jpg')):
         raise UserError('--out %s: give the figure a .png (or .pdf, .svg, .jpg) name; the numbers go to a '
                         '.json beside it' % args.out)
+    every = expand_studies(args.sources)
+    for source in every:                        # a source that is no model stops the command before any work
+        sources.resolve_source(source)
     ctx = parse_contexts(args.gpus)
     common = {k: v for k, v in (('dataset', args.dataset), ('data_path', args.data_path)) if v is not None}
     rows = []
-    for source in expand_studies(args.sources):
+    for source in every:
         rows.append(evaluate_source(source, args, ctx, common, rows[0] if rows else None))
         common.setdefault('dataset', rows[0]['dataset'])             # every source on the first one's data
         common.setdefault('data_path', rows[0]['data_path'])
