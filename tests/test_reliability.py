@@ -77,29 +77,38 @@ runpy.run_path('train.py', run_name='__main__')
 """
 
 
+def _stop_paused_run(child, run, demo_path, sig, env=None):
+    """Run ``child`` (a script here) as ``train.py --data_path DEMO --out run --epochs 3`` + TINY; send
+    ``sig`` when it says it paused. Returns (exit status, stdout, stderr)."""
+    args = ['--data_path', demo_path, '--out', run, '--epochs', '3'] + TINY
+    proc = subprocess.Popen([sys.executable, '-c', child, 'train.py'] + args, cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED='1', **(env or {})))
+    # a hung child must not hang the suite (reading its stdout)
+    watchdog = threading.Timer(fixtures.WATCHDOG_SECONDS, proc.kill)
+    watchdog.start()
+    paused = False
+    for line in proc.stdout:
+        if line.strip() == 'paused':
+            paused = True
+            proc.send_signal(sig)
+            proc.stdin.write('go on\n')
+            proc.stdin.flush()
+            break
+    stdout, stderr = proc.stdout.read(), proc.stderr.read()
+    code = proc.wait(timeout=fixtures.SUBPROCESS_TIMEOUT)
+    watchdog.cancel()
+    assert paused, stderr[-3000:]
+    return code, stdout, stderr
+
+
 def test_sigterm_mid_epoch_leaves_a_checkpoint_that_resumes_exactly(straight_run, demo_path, tmp_path):
     """The signal arrives during the second batch of epoch 1 (the child waits there for it): that batch
     finishes, the checkpoint holds epoch 1 after batch 2, and the resumed run equals the straight one."""
     out, result = straight_run
     run = str(tmp_path / 'killed')
-    cmd = [sys.executable, '-c', PAUSED_CHILD, 'train.py', '--data_path', demo_path, '--out', run,
-           '--epochs', '3'] + TINY
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, universal_newlines=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED='1'))
-    # a hung child must not hang the suite (reading its stdout)
-    watchdog = threading.Timer(fixtures.WATCHDOG_SECONDS, proc.kill)
-    watchdog.start()
-    for line in proc.stdout:
-        if line.strip() == 'paused':
-            proc.send_signal(signal.SIGTERM)
-            proc.stdin.write('go on\n')
-            proc.stdin.flush()
-            break
-    stdout = proc.stdout.read()
-    stderr = proc.stderr.read()
-    assert proc.wait(timeout=fixtures.SUBPROCESS_TIMEOUT) == 128 + signal.SIGTERM, stderr[-3000:]
-    watchdog.cancel()
+    code, stdout, stderr = _stop_paused_run(PAUSED_CHILD, run, demo_path, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, stderr[-3000:]
     assert 'stopped by SIGTERM in epoch 1 after batch 2 of 6;' in stderr, stderr[-3000:]
     assert 'python train.py --resume %s' % run in stderr
     meta, _ = checkpoints.read_meta(os.path.join(run, 'checkpoints', 'last.params'))
@@ -134,30 +143,6 @@ runpy.run_path('train.py', run_name='__main__')
 """
 
 
-def _signal_when_paused(child, args, env, sig):
-    """Run ``child`` (a script above) with train.py's ``args``; send ``sig`` when it pauses; return
-    (exit status, stdout, stderr, seconds from the signal to the exit)."""
-    import time
-    proc = subprocess.Popen([sys.executable, '-c', child, 'train.py'] + args, cwd=ROOT, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED='1', **env))
-    watchdog = threading.Timer(fixtures.WATCHDOG_SECONDS, proc.kill)
-    watchdog.start()
-    sent = None
-    for line in proc.stdout:
-        if line.strip() == 'paused':
-            proc.send_signal(sig)
-            sent = time.time()
-            proc.stdin.write('go on\n')
-            proc.stdin.flush()
-            break
-    stdout, stderr = proc.stdout.read(), proc.stderr.read()
-    code = proc.wait(timeout=fixtures.SUBPROCESS_TIMEOUT)
-    watchdog.cancel()
-    assert sent is not None, stderr[-3000:]
-    return code, stdout, stderr, time.time() - sent
-
-
 def test_a_stop_during_validation_ends_the_run_at_once_and_resume_redoes_the_validation(
         straight_run, demo_path, tmp_path):
     """SIGINT at the second batch of epoch 1's validation: the run stops after that batch (not after the
@@ -165,9 +150,8 @@ def test_a_stop_during_validation_ends_the_run_at_once_and_resume_redoes_the_val
     resumed run validates epoch 1 and goes on to the straight run's numbers."""
     out, result = straight_run
     run = str(tmp_path / 'stopped')
-    code, stdout, stderr, _ = _signal_when_paused(
-        PAUSED_EVAL_CHILD, ['--data_path', demo_path, '--out', run, '--epochs', '3'] + TINY,
-        {'PAUSE_IN_SPLIT': '2'}, signal.SIGINT)
+    code, _, stderr = _stop_paused_run(PAUSED_EVAL_CHILD, run, demo_path, signal.SIGINT,
+                                       {'PAUSE_IN_SPLIT': '2'})
     assert code == 128 + signal.SIGINT, stderr[-3000:]
     assert 'stopped by SIGINT in epoch 1 during the validation (all 6 training batches done' in stderr, stderr
     assert 'Epoch [1]' not in open(os.path.join(run, 'train.log')).read()         # not validated to the end
@@ -186,9 +170,8 @@ def test_a_stop_during_the_test_ends_at_once_and_resume_runs_the_test(straight_r
     batch, with no test result; the resumed run trains nothing and writes the straight run's test result."""
     out, result = straight_run
     run = str(tmp_path / 'stopped')
-    code, stdout, stderr, _ = _signal_when_paused(
-        PAUSED_EVAL_CHILD, ['--data_path', demo_path, '--out', run, '--epochs', '3'] + TINY,
-        {'PAUSE_IN_SPLIT': '4'}, signal.SIGTERM)
+    code, _, stderr = _stop_paused_run(PAUSED_EVAL_CHILD, run, demo_path, signal.SIGTERM,
+                                       {'PAUSE_IN_SPLIT': '4'})
     assert code == 128 + signal.SIGTERM, stderr[-3000:]
     assert 'stopped by SIGTERM during the test of the best checkpoint (training is complete' in stderr, stderr
     assert not os.path.exists(os.path.join(run, 'test_metrics.json'))
