@@ -16,7 +16,7 @@ import os
 import numpy as np
 import cv2
 
-from datasets.base import AttributeDataset
+from datasets.base import AttributeDataset, private_temp
 from common.errors import UserError
 
 CANVAS, CELL, DIGIT = 48, 16, 12
@@ -116,7 +116,7 @@ def cached(data_path, seed=0):
         arrays = {}
         for split, (images, signed) in splits.items():
             arrays[split + '_images'], arrays[split + '_labels'] = images, signed
-        tmp = path + '.tmp.npz'
+        tmp = private_temp(path)                       # ends in .npz: savez adds nothing
         np.savez_compressed(tmp, **arrays)
         os.replace(tmp, path)
     try:

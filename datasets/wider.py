@@ -24,7 +24,7 @@ import numpy as np
 import cv2
 from multiprocessing.pool import ThreadPool
 
-from datasets.base import BadSamples, ImageFileDataset, decode_image, require_dir
+from datasets.base import BadSamples, ImageFileDataset, decode_image, private_temp, require_dir
 from common.errors import UserError
 
 # The WIDER-Attribute attributes in their official order (the JSON's attribute_id_map; "Tshiirt" sic).
@@ -83,7 +83,7 @@ def _crop_job(job):
         x0, y0, x1, y1 = box
         crop = cv2.resize(np.ascontiguousarray(image[y0:y1, x0:x1]), (CROP, CROP),
                           interpolation=cv2.INTER_AREA)
-        tmp = out + '.tmp.jpg'
+        tmp = private_temp(out)
         cv2.imwrite(tmp, crop[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
         os.replace(tmp, out)
         results.append(None)

@@ -388,3 +388,49 @@ def test_skip_bad_samples_is_logged(tmp_path):
         _one_epoch(tmp_path, 'csv', root)
     out, _ = _one_epoch(tmp_path, 'csv', root, ['--skip-bad-samples'], name='r2')
     assert '1 bad sample(s) skipped' in open(os.path.join(out, 'train.log')).read()
+
+
+# ------------------------------------------------------------------------------- concurrent cache writers
+
+def test_two_writers_of_one_demo_cache_do_not_rename_each_others_file(tmp_path, monkeypatch):
+    """Two runs of a study start together on a fresh machine and both build the demo cache: the one that
+    finishes second must not find its temporary file renamed away by the first (it did: one shared
+    ``.tmp.npz`` name). The second writer is simulated by a nested build between save and rename."""
+    from datasets import digits
+    tiny = {s: (np.full((2, 48, 48, 3), i, np.uint8), np.ones((2, 3), np.int8))
+            for i, s in enumerate(('train', 'val', 'test'))}
+    monkeypatch.setattr(digits, 'build', lambda seed: (tiny, None))
+    save = np.savez_compressed
+    calls = []
+
+    def save_then_other_writer(file, **arrays):
+        save(file, **arrays)
+        calls.append(file)
+        if len(calls) == 1:                              # the other process saves and renames first
+            digits.cached(str(tmp_path), seed=0)
+    monkeypatch.setattr(digits.np, 'savez_compressed', save_then_other_writer)
+    arrays = digits.cached(str(tmp_path), seed=0)
+    assert len(calls) == 2 and calls[0] != calls[1]
+    np.testing.assert_array_equal(arrays['val_images'], tiny['val'][0])
+    assert os.listdir(str(tmp_path)) == ['digits-canvas-v%d-seed0.npz' % digits.VERSION]   # no leftovers
+
+
+def test_two_writers_of_one_wider_crop_do_not_rename_each_others_file(tmp_path, monkeypatch):
+    """The same for the per-user WIDER crop cache (two runs, or two loader threads, cropping one box)."""
+    import cv2
+    scene = str(tmp_path / 'scene.jpg')
+    cv2.imwrite(scene, np.full((40, 60, 3), 200, np.uint8))
+    out = str(tmp_path / 'crop.jpg')
+    write = cv2.imwrite
+    calls = []
+
+    def write_then_other_writer(file, image, params=None):
+        ok = write(file, image, params)
+        calls.append(file)
+        if len(calls) == 1:
+            assert wider._crop_job((scene, [[5, 5, 20, 30]], [out])) == [None]
+        return ok
+    monkeypatch.setattr(wider.cv2, 'imwrite', write_then_other_writer)
+    assert wider._crop_job((scene, [[5, 5, 20, 30]], [out])) == [None]
+    assert len(calls) == 2 and calls[0] != calls[1]
+    assert sorted(os.listdir(str(tmp_path))) == ['crop.jpg', 'scene.jpg']
