@@ -5,6 +5,7 @@ raises :class:`UserError` with a message that names the problem and how to fix i
 scripts print that one line and exit with status 2; ``--debug`` shows the traceback instead.
 """
 import logging
+import os
 import sys
 
 
@@ -36,11 +37,17 @@ def mxnet_message(err):
 
 
 def run_main(main, argv=None):
-    """Run ``main(argv)``; turn a :class:`UserError` into ``error: ...`` on stderr and exit code 2."""
+    """Run ``main(argv)``; turn a :class:`UserError` into ``error: ...`` on stderr and exit code 2, and
+    output cut short by its reader (``python tools/study.py ... | head``) into exit code 1 without a
+    traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = '--debug' in argv
     try:
         return main(argv)
+    except BrokenPipeError:     # the output went to a reader that stopped early (``| head``): not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())       # so that Python's last flush at exit says nothing either
+        sys.exit(1)
     except UserError as err:
         if debug:
             raise

@@ -60,6 +60,17 @@ def test_a_tiny_study_trains_every_run_and_tabulates_the_seeds(tiny_study):
     assert 'per-attribute test AP, mean over the seeds' in open(os.path.join(out, 'study.md')).read()
 
 
+def test_a_reader_that_stops_early_gets_no_traceback(tiny_study):
+    """``python tools/study.py ... | head``: the pipe closes before the table is written; the study exits
+    with status 1 and no traceback on stderr (it was a BrokenPipeError traceback)."""
+    _, args, _ = tiny_study
+    proc = subprocess.Popen([sys.executable, 'tools/study.py'] + args, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True)
+    proc.stdout.close()                                          # the reader is gone before any output
+    err = proc.stderr.read()
+    assert proc.wait() == 1 and 'Traceback' not in err and 'BrokenPipe' not in err, err
+
+
 def test_two_cpu_groups_train_two_runs_at_a_time_each_on_its_own_core(tiny_study):
     out, _, _ = tiny_study
     runs = json.load(open(os.path.join(out, 'study.json')))['runs']
@@ -75,9 +86,13 @@ def test_running_it_again_trains_nothing(tiny_study):
     out, args, _ = tiny_study
     before = {r: os.path.getmtime(os.path.join(out, 'runs', r, 'test_metrics.json'))
               for r in os.listdir(os.path.join(out, 'runs'))}
+    timing = [r['timing'] for r in json.load(open(os.path.join(out, 'study.json')))['runs']]
     proc = _study(args)
     assert proc.returncode == 0 and 'study: training' not in proc.stdout and 'resuming' not in proc.stdout
     assert before == {r: os.path.getmtime(os.path.join(out, 'runs', r, 'test_metrics.json')) for r in before}
+    # where and when each run trained stays on record (a rerun wrote None over it)
+    assert [r['timing'] for r in json.load(open(os.path.join(out, 'study.json')))['runs']] == timing
+    assert all(t and t['status'] == 0 for t in timing)
 
 
 def test_a_changed_protocol_is_refused_naming_the_flag(tiny_study):

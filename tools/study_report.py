@@ -158,6 +158,15 @@ def per_attribute(table, done):
     return '\n'.join(['per-attribute test AP, mean over the seeds:', ''] + lines)
 
 
+def _earlier_timing(out):
+    """{run folder: its timing record} from the study.json of an earlier call ({} if none or unreadable)."""
+    try:
+        with open(os.path.join(out, 'study.json')) as f:
+            return {r['folder']: r['timing'] for r in json.load(f)['runs'] if r.get('timing')}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def write(out, runs, baseline, timing, failures, say=print):
     """Write study.md / .csv / .json / .png into ``out`` and print the Markdown; returns the JSON content."""
     labels = list(dict.fromkeys(r.label for r in runs))
@@ -168,6 +177,7 @@ def write(out, runs, baseline, timing, failures, say=print):
     with open(os.path.join(out, 'study.md'), 'w') as f:
         f.write(text)
     _write_csv(os.path.join(out, 'study.csv'), table, paired)
+    before = _earlier_timing(out)
     content = dict(
         baseline=baseline,
         convention=convention,
@@ -185,7 +195,7 @@ def write(out, runs, baseline, timing, failures, say=print):
                 or None,
                 timing=dict(zip(('start', 'end', 'where', 'status'), timing[r.folder]))
                 if r.folder in timing
-                else None,
+                else before.get(r.folder),      # trained by an earlier call: its record stays
             )
             for r in runs
         ],
