@@ -68,17 +68,50 @@ def simd_level(flags=None):
 SERIAL_COPIES = str(2 ** 31 - 1)
 
 
+# What an OpenMP thread does while it waits for work. libgomp's default spins about 300,000 rounds after
+# every parallel region (milliseconds on CPUs with a slow PAUSE); on a machine where another process uses
+# a core, the spinning thread holds a core its partner needs and every operator waits for the scheduler:
+# batch-1 inference of the paper's ResNet-50 dropped to 36% of its quiet speed with one busy process
+# beside it. PASSIVE (the OpenMP standard's variable, honoured by every OpenMP runtime) sleeps at once:
+# 59% kept there, and a whole demo training epoch is faster even on a quiet machine (less CPU burnt beside
+# the data loader's threads); docs/speed.md, "Speed on a busy machine", has the table of candidates.
+WAIT_SETTINGS = {'OMP_WAIT_POLICY': 'PASSIVE'}
+
+# The variables that decide how MXNet's threads run, in the order the log names them.
+THREAD_VARIABLES = ('OMP_NUM_THREADS', 'OMP_WAIT_POLICY', 'GOMP_SPINCOUNT', 'MXNET_CPU_PARALLEL_SIZE',
+                    'MXNET_OMP_MAX_THREADS', 'MXNET_CPU_WORKER_NTHREADS', 'MXNET_ENGINE_TYPE')
+_OURS = {}                          # id(environ) -> the variables thread_settings set there
+
+
 def thread_settings(environ=None):
     """Set, where the user has not, the thread settings MXNet reads when it is imported: OpenMP threads =
-    the number of cores (``OMP_NUM_THREADS``; MXNet alone would use one here) and copies on the calling
-    thread only (``MXNET_CPU_PARALLEL_SIZE``, see ``SERIAL_COPIES``). Returns the line train.py logs."""
+    the number of cores (``OMP_NUM_THREADS``; MXNet alone would use one here), copies on the calling
+    thread only (``MXNET_CPU_PARALLEL_SIZE``, see ``SERIAL_COPIES``) and :data:`WAIT_SETTINGS`. A
+    variable already in the environment is left as it is. Returns :func:`thread_summary`'s line."""
     environ = os.environ if environ is None else environ
-    if 'MXNET_CPU_PARALLEL_SIZE' not in environ:
-        environ['MXNET_CPU_PARALLEL_SIZE'] = SERIAL_COPIES
-    if 'OMP_NUM_THREADS' in environ:
-        return 'OMP_NUM_THREADS=%s' % environ['OMP_NUM_THREADS']
-    environ['OMP_NUM_THREADS'] = str(os.cpu_count() or 1)
-    return 'OMP_NUM_THREADS was not set; using %s (the number of cores)' % environ['OMP_NUM_THREADS']
+    ours = dict(OMP_NUM_THREADS=str(os.cpu_count() or 1), MXNET_CPU_PARALLEL_SIZE=SERIAL_COPIES)
+    if not any(name in environ for name in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')):
+        ours.update(WAIT_SETTINGS)          # libgomp: GOMP_SPINCOUNT, when set, outranks OMP_WAIT_POLICY
+    for name, value in ours.items():
+        if name not in environ:
+            environ[name] = value
+            _OURS.setdefault(id(environ), set()).add(name)
+    return thread_summary(environ)
+
+
+def thread_summary(environ=None):
+    """The thread settings in force, one line: ``OMP_NUM_THREADS=2, GOMP_SPINCOUNT=... (ours: ...)``;
+    the ones :func:`thread_settings` set are marked as defaults, the user's own as theirs."""
+    environ = os.environ if environ is None else environ
+    mine = _OURS.get(id(environ), set())
+    ours = ['%s=%s' % (n, environ[n]) for n in THREAD_VARIABLES if n in environ and n in mine]
+    yours = ['%s=%s' % (n, environ[n]) for n in THREAD_VARIABLES if n in environ and n not in mine]
+    parts = []
+    if ours:
+        parts.append('%s (defaults; set one yourself to override it)' % ', '.join(ours))
+    if yours:
+        parts.append('%s (from your environment)' % ', '.join(yours))
+    return '; '.join(parts) or 'no thread settings'
 
 
 def describe():

@@ -345,6 +345,10 @@ def compare_parser():
     return p
 
 
+# The CPU inference paths tools/benchmark.py times (--paths).
+INFERENCE_PATHS = ('gluon', 'int8', 'onnx', 'onnx-int8')
+
+
 def benchmark_parser():
     p = Parser(description="Speed figures (images/sec): our training and evaluation step against the "
                            "authors' execution style and the bare backbone, the data pipeline, the CPU "
@@ -364,10 +368,19 @@ def benchmark_parser():
     a('--workers', type=int, default=os.cpu_count() or 1, help='data-loader workers')
     a('--data-images', type=int, default=256, help='images for the data-pipeline rows')
     a = group_adder(p, 'what to time')
-    a('--only', choices=['model', 'data', 'inference', 'systems', 'startup'],
-      help='one part only: model (ours, the reference and the bare backbone), data (the loaders), inference '
-           '(the CPU inference paths), systems (VAA and each related system) or startup (the seconds each '
-           "command's --help takes, as a whole process); default: model and data")
+    a('--only', choices=['model', 'steps', 'data', 'inference', 'systems', 'startup'],
+      help='one part only: model (ours, the reference and the bare backbone), steps (our training step and '
+           'evaluation only), data (the loaders), inference (the CPU inference paths), systems (VAA and '
+           "each related system) or startup (the seconds each command's --help takes, as a whole process); "
+           'default: model and data')
+    a('--paths', default=','.join(INFERENCE_PATHS),
+      help='--only inference: the paths to time, comma-separated, of %s (default: all)'
+           % ', '.join(INFERENCE_PATHS))
+    a('--batches', default='1,32', help='--only inference: the batch sizes, comma-separated (batch 1 runs '
+                                        '--iters steps, larger batches half as many, at least 2)')
+    a('--load', type=int, default=0, metavar='N',
+      help='time everything with N busy processes beside it (each a Python loop that keeps one core '
+           'busy, started before the timing and stopped after): the speed on a shared machine')
     a('--accuracy', metavar='RUN', help='--only inference: also the test mAP of each path, with the trained '
                                         'network of RUN')
     a('--debug', action='store_true', help='show tracebacks')

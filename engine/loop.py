@@ -47,9 +47,8 @@ def start_log(folder, place, cfg, threads):
     runfolder.setup_logging(folder, place.rank if place.workers > 1 else None)
     worker = ('; worker %d of %d (%s)' % (place.rank, place.workers, cfg['kvstore'])
               if place.workers > 1 else '')
-    LOG.info('run folder: %s; %s; devices: %s%s', folder.path, threads, ', '.join(map(str, place.ctx)),
-             worker)
-    LOG.info(machine.describe())
+    LOG.info('run folder: %s; devices: %s%s', folder.path, ', '.join(map(str, place.ctx)), worker)
+    LOG.info('%s; threads: %s', machine.describe(), threads)
 
 
 class Training(object):

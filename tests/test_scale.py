@@ -189,10 +189,21 @@ def test_thread_settings_fill_in_only_what_the_user_did_not_set():
     from common import machine
     env = {}
     note = machine.thread_settings(env)
-    assert env == {'OMP_NUM_THREADS': str(os.cpu_count() or 1), 'MXNET_CPU_PARALLEL_SIZE': '2147483647'}
-    assert 'was not set' in note
+    ours = dict(machine.WAIT_SETTINGS, OMP_NUM_THREADS=str(os.cpu_count() or 1),
+                MXNET_CPU_PARALLEL_SIZE='2147483647')
+    assert env == ours
+    assert note == '%s (defaults; set one yourself to override it)' % ', '.join(
+        '%s=%s' % (n, ours[n]) for n in machine.THREAD_VARIABLES if n in ours)
     env = {'OMP_NUM_THREADS': '1', 'MXNET_CPU_PARALLEL_SIZE': '1000'}
-    assert machine.thread_settings(env) == 'OMP_NUM_THREADS=1' and env['MXNET_CPU_PARALLEL_SIZE'] == '1000'
+    note = machine.thread_settings(env)
+    assert env['OMP_NUM_THREADS'] == '1' and env['MXNET_CPU_PARALLEL_SIZE'] == '1000'
+    assert 'OMP_NUM_THREADS=1, MXNET_CPU_PARALLEL_SIZE=1000 (from your environment)' in note
+    # the user's own wait policy (or spin count) stands alone: libgomp lets GOMP_SPINCOUNT outrank it
+    for yours in ({'OMP_WAIT_POLICY': 'ACTIVE'}, {'GOMP_SPINCOUNT': '5'}):
+        env = dict(yours)
+        note = machine.thread_settings(env)
+        assert {n: env[n] for n in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT') if n in env} == yours
+        assert '%s=%s (from your environment)' % next(iter(yours.items())) in note
 
 
 _COPY_PROBE = '''

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+from common import machine
 from engine import config
 import eval as eval_script
 from evaluation import tables
@@ -73,6 +74,7 @@ def test_short_run_learns_and_writes_the_run_folder(tiny_run):
     assert result['mAP'] > chance + 0.10
     log = open(os.path.join(out, 'train.log')).read()
     assert 'Speed:' in log and 'samples/sec' in log
+    assert '%s; threads: %s\n' % (machine.describe(), machine.thread_summary()) in log     # what was in force
     # the final table, in the log too
     assert 'Test split, best checkpoint' in log and 'many_digits' in log
     assert list(rows[0]['val_ap']) == list(digits.ATTRIBUTES)                     # per-attribute AP, named

@@ -8,6 +8,8 @@ the data pipeline.
     python tools/benchmark.py --only inference --backbone resnet50_v1 --preset paper     # CPU inference paths
     python tools/benchmark.py --only inference --accuracy runs/RUN   # + test mAP of each path on a run's data
     python tools/benchmark.py --only systems --backbone resnet18_v1 --input-size 64 --preset demo   # systems
+    python tools/benchmark.py --only steps --preset paper --load 1   # our step beside one busy process
+    python tools/benchmark.py --only inference --paths gluon,onnx --batches 1 --load 1
 
 Rows (images/sec, higher is better):
 
@@ -34,6 +36,11 @@ Rows (images/sec, higher is better):
 * ``systems`` (``--only systems``): ``ours train`` / ``ours eval`` for plain VAA and for each related
   system on the same backbone, preset and input (RGA-SC with and without stage 1, the ML-GCN head,
   MC-Loss, AP-CNN when the input is divisible by 32), each also as a ratio to VAA.
+
+``--only steps``: the ``ours train`` and ``ours eval`` rows alone. ``--load N`` times every row with N busy
+processes beside it (each a Python loop on one core, ended with the benchmark even when it is killed):
+the speed on a shared machine (docs/speed.md, "Speed on a busy machine"). The first line printed names
+the thread settings in force (``common.machine.thread_summary``).
 
 Ratios printed at the end: ours/reference, ours/bare backbone, data/ours train; each inference path
 against fp32 Gluon at the same batch.
@@ -257,29 +264,38 @@ def bench_data(args):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def inference_paths(net, cfg, calibration, ctx, folder):
-    """{path name: callable(NCHW float32 NumPy) -> fused logits} for the four CPU inference paths."""
-    from mxnet.contrib import quantization
+def inference_paths(net, cfg, calibration, ctx, folder, wanted=flags.INFERENCE_PATHS):
+    """{path name: callable(NCHW float32 NumPy) -> fused logits} for the CPU inference paths of ``wanted``
+    (``gluon``, ``int8``, ``onnx``, ``onnx-int8``; fp32 Gluon always, the others' baseline)."""
     from deploy import export
     size = cfg['input_size']
-    calib = [[nd.array(np.concatenate(calibration[i:i + 32]))] for i in range(0, len(calibration) - 31, 32)]
+    paths = {}
     # quantize_net and export_symbol hybridize the block they get (and its children) without static
     # allocation: each gets its own wrapper, and the fp32 one is set up last, as eval.py and predict.py run it
-    int8 = quantization.quantize_net(export.FusedLogits(net), quantized_dtype='int8', quantize_mode='smart',
-                                     calib_mode='naive', calib_data=calib, num_calib_examples=32 * len(calib),
-                                     ctx=ctx)
-    symbol_file, params_file = export.export_symbol(net, size, folder, [ctx])
+    if 'int8' in wanted:
+        from mxnet.contrib import quantization
+        calib = [[nd.array(np.concatenate(calibration[i:i + 32]))]
+                 for i in range(0, len(calibration) - 31, 32)]
+        int8 = quantization.quantize_net(export.FusedLogits(net), quantized_dtype='int8',
+                                         quantize_mode='smart', calib_mode='naive', calib_data=calib,
+                                         num_calib_examples=32 * len(calib), ctx=ctx)
+    if 'onnx' in wanted or 'onnx-int8' in wanted:
+        symbol_file, params_file = export.export_symbol(net, size, folder, [ctx])
     from deploy import cpu_graph
     block = cpu_graph.fused_logits_block(net, size, ctx)        # what predict.py runs
-    fp32_onnx = export.export_onnx(symbol_file, params_file, size, os.path.join(folder, 'model.onnx'))
-    int8_onnx = export.quantize_onnx(fp32_onnx, os.path.join(folder, 'model-int8.onnx'), calibration)
-    sessions = [export.onnx_session(f) for f in (fp32_onnx, int8_onnx)]
-    return {
-        'fp32 Gluon (oneDNN)': lambda x: block(nd.array(x, ctx=ctx)).asnumpy(),
-        'INT8 MXNet quantize_net': lambda x: int8(nd.array(x, ctx=ctx)).asnumpy(),
-        'fp32 onnxruntime': lambda x: sessions[0].run(None, {'data': x})[0],
-        'INT8 onnxruntime': lambda x: sessions[1].run(None, {'data': x})[0],
-    }
+    paths['fp32 Gluon (oneDNN)'] = lambda x: block(nd.array(x, ctx=ctx)).asnumpy()
+    if 'int8' in wanted:
+        paths['INT8 MXNet quantize_net'] = lambda x: int8(nd.array(x, ctx=ctx)).asnumpy()
+    if 'onnx' in wanted or 'onnx-int8' in wanted:
+        fp32_onnx = export.export_onnx(symbol_file, params_file, size, os.path.join(folder, 'model.onnx'))
+        if 'onnx' in wanted:
+            fp32_session = export.onnx_session(fp32_onnx)
+            paths['fp32 onnxruntime'] = lambda x: fp32_session.run(None, {'data': x})[0]
+        if 'onnx-int8' in wanted:
+            int8_session = export.onnx_session(export.quantize_onnx(
+                fp32_onnx, os.path.join(folder, 'model-int8.onnx'), calibration))
+            paths['INT8 onnxruntime'] = lambda x: int8_session.run(None, {'data': x})[0]
+    return paths
 
 
 def bench_inference(args, ctx):
@@ -301,8 +317,8 @@ def bench_inference(args, ctx):
             calibration = [np.random.normal(size=(1, 3, cfg['input_size'],
                                                   cfg['input_size'])).astype(np.float32)
                            for _ in range(64)]
-        paths = inference_paths(net, cfg, calibration, ctx, folder)
-        for batch in (1, 32):
+        paths = inference_paths(net, cfg, calibration, ctx, folder, args.paths)
+        for batch in args.batches:
             x = np.random.normal(size=(batch, 3, cfg['input_size'], cfg['input_size'])).astype(np.float32)
             for name, run in paths.items():
                 iters = args.iters if batch == 1 else max(2, args.iters // 2)
@@ -321,13 +337,62 @@ def bench_inference(args, ctx):
     return rows, accuracy, cfg
 
 
+class BusyProcesses(object):
+    """``with BusyProcesses(n):`` n processes beside this one, each a Python loop that keeps one core busy
+    (``--load``): what a second job, a browser or another user does to a shared machine."""
+    # A busy loop that ends by itself once its parent is gone (a benchmark killed by a signal must not
+    # leave busy processes behind); the parent's pid comes as an argument, so a parent killed before the
+    # loop started is noticed too.
+    LOOP = ('import os, sys\nparent = int(sys.argv[1])\nwhile os.getppid() == parent:\n'
+            '    for _ in range(100000):\n        pass')
+    current = []                           # the processes running now (for the tests)
+
+    def __init__(self, count):
+        self.count = count
+
+    def __enter__(self):
+        import subprocess
+        for _ in range(self.count):
+            BusyProcesses.current.append(subprocess.Popen([sys.executable, '-c', self.LOOP,
+                                                           str(os.getpid())]))
+        return self
+
+    def __exit__(self, *exc):
+        for proc in BusyProcesses.current:
+            proc.kill()
+        for proc in BusyProcesses.current:
+            proc.wait()
+        BusyProcesses.current = []
+
+
 def main(argv=None):
     p = flags.benchmark_parser()
     args = p.parse_args(argv)
     for flag, least in (('batch', 1), ('iters', 1), ('rounds', 1), ('data_images', 1), ('warmup', 0),
-                        ('workers', 0)):
+                        ('workers', 0), ('load', 0)):
         if getattr(args, flag) < least:
             p.error('--%s must be at least %d, got %d' % (flag.replace('_', '-'), least, getattr(args, flag)))
+    args.paths = [name.strip() for name in args.paths.split(',') if name.strip()]
+    unknown = [name for name in args.paths if name not in flags.INFERENCE_PATHS]
+    if unknown or not args.paths:
+        p.error('--paths: %s is not a path; choose from %s' % (
+            ', '.join(unknown) or 'nothing', ','.join(flags.INFERENCE_PATHS)))
+    given = args.batches
+    try:
+        args.batches = [int(b) for b in given.split(',') if b.strip()]
+    except ValueError:
+        args.batches = []
+    if not args.batches or min(args.batches) < 1:
+        p.error('--batches: give positive batch sizes separated by commas, e.g. 1,32 (got %r)' % given)
+    print('threads: %s' % machine.thread_summary())
+    if args.load:
+        print('load: %d busy %s beside this one (--load)' % (args.load, 'process' if args.load == 1
+                                                               else 'processes'))
+    with BusyProcesses(args.load):
+        return run(args)
+
+
+def run(args):
     if args.only == 'startup':
         return bench_startup(args)
     ctx = parse_contexts(args.gpus)[0] if args.gpus else mx.cpu()
@@ -343,13 +408,16 @@ def main(argv=None):
         y = nd.array(np.random.randint(0, 2, (args.batch, args.classes)), ctx=ctx)
         m = nd.ones_like(y)
         rows['ours train'], rows['ours eval'] = bench_ours(args, ctx, x, y, m)
-        if args.backbone.startswith('resnet'):
+        if args.only == 'steps':
+            pass
+        elif args.backbone.startswith('resnet'):
             rows['reference train'], rows['reference eval'] = bench_reference(args, ctx, x, y, m)
         else:
             print("reference rows: skipped, the authors' code builds ResNet backbones only (not %s)"
                   % args.backbone)
-        rows['bare backbone train'] = bench_backbone(args, ctx, x, y)
-    if args.only != 'model':
+        if args.only != 'steps':
+            rows['bare backbone train'] = bench_backbone(args, ctx, x, y)
+    if args.only not in ('model', 'steps'):
         for name, value in bench_data(args).items():
             rows['data (%s, %d workers)' % (name, args.workers)] = value
     print('%-40s %12s' % ('', 'images/sec'))
@@ -358,7 +426,7 @@ def main(argv=None):
     if 'reference train' in rows:
         print('ours / reference: train %.2fx, eval %.2fx' % (rows['ours train'] / rows[
             'reference train'], rows['ours eval'] / rows['reference eval']))
-    if 'ours train' in rows:
+    if 'bare backbone train' in rows:
         print('ours train / bare backbone train: %.0f%%' % (
             100 * rows['ours train'] / rows['bare backbone train']))
         if args.only is None:
