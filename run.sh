@@ -89,8 +89,8 @@ if [ "$flavour" != cpu ]; then
   cuda_dirs=$("$venv/bin/python" -m engine.gpu --library-path)
   export LD_LIBRARY_PATH="$cuda_dirs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
-# MXNet uses one OpenMP thread unless told otherwise; default to every core.
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)}"
+# Thread settings (OpenMP threads = the cores, ...): each script sets them, where you have not, before
+# mxnet is imported (common/machine.py), and its log names them and whose they are.
 case "$job" in
   setup) echo "run.sh: ready in $venv: source $venv/bin/activate (or run $venv/bin/python SCRIPT ...)" ;;
   test)  "$venv/bin/python" -m common.machine           # which CPU (and SIMD level) a failure report came from
