@@ -408,14 +408,12 @@ def run(args):
         y = nd.array(np.random.randint(0, 2, (args.batch, args.classes)), ctx=ctx)
         m = nd.ones_like(y)
         rows['ours train'], rows['ours eval'] = bench_ours(args, ctx, x, y, m)
-        if args.only == 'steps':
-            pass
-        elif args.backbone.startswith('resnet'):
-            rows['reference train'], rows['reference eval'] = bench_reference(args, ctx, x, y, m)
-        else:
-            print("reference rows: skipped, the authors' code builds ResNet backbones only (not %s)"
-                  % args.backbone)
         if args.only != 'steps':
+            if args.backbone.startswith('resnet'):
+                rows['reference train'], rows['reference eval'] = bench_reference(args, ctx, x, y, m)
+            else:
+                print("reference rows: skipped, the authors' code builds ResNet backbones only (not %s)"
+                      % args.backbone)
             rows['bare backbone train'] = bench_backbone(args, ctx, x, y)
     if args.only not in ('model', 'steps'):
         for name, value in bench_data(args).items():
