@@ -80,7 +80,8 @@ WAIT_SETTINGS = {'OMP_WAIT_POLICY': 'PASSIVE'}
 # The variables that decide how MXNet's threads run, in the order the log names them.
 THREAD_VARIABLES = ('OMP_NUM_THREADS', 'OMP_WAIT_POLICY', 'GOMP_SPINCOUNT', 'MXNET_CPU_PARALLEL_SIZE',
                     'MXNET_OMP_MAX_THREADS', 'MXNET_CPU_WORKER_NTHREADS', 'MXNET_ENGINE_TYPE')
-_OURS = {}                          # id(environ) -> the variables thread_settings set there
+_OURS = {}              # id(environ) -> (environ, the variables thread_settings set there); the environ is
+                        # kept so that its id cannot pass to another dict
 
 
 def thread_settings(environ=None):
@@ -95,15 +96,21 @@ def thread_settings(environ=None):
     for name, value in ours.items():
         if name not in environ:
             environ[name] = value
-            _OURS.setdefault(id(environ), set()).add(name)
+            _OURS.setdefault(id(environ), (environ, set()))[1].add(name)
     return thread_summary(environ)
+
+
+def _ours(environ):
+    """The variables :func:`thread_settings` set in ``environ`` (not the user)."""
+    kept, names = _OURS.get(id(environ), (None, set()))
+    return names if kept is environ else set()
 
 
 def thread_summary(environ=None):
     """The thread settings in force, one line: ``OMP_NUM_THREADS=2, GOMP_SPINCOUNT=... (ours: ...)``;
     the ones :func:`thread_settings` set are marked as defaults, the user's own as theirs."""
     environ = os.environ if environ is None else environ
-    mine = _OURS.get(id(environ), set())
+    mine = _ours(environ)
     ours = ['%s=%s' % (n, environ[n]) for n in THREAD_VARIABLES if n in environ and n in mine]
     yours = ['%s=%s' % (n, environ[n]) for n in THREAD_VARIABLES if n in environ and n not in mine]
     parts = []

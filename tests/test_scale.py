@@ -206,6 +206,18 @@ def test_thread_settings_fill_in_only_what_the_user_did_not_set():
         assert '%s=%s (from your environment)' % next(iter(yours.items())) in note
 
 
+def test_a_new_environment_is_never_taken_for_one_the_scripts_filled():
+    """thread_summary told the defaults from the user's own by the dict's id, and a freed dict's id passes
+    to the next one: a user's OMP_NUM_THREADS=3 was then called one of our defaults."""
+    from common import machine
+    for _ in range(20):
+        env = {}
+        machine.thread_settings(env)
+        del env                                     # freed: CPython gives its id to the next dict
+        yours = {'OMP_NUM_THREADS': '3'}
+        assert machine.thread_summary(yours) == 'OMP_NUM_THREADS=3 (from your environment)'
+
+
 _COPY_PROBE = '''
 import os, sys
 sys.path.insert(0, %r)
