@@ -5,7 +5,6 @@ array, with ``labels`` (N x C float32 in {0, 1}) and ``mask`` (N x C, 1 = specif
 that class priors and metrics never touch the images. :func:`make_loader` applies the transforms and
 returns batches ``(data, label, mask, index)``.
 """
-import itertools
 import logging
 import os
 
@@ -23,17 +22,6 @@ NORMALISATION = {
     'paper': (np.array([123.675, 116.28, 103.53], np.float32), np.array([58.395, 57.12, 57.375], np.float32)),
     'upstream': (np.array([104.0, 117.0, 123.0], np.float32), np.array([1.0, 1.0, 1.0], np.float32)),
 }
-
-
-_TEMP_COUNTER = itertools.count()
-
-
-def private_temp(path):
-    """A temporary name beside ``path`` that no other writer uses (``name.tmp<pid>-<n>.ext``): a cache
-    file is written there and renamed over ``path``, so two processes (two runs of a study) or two
-    threads building the same cache file never rename each other's half-written file away."""
-    root, ext = os.path.splitext(path)
-    return '%s.tmp%d-%d%s' % (root, os.getpid(), next(_TEMP_COUNTER), ext)
 
 
 class AttributeDataset(gluon.data.Dataset):

@@ -16,8 +16,9 @@ import os
 import numpy as np
 import cv2
 
-from datasets.base import AttributeDataset, private_temp
 from common.errors import UserError
+from common.files import private_temp
+from datasets.base import AttributeDataset
 
 CANVAS, CELL, DIGIT = 48, 16, 12
 PALETTE = {'white': (235, 235, 235), 'red': (230, 40, 40), 'green': (40, 200, 60),

@@ -24,8 +24,9 @@ import numpy as np
 import cv2
 from multiprocessing.pool import ThreadPool
 
-from datasets.base import BadSamples, ImageFileDataset, decode_image, private_temp, require_dir
 from common.errors import UserError
+from common.files import private_temp
+from datasets.base import BadSamples, ImageFileDataset, decode_image, require_dir
 
 # The WIDER-Attribute attributes in their official order (the JSON's attribute_id_map; "Tshiirt" sic).
 WIDER_ATTRIBUTES = ('Male', 'longHair', 'sunglass', 'Hat', 'Tshiirt', 'longSleeve', 'formal', 'shorts',
