@@ -1,2 +1,3 @@
 """What every other part of the project stands on, importing nothing of it: the presets' table (what can
-be built and trained), one-line user errors, and the machine line with the thread settings."""
+be built and trained), one-line user errors, the machine line with the thread settings, and temporary
+file names."""

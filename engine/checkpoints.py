@@ -22,6 +22,7 @@ import mxnet as mx
 from mxnet import nd
 
 from common.errors import UserError, mxnet_message
+from common.files import private_temp
 from attention import file_shape
 
 
@@ -50,17 +51,11 @@ def _strip(params, prefix):
     return out
 
 
-def temp_name(path):
-    """The temporary file a write to ``path`` goes through: ``name.tmp<pid>.ext`` beside it."""
-    root, ext = os.path.splitext(path)
-    return '%s.tmp%d%s' % (root, os.getpid(), ext)
-
-
 def atomic_write(path, write):
     """``write(temporary path)``, then fsync + rename over ``path`` (+ fsync of the folder): a crash at
     any moment leaves either the old or the new file, never a mix. A full disk or an unwritable folder
     becomes a :class:`UserError` that names the file and says the previous one is intact."""
-    tmp = temp_name(path)
+    tmp = private_temp(path)
     try:
         write(tmp)
         with open(tmp, 'rb') as f:

@@ -19,7 +19,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import socket
@@ -32,10 +31,10 @@ from mxnet import nd
 from engine import checkpoints
 from evaluation import plots
 from common.errors import UserError
+from common.files import TEMP_FILE
 
 LOG = logging.getLogger('vaa')
 CHECKPOINT_DIR = 'checkpoints'
-TEMP_FILE = re.compile(r'\.tmp\d+(\.\w+)?$')     # checkpoints.temp_name's pattern
 
 
 def checkpoint_path(run_dir, which):

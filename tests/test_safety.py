@@ -188,7 +188,9 @@ def test_temporary_files_of_killed_writers_are_cleared_when_the_run_resumes(fini
     import shutil
     out = str(tmp_path / 'copy')
     shutil.copytree(finished_run[0], out)
-    stale = [os.path.join(out, 'checkpoints', 'last.tmp99999.params'),
+    stale = [os.path.join(out, 'checkpoints', 'last.tmp99999-0.params'),     # today's names
+             os.path.join(out, 'metrics.tmp4242-17.json'),
+             os.path.join(out, 'checkpoints', 'last.tmp99999.params'),       # earlier versions' names
              os.path.join(out, 'metrics.tmp4242.json'),
              os.path.join(out, 'checkpoints', 'best.params.tmp31337')]
     for path in stale:
